@@ -1,0 +1,237 @@
+"""Wiring and lifecycle: three threads joined by explicit queues, plus the HTTP endpoint.
+
+::
+
+    consumer thread ──fresh_queue (bounded)──▶ trainer thread ──publish_queue (1)──▶ publisher thread
+          ▲                                                                              │
+          └──────────────────────────── commit_queue (offsets of durable versions) ◀─────┘
+
+Stopping (:meth:`Learner.stop`) runs in this order so that no event is lost or counted twice:
+close the intake (the consumer stops fetching) → the trainer finishes its step and hands over a final
+snapshot → the publisher publishes it and queues its offsets → the consumer commits them and closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from stream_learner.config import Settings
+from stream_learner.consumer import EventConsumer
+from stream_learner.metrics import Metrics
+from stream_learner.model import load_model, load_tokenizer
+from stream_learner.publisher import Publisher, load_version, read_latest
+from stream_learner.storage import ObjectStore, open_store
+from stream_learner.topics import ensure_topics
+from stream_learner.trainer import Restored, Trainer
+
+log = logging.getLogger(__name__)
+
+
+def open_settings_store(settings: Settings) -> ObjectStore:
+    p = settings.publish
+    secret = lambda s: s.get_secret_value() if s is not None else None  # noqa: E731
+    return open_store(
+        p.storage_url,
+        endpoint_url=p.s3_endpoint_url,
+        access_key_id=secret(p.s3_access_key_id),
+        secret_access_key=secret(p.s3_secret_access_key),
+        region=p.s3_region,
+    )
+
+
+def static_files(model, tokenizer) -> dict[str, bytes]:
+    """config.json and the tokenizer files, which every version carries unchanged."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+    files["config.json"] = model.config.to_json_string().encode()
+    return files
+
+
+class Learner:
+    """One online learner: construct, :meth:`start`, then :meth:`stop` (or :meth:`wait`)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.error: BaseException | None = None
+        self.restored_version: int | None = None
+        self._threads: dict[str, threading.Thread] = {}
+        self._stopped = threading.Event()
+        self._http: ThreadingHTTPServer | None = None
+        self._workdir = tempfile.TemporaryDirectory(prefix="stream-learner-")
+
+    # ------------------------------------------------------------------------------------ start
+    def start(self) -> Learner:
+        s = self.settings
+        if s.http.enabled:
+            self._start_http()
+        self.store = open_settings_store(s)
+        if s.kafka.create_topics:
+            ensure_topics(
+                s.kafka.librdkafka(),
+                {s.kafka.topic: s.kafka.topic_partitions, s.kafka.dead_letter_topic: s.kafka.topic_partitions},
+            )
+        tokenizer = load_tokenizer(s.model)
+        loaded = load_model(s.model)
+        restored = self._restore()
+
+        self.fresh_queue: queue.Queue = queue.Queue(maxsize=s.kafka.queue_max_batches)
+        self.publish_queue: queue.Queue = queue.Queue(maxsize=1)
+        self.commit_queue: queue.Queue = queue.Queue()
+        self.intake_closed = threading.Event()
+        self.trainer_stop = threading.Event()
+        self.publisher_stop = threading.Event()
+
+        self.trainer = Trainer(
+            s,
+            loaded,
+            pad_id=tokenizer.pad_token_id or 0,
+            with_token_types="token_type_ids" in tokenizer.model_input_names,
+            vocab_size=len(tokenizer),
+            fresh_queue=self.fresh_queue,
+            publish_queue=self.publish_queue,
+            metrics=self.metrics,
+            stop=self.trainer_stop,
+            restored=restored,
+        )
+        self.publisher = Publisher(
+            s,
+            self.store,
+            static_files(loaded.model, tokenizer),
+            self.publish_queue,
+            self.commit_queue,
+            self.metrics,
+            self.publisher_stop,
+            parent=(self.restored_version, self._latest_etag),
+            on_fatal=self._fail,
+        )
+        self.consumer = EventConsumer(
+            s,
+            tokenizer,
+            self.fresh_queue,
+            self.commit_queue,
+            self.metrics,
+            self.intake_closed,
+            start_offsets=restored.offsets if restored else None,
+        )
+        if restored is not None:
+            self.metrics.latest_version.set(restored.version)
+        self._spawn("consumer", self.consumer.run)
+        self._spawn("trainer", self.trainer.run)
+        self._spawn("publisher", self.publisher.run)
+        return self
+
+    def _restore(self) -> Restored | None:
+        version, self._latest_etag = read_latest(self.store)
+        if version is None:
+            log.info("no published version in %s: starting from the pretrained model", self.store.describe())
+            return None
+        restored, manifest = load_version(self.store, version, Path(self._workdir.name))
+        self.restored_version = version
+        log.info("resuming from version %d (%d events, offsets %s)", version, manifest["events_ingested"],
+                 manifest["offsets"])
+        return restored
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        def guarded() -> None:
+            try:
+                target()
+            except BaseException as err:
+                log.exception("%s thread failed", name)
+                self._fail(err)
+
+        t = threading.Thread(target=guarded, name=f"stream-learner-{name}", daemon=True)
+        self._threads[name] = t
+        t.start()
+
+    def _fail(self, err: BaseException) -> None:
+        if self.error is None:
+            self.error = err
+        # stop from another thread: the failing thread may be one that stop() joins
+        threading.Thread(target=self.stop, name="stream-learner-stop", daemon=True).start()
+
+    # ------------------------------------------------------------------------------------- stop
+    def stop(self, timeout: float = 120.0) -> None:
+        """Close the intake, let the trainer hand over a final snapshot, publish it, commit, close."""
+        if self._stopped.is_set() or not self._threads:
+            self._stopped.set()
+            return
+        deadline = time.monotonic() + timeout
+        left = lambda: max(deadline - time.monotonic(), 0.1)  # noqa: E731
+        self.intake_closed.set()  # the consumer stops fetching but keeps committing
+        self.trainer_stop.set()
+        self._threads["trainer"].join(left())
+        self.publisher_stop.set()
+        self._threads["publisher"].join(left())
+        self.consumer.close_event.set()
+        self._threads["consumer"].join(left())
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        self._stopped.set()
+        log.info("stopped")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the learner has stopped; True if it did within ``timeout``."""
+        return self._stopped.wait(timeout)
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float, poll_s: float = 0.2) -> bool:
+        """Poll ``condition`` until true, the learner fails, or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.error is not None:
+                raise RuntimeError(f"learner failed: {self.error}") from self.error
+            if condition():
+                return True
+            time.sleep(poll_s)
+        return False
+
+    # ----------------------------------------------------------------------------------- health
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and all(t.is_alive() for t in self._threads.values())
+
+    @property
+    def ready(self) -> bool:
+        return self.healthy and bool(self._threads) and self.consumer.assigned.is_set()
+
+    def _start_http(self) -> None:
+        learner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, generate_latest(learner.metrics.registry), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    ok = learner.healthy or not learner._threads  # healthy while starting up
+                    self._send(200 if ok else 503, b"ok\n" if ok else b"unhealthy\n")
+                elif path == "/readyz":
+                    self._send(200 if learner.ready else 503, b"ready\n" if learner.ready else b"not ready\n")
+                else:
+                    self._send(404, b"not found\n")
+
+            def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:  # scrapes are not news
+                pass
+
+        h = self.settings.http
+        self._http = ThreadingHTTPServer((h.host, h.port), Handler)
+        self.http_port = self._http.server_address[1]
+        threading.Thread(target=self._http.serve_forever, name="stream-learner-http", daemon=True).start()

@@ -1,0 +1,151 @@
+"""The ``stream-learner`` command: run | demo | produce | versions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from stream_learner.config import ConfigError, Settings, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+versions_app = typer.Typer(no_args_is_help=True, help="Published versions in storage.")
+app.add_typer(versions_app, name="versions")
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML settings file (env STREAM_LEARNER_CONFIG_FILE)")
+]
+
+
+def _settings(config: Path | None, **overrides: object) -> Settings:
+    try:
+        return load_settings(config, **overrides)
+    except ConfigError as err:
+        typer.echo(f"stream-learner: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _fail(what: str, err: BaseException) -> typer.Exit:
+    typer.echo(f"stream-learner: {what}: {err}", err=True)
+    return typer.Exit(1)
+
+
+# ------------------------------------------------------------------------------------------- run
+@app.command()
+def run(config: ConfigOpt = None, log_level: str = "INFO") -> None:
+    """Run the learner: consume the input topic, train, publish versions, serve /metrics."""
+    settings = _settings(config)  # a bad setting fails before anything heavy is imported
+    _logging(log_level)
+    from stream_learner.app import Learner
+
+    learner = Learner(settings)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: learner.stop())
+    try:
+        learner.start()
+    except Exception as err:
+        raise _fail("start-up failed", err) from None
+    learner.wait()
+    if learner.error is not None:
+        raise _fail("stopped on error", learner.error)
+
+
+# --------------------------------------------------------------------------------------- produce
+@app.command()
+def produce(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL file, one event per line")],
+    topic: Annotated[str | None, typer.Option(help="topic (default: kafka.topic)")] = None,
+    rate: Annotated[float, typer.Option(help="events per second; 0 = as fast as possible")] = 0.0,
+    limit: Annotated[int, typer.Option(help="stop after this many events; 0 = all")] = 0,
+    config: ConfigOpt = None,
+) -> None:
+    """Produce a JSONL file of events to a topic, with a progress bar."""
+    from stream_learner.producer import produce_lines
+
+    settings = _settings(config)
+    lines = [ln for ln in file.read_bytes().splitlines() if ln.strip()]
+    lines = lines[:limit] if limit else lines
+    n = produce_lines(settings.kafka.librdkafka(), topic or settings.kafka.topic, lines, rate=rate, console=console)
+    console.print(f"produced {n} events to {topic or settings.kafka.topic}")
+
+
+# -------------------------------------------------------------------------------------- versions
+@versions_app.command("list")
+def versions_list(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the versions in storage: time, parent, events, steps, metrics."""
+    from stream_learner.app import open_settings_store
+    from stream_learner.publisher import list_versions, read_latest
+
+    settings = _settings(config)
+    store = open_settings_store(settings)
+    manifests = list_versions(store)
+    latest, _ = read_latest(store)
+    if as_json:
+        typer.echo(json.dumps({"latest": latest, "versions": manifests}, indent=1))
+        return
+    table = Table(title=f"versions in {store.describe()}")
+    for col in ("version", "created", "parent", "events", "steps", "preq. acc", "latest"):
+        table.add_column(col)
+    for m in manifests:
+        acc = m.get("metrics", {}).get("prequential_accuracy")
+        table.add_row(
+            str(m["version"]), m["created_at"][:19], str(m["parent"] or "-"), str(m["events_ingested"]),
+            str(m["steps"]), "-" if acc is None else f"{acc:.3f}", "◀" if m["version"] == latest else "",
+        )
+    Console().print(table)
+
+
+@versions_app.command("show")
+def versions_show(version: int, config: ConfigOpt = None) -> None:
+    """Print one version's manifest."""
+    from stream_learner.app import open_settings_store
+    from stream_learner.publisher import read_manifest
+
+    store = open_settings_store(_settings(config))
+    try:
+        typer.echo(json.dumps(read_manifest(store, version), indent=1))
+    except KeyError:
+        raise _fail("no such version", KeyError(version)) from None
+
+
+# ------------------------------------------------------------------------------------------ demo
+@app.command()
+def demo(
+    per_domain: Annotated[int, typer.Option(help="events per domain of the bundled VADER stream")] = 200,
+    out: Annotated[Path, typer.Option(help="where versions are published")] = Path("stream-learner-demo"),
+    every_steps: Annotated[int, typer.Option(help="publish every N steps")] = 20,
+    config: ConfigOpt = None,
+) -> None:
+    """The whole pipeline on its embedded default: local broker, bundled model and data, local storage."""
+    from stream_learner.demo import run_demo
+
+    overrides: dict = {}
+    if not os.environ.get("STREAM_LEARNER_PUBLISH__STORAGE_URL"):
+        overrides["publish"] = {"storage_url": out.resolve().as_uri(), "every_steps": every_steps}
+    settings = _settings(config, **overrides)
+    _logging("WARNING")
+    try:
+        run_demo(settings, per_domain=per_domain, console=Console())
+    except Exception as err:
+        raise _fail("demo failed", err) from None
+
+
+def main() -> None:  # pragma: no cover - console entry point alias
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,89 @@
+"""Every Prometheus metric of a learner, defined once.
+
+Each :class:`Learner` owns a :class:`Metrics` on its own registry, so several learners can live in
+one process (tests) without colliding. Metric names are the dashboard's and the alerts' contract:
+change one here and there together.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "stream_learner"
+
+
+class Metrics:
+    """The learner's metrics on ``registry`` (a fresh one when not given)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+
+        # consumer
+        self.events_consumed = Counter(f"{PREFIX}_events_consumed", "Messages read from the input topic", registry=r)
+        self.events_dead_lettered = Counter(
+            f"{PREFIX}_events_dead_lettered", "Events sent to the dead-letter topic", ["reason"], registry=r
+        )
+        self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Consumed batches waiting for the trainer", registry=r)
+        self.consumer_paused = Gauge(f"{PREFIX}_consumer_paused", "1 while the consumer is paused", registry=r)
+        self.consumer_pauses = Counter(
+            f"{PREFIX}_consumer_pauses", "Times the consumer paused for backpressure", registry=r
+        )
+        self.consumer_lag = Gauge(
+            f"{PREFIX}_consumer_lag", "Messages behind the high watermark", ["partition"], registry=r
+        )
+        self.offsets_committed = Counter(
+            f"{PREFIX}_offset_commits", "Offset commits after a durable version", registry=r
+        )
+
+        # trainer
+        self.events_trained = Counter(f"{PREFIX}_events_trained", "Fresh events learned from", registry=r)
+        self.examples_replayed = Counter(
+            f"{PREFIX}_examples_replayed", "Replayed examples in micro-batches", registry=r
+        )
+        self.steps = Counter(f"{PREFIX}_steps", "Optimizer steps taken", registry=r)
+        self.nonfinite_skipped = Counter(
+            f"{PREFIX}_nonfinite_steps_skipped", "Steps skipped because the loss was not finite", registry=r
+        )
+        self.step_seconds = Histogram(
+            f"{PREFIX}_step_seconds",
+            "Duration of one training step",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.training_loss = Gauge(f"{PREFIX}_training_loss", "Regularized loss of the last step", registry=r)
+        self.l2sp_penalty = Gauge(f"{PREFIX}_l2sp_penalty", "λ‖θ_S − θ0_S‖² at the last step", registry=r)
+        self.param_distance = Gauge(f"{PREFIX}_param_distance", "‖θ_S − θ0_S‖ at the last step", registry=r)
+        self.prequential_loss = Gauge(
+            f"{PREFIX}_prequential_loss", "Mean loss of fresh events before learning them (window)", registry=r
+        )
+        self.prequential_accuracy = Gauge(
+            f"{PREFIX}_prequential_accuracy", "Accuracy on fresh events before learning them (window)", registry=r
+        )
+        self.prequential_f1 = Gauge(
+            f"{PREFIX}_prequential_f1", "Macro-F1 on fresh events before learning them (window)", registry=r
+        )
+        self.examples_per_second = Gauge(
+            f"{PREFIX}_examples_per_second", "Trained examples (fresh + replay) per second", registry=r
+        )
+        self.events_per_second = Gauge(f"{PREFIX}_events_per_second", "Fresh events trained per second", registry=r)
+        self.replay_size = Gauge(f"{PREFIX}_replay_size", "Examples held in the replay buffer", registry=r)
+        self.replay_bytes = Gauge(f"{PREFIX}_replay_bytes", "Bytes held by the replay buffer", registry=r)
+
+        # publisher
+        self.latest_version = Gauge(f"{PREFIX}_latest_version", "Newest published version number", registry=r)
+        self.latest_version_timestamp = Gauge(
+            f"{PREFIX}_latest_version_timestamp_seconds", "When the newest version was published", registry=r
+        )
+        self.publish_seconds = Histogram(
+            f"{PREFIX}_publish_seconds",
+            "Duration of publishing one version",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=r,
+        )
+        self.publish_failures = Counter(f"{PREFIX}_publish_failures", "Failed publish attempts", registry=r)
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """Current value of a sample (``name`` as exposed, e.g. ``stream_learner_steps_total``); 0 if absent."""
+        v = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if v is None else v

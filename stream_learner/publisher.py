@@ -1,0 +1,315 @@
+"""Versioned, atomic publication of the model to object storage, and restore from it.
+
+Layout under the storage URL::
+
+    versions/000042/model.safetensors        weights (never pickle)
+    versions/000042/config.json, tokenizer…  loadable by plain ``from_pretrained(version_dir)``
+    versions/000042/trainer_state/…          optimizer, replay buffer, RNG, counters: for resume
+    versions/000042/manifest.json            lineage, offsets, metrics and the sha256 of every file
+    LATEST                                   written last; names the newest complete version
+
+The checkpoint sequence, followed exactly and in this order by :meth:`Publisher.publish_version`:
+
+1. **snapshot** — the trainer copies model, optimizer, replay, RNG, counters and covered offsets
+   between two steps (:meth:`Trainer.snapshot`); training goes on while the rest happens;
+2. **upload files** — every file of ``versions/N/`` except the manifest;
+3. **manifest** — ``versions/N/manifest.json`` with the offsets and the sha256 of each file;
+4. **LATEST** — a conditional write (If-Match the ETag this learner last saw, or If-None-Match when
+   there was none): a reader following LATEST never sees a partial version, and a second learner on
+   the same prefix cannot advance it (:class:`FencedOut`);
+5. **commit offsets** — handed to the consumer, which commits them to Kafka. Offsets never move past
+   a durable version.
+
+A crash between any two steps leaves LATEST on the previous complete version; the events after its
+offsets are consumed again on restart, so each event is counted exactly once in the lineage.
+Failures: a storage error in steps 2–4 is retried with backoff (:data:`RETRY`); losing the
+conditional write raises :class:`FencedOut`; a file whose sha256 does not match its manifest on load
+raises :class:`CorruptVersion`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy
+import safetensors.torch
+import torch
+from tenacity import retry, retry_if_not_exception_type, stop_after_delay, wait_exponential
+
+from stream_learner.config import Settings
+from stream_learner.metrics import Metrics
+from stream_learner.storage import ObjectStore, PreconditionFailed
+from stream_learner.trainer import Counters, Restored, Snapshot
+
+log = logging.getLogger(__name__)
+
+LATEST = "LATEST"
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+OPTIMIZER = "trainer_state/optimizer.safetensors"
+REPLAY = "trainer_state/replay.safetensors"
+RNG = "trainer_state/rng.safetensors"
+STATE = "trainer_state/state.json"
+MANIFEST_FORMAT = 1
+
+
+class FencedOut(RuntimeError):
+    """Another learner advanced LATEST on this storage prefix: this one must stop."""
+
+
+class CorruptVersion(RuntimeError):
+    """A published file does not match the sha256 its manifest records."""
+
+
+def version_dir(version: int) -> str:
+    return f"versions/{version:06d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------- LATEST
+def read_latest(store: ObjectStore) -> tuple[int | None, str | None]:
+    """(version named by LATEST, its ETag), or (None, None) on an empty store."""
+    try:
+        data, etag = store.get_with_etag(LATEST)
+    except KeyError:
+        return None, None
+    return int(data.decode().strip().rsplit("/", 1)[-1]), etag
+
+
+def read_manifest(store: ObjectStore, version: int) -> dict:
+    return json.loads(store.get(f"{version_dir(version)}/{MANIFEST}"))
+
+
+def list_versions(store: ObjectStore) -> list[dict]:
+    """Manifests of every complete version (those with a manifest), oldest first."""
+    manifests = []
+    for key in store.list("versions/"):
+        if key.endswith("/" + MANIFEST):
+            manifests.append(json.loads(store.get(key)))
+    return sorted(manifests, key=lambda m: m["version"])
+
+
+# ---------------------------------------------------------------------------- trainer state files
+def _write_trainer_state(snap: Snapshot, root: Path) -> None:
+    (root / "trainer_state").mkdir(parents=True, exist_ok=True)
+    tensors, scalars = {}, {}
+    for idx, state in snap.optimizer_state["state"].items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    safetensors.torch.save_file(tensors, root / OPTIMIZER)
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in snap.replay_arrays.items()}, root / REPLAY)
+    safetensors.torch.save_file({"torch": snap.torch_rng}, root / RNG)
+    state = {
+        "counters": vars(snap.counters),
+        "offsets": {str(p): o for p, o in snap.offsets.items()},
+        "optimizer_param_groups": snap.optimizer_state["param_groups"],
+        "optimizer_scalars": scalars,
+        "replay_meta": snap.replay_meta,
+    }
+    (root / STATE).write_text(json.dumps(state, indent=1))
+
+
+def _read_trainer_state(root: Path, model_state: dict[str, torch.Tensor], version: int) -> Restored:
+    state = json.loads((root / STATE).read_text())
+    tensors = safetensors.torch.load_file(root / OPTIMIZER)
+    opt_state: dict[int, dict] = {}
+    for key, v in [*tensors.items(), *state["optimizer_scalars"].items()]:
+        idx, name = key.split(".", 1)
+        opt_state.setdefault(int(idx), {})[name] = v
+    return Restored(
+        model_state=model_state,
+        optimizer_state={"state": opt_state, "param_groups": state["optimizer_param_groups"]},
+        replay_arrays=safetensors.numpy.load_file(root / REPLAY),
+        replay_meta=state["replay_meta"],
+        torch_rng=safetensors.torch.load_file(root / RNG)["torch"],
+        counters=Counters(**state["counters"]),
+        offsets={int(p): int(o) for p, o in state["offsets"].items()},
+        version=version,
+    )
+
+
+def load_version(store: ObjectStore, version: int, workdir: Path) -> tuple[Restored, dict]:
+    """Download version ``version``, verify every file's sha256, and return its state and manifest."""
+    manifest = read_manifest(store, version)
+    root = workdir / version_dir(version)
+    for name, info in manifest["files"].items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store.get_to_file(f"{version_dir(version)}/{name}", path)
+        if _sha256(path) != info["sha256"]:
+            raise CorruptVersion(f"version {version}: {name} does not match the sha256 in its manifest")
+    model_state = safetensors.torch.load_file(root / WEIGHTS)
+    return _read_trainer_state(root, model_state, version), manifest
+
+
+# ------------------------------------------------------------------------------------ publisher
+RETRY = retry(
+    retry=retry_if_not_exception_type((FencedOut, PreconditionFailed)),
+    wait=wait_exponential(multiplier=0.5, max=30),
+    stop=stop_after_delay(600),
+    reraise=True,
+)
+
+
+class Publisher:
+    """Publishes snapshots from ``publish_queue``; run :meth:`run` in its own thread.
+
+    Parameters
+    ----------
+    static_files
+        name → bytes of the files every version carries unchanged (``config.json``, tokenizer files).
+    parent
+        The version LATEST named at start (None on an empty store) and its ETag, for the fence.
+    on_fatal
+        Called with the exception when publishing cannot go on (fenced out): the app stops.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: ObjectStore,
+        static_files: dict[str, bytes],
+        publish_queue: queue.Queue[Snapshot],
+        commit_queue: queue.Queue[dict[int, int]],
+        metrics: Metrics,
+        stop: threading.Event,
+        parent: tuple[int | None, str | None],
+        on_fatal: Callable[[BaseException], None] = lambda e: None,
+    ) -> None:
+        self.settings, self.store, self.static_files = settings, store, static_files
+        self.publish_queue, self.commit_queue, self.metrics, self.stop_event = (
+            publish_queue,
+            commit_queue,
+            metrics,
+            stop,
+        )
+        self.latest, self.latest_etag = parent
+        self.on_fatal = on_fatal
+        self.published: list[int] = []
+
+    def run(self) -> None:
+        """Thread target: publish every snapshot handed over; after ``stop``, drain the queue and exit."""
+        while True:
+            try:
+                snap = self.publish_queue.get(timeout=0.2)
+            except queue.Empty:
+                if self.stop_event.is_set():
+                    return
+                continue
+            try:
+                self.publish_version(snap)
+            except BaseException as err:
+                log.error("publishing stopped: %s", err)
+                self.on_fatal(err)
+                return
+
+    def publish_version(self, snap: Snapshot) -> int:
+        """Steps 2–5 of the checkpoint sequence for one snapshot; returns the new version number."""
+        t0 = time.perf_counter()
+        version = (self.latest or 0) + 1
+        prefix = version_dir(version)
+        with tempfile.TemporaryDirectory(prefix="stream-learner-publish-") as tmp:
+            root = Path(tmp)
+            # 2. upload files
+            safetensors.torch.save_file(
+                {k: v.contiguous() for k, v in snap.model_state.items()}, root / WEIGHTS, metadata={"format": "pt"}
+            )
+            for name, data in self.static_files.items():
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                (root / name).write_bytes(data)
+            _write_trainer_state(snap, root)
+            files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+            info = {}
+            for name in files:
+                info[name] = {"sha256": _sha256(root / name), "bytes": (root / name).stat().st_size}
+                self._upload(f"{prefix}/{name}", root / name)
+        # 3. manifest
+        manifest = self._manifest(snap, version, info)
+        self._put(f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+        # 4. LATEST, fenced
+        self._advance_latest(version)
+        # 5. commit offsets (the consumer thread owns the Kafka client)
+        self.commit_queue.put(dict(snap.offsets))
+
+        seconds = time.perf_counter() - t0
+        self.metrics.publish_seconds.observe(seconds)
+        self.metrics.latest_version.set(version)
+        self.metrics.latest_version_timestamp.set(time.time())
+        self.published.append(version)
+        log.info("published version %d (%d events, %d steps) in %.1fs to %s", version,
+                 snap.counters.events_ingested, snap.counters.steps, seconds, self.store.describe())
+        return version
+
+    def _manifest(self, snap: Snapshot, version: int, files: dict[str, dict]) -> dict:
+        s = self.settings
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": version,
+            "parent": self.latest,
+            "created_at": datetime.fromtimestamp(snap.created_at, timezone.utc).isoformat(),
+            "base_model": s.model.name_or_path,
+            "labels": s.model.labels,
+            "l2sp_lambda": s.training.l2sp_lambda,
+            "training": s.training.model_dump(),
+            "replay": s.replay.model_dump(),
+            "offsets": {s.kafka.topic: {str(p): o for p, o in sorted(snap.offsets.items())}},
+            "events_ingested": snap.counters.events_ingested,
+            "steps": snap.counters.steps,
+            "examples_replayed": snap.counters.examples_replayed,
+            "nonfinite_skipped": snap.counters.nonfinite_skipped,
+            "metrics": snap.metrics,
+            "files": files,
+        }
+
+    def _advance_latest(self, version: int) -> None:
+        body = f"{version_dir(version)}\n".encode()
+        try:
+            if self.latest_etag is None:
+                etag = self._put(LATEST, body, if_none_match=True)
+            else:
+                etag = self._put(LATEST, body, if_match=self.latest_etag)
+        except PreconditionFailed:
+            raise FencedOut(
+                f"another learner advanced LATEST in {self.store.describe()}: stopping; run one learner per "
+                "storage prefix (the Helm chart's replicas: 1 and strategy: Recreate)"
+            ) from None
+        self.latest, self.latest_etag = version, etag
+
+    def _upload(self, key: str, path: Path) -> None:
+        RETRY(self._with_failure_count(self.store.put_file))(key, path)
+
+    def _put(self, key: str, data: bytes, **cond: object) -> str:
+        return RETRY(self._with_failure_count(self.store.put))(key, data, **cond)
+
+    def _with_failure_count(self, fn: Callable) -> Callable:
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except PreconditionFailed:
+                raise
+            except Exception as err:
+                self.metrics.publish_failures.inc()
+                log.warning("storage error (will retry): %s", err)
+                raise
+
+        return call

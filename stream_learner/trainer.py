@@ -1,0 +1,394 @@
+"""The trainer thread: micro-batches of fresh + replayed events, one regularized step each.
+
+One iteration of :meth:`Trainer.run`, top to bottom:
+
+1. take up to ``fresh_per_step`` fresh events from the consumer's queue (waiting at most
+   ``max_wait_s`` for a full batch: freshness over batch size);
+2. draw ``replay_per_step`` examples from the reservoir (experience replay);
+3. forward the whole micro-batch once; the fresh events' losses and predictions, made by the
+   weights *before* this step, are their prequential score (test-then-train, Gama et al. 2013);
+4. loss = mean cross-entropy over the micro-batch; a non-finite loss skips the step (counted);
+5. backward, add the L2-SP gradient ``2λ(θ_S − θ0_S)``, clip, AdamW step;
+6. the fresh events enter the reservoir; the offsets they (and any dead-lettered events before
+   them) cover advance;
+7. every ``every_steps`` steps or ``every_seconds`` seconds, a :class:`Snapshot` is handed to the
+   publisher; training goes on while it is written.
+
+Dropout is off (the model stays in ``eval()`` mode) so that the prequential score is exactly the
+prediction of the weights that are published.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stream_learner.config import Settings
+from stream_learner.consumer import ConsumedBatch
+from stream_learner.events import TokenizedEvent
+from stream_learner.metrics import Metrics
+from stream_learner.model import L2SP, LoadedModel
+from stream_learner.replay import ClassBalancedReservoir, ReservoirBuffer, StoredExample
+
+log = logging.getLogger(__name__)
+
+DISTANCE_EVERY_STEPS = 10
+
+
+@dataclass
+class Counters:
+    """The lineage counters carried from version to version."""
+
+    steps: int = 0
+    events_ingested: int = 0  # fresh events that went through a step (taken or skipped)
+    examples_replayed: int = 0
+    nonfinite_skipped: int = 0
+
+
+@dataclass
+class Snapshot:
+    """A consistent copy of everything a version holds, taken between two steps."""
+
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict
+    replay_arrays: dict[str, np.ndarray]
+    replay_meta: dict
+    torch_rng: torch.Tensor
+    counters: Counters
+    offsets: dict[int, int]  # partition -> next offset covered by this snapshot
+    metrics: dict[str, float]
+    created_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class Restored:
+    """What a published version hands back to a new trainer (see ``publisher.load_version``)."""
+
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict
+    replay_arrays: dict[str, np.ndarray]
+    replay_meta: dict
+    torch_rng: torch.Tensor
+    counters: Counters
+    offsets: dict[int, int]
+    version: int
+
+
+class PrequentialWindow:
+    """Loss, accuracy and macro-F1 of the last ``size`` fresh events, scored before learning them."""
+
+    def __init__(self, size: int, num_labels: int) -> None:
+        self.num_labels = num_labels
+        self.items: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=size)
+        self.seen = 0  # over the whole run, not only the window
+        self.correct = 0
+
+    def add(self, preds: Sequence[int], labels: Sequence[int], losses: Sequence[float]) -> None:
+        self.items.extend(zip(preds, labels, losses, strict=True))
+        self.seen += len(preds)
+        self.correct += sum(p == y for p, y in zip(preds, labels, strict=True))
+
+    @property
+    def run_accuracy(self) -> float:
+        """Prequential accuracy over every fresh event of this run."""
+        return self.correct / self.seen if self.seen else float("nan")
+
+    def summary(self) -> dict[str, float]:
+        if not self.items:
+            return {}
+        arr = np.asarray(self.items, dtype=np.float64)
+        pred, label, loss = arr[:, 0].astype(int), arr[:, 1].astype(int), arr[:, 2]
+        f1s = []
+        for c in range(self.num_labels):
+            tp = np.sum((pred == c) & (label == c))
+            denom = np.sum(pred == c) + np.sum(label == c)
+            if np.any(label == c) or np.any(pred == c):
+                f1s.append(2 * tp / denom)
+        return {
+            "prequential_loss": float(loss.mean()),
+            "prequential_accuracy": float(np.mean(pred == label)),
+            "prequential_f1": float(np.mean(f1s)),
+            "window": float(len(arr)),
+        }
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def collate(
+    examples: Sequence[StoredExample | TokenizedEvent], pad_id: int, with_token_types: bool
+) -> dict[str, torch.Tensor]:
+    """Pad a micro-batch to its longest member; token types from each example's ``pair_start``."""
+    lengths = np.fromiter((len(e.input_ids) for e in examples), dtype=np.int64, count=len(examples))
+    width = int(lengths.max())
+    ids = np.full((len(examples), width), pad_id, dtype=np.int64)
+    types = np.zeros((len(examples), width), dtype=np.int64)
+    for i, e in enumerate(examples):
+        ids[i, : lengths[i]] = e.input_ids
+        if e.pair_start:
+            types[i, e.pair_start : lengths[i]] = 1
+    mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    batch = {
+        "input_ids": torch.from_numpy(ids),
+        "attention_mask": torch.from_numpy(mask),
+        "labels": torch.tensor([e.label for e in examples], dtype=torch.long),
+    }
+    if with_token_types:
+        batch["token_type_ids"] = torch.from_numpy(types)
+    return batch
+
+
+def make_replay_buffer(settings: Settings, vocab_size: int) -> ReservoirBuffer:
+    cls = ClassBalancedReservoir if settings.replay.class_balanced else ReservoirBuffer
+    return cls(settings.replay.capacity, seed=settings.training.seed, vocab_size=vocab_size)
+
+
+class Trainer:
+    """Owns the model, optimizer, L2-SP term and replay buffer; runs in its own thread.
+
+    Inputs arrive on ``fresh_queue`` (:class:`ConsumedBatch` from the consumer); snapshots leave on
+    ``publish_queue`` (size 1: when the publisher is still busy, the trainer tries again after the
+    next step instead of waiting).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        loaded: LoadedModel,
+        pad_id: int,
+        with_token_types: bool,
+        vocab_size: int,
+        fresh_queue: queue.Queue[ConsumedBatch],
+        publish_queue: queue.Queue[Snapshot],
+        metrics: Metrics,
+        stop: threading.Event,
+        restored: Restored | None = None,
+    ) -> None:
+        t = settings.training
+        self.settings = settings
+        self.fresh_queue, self.publish_queue, self.metrics, self.stop_event = (
+            fresh_queue,
+            publish_queue,
+            metrics,
+            stop,
+        )
+        self.pad_id, self.with_token_types = pad_id, with_token_types
+        self.device = pick_device(t.device)
+        self.bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
+        torch.manual_seed(t.seed)
+
+        self.model = loaded.model.to(self.device)
+        self.model.eval()  # no dropout: prequential scores are those of the published weights
+        params = dict(self.model.named_parameters())
+        pretrained = [params[n] for n in loaded.pretrained]
+        head = [params[n] for n in loaded.head]
+        self.l2sp = L2SP(pretrained, t.l2sp_lambda)  # θ0 = the weights as loaded, before any restore
+        for p in params.values():
+            # grads stay allocated (zero_grad(set_to_none=False)) so the L2-SP gradient always has a target
+            p.grad = torch.zeros_like(p)
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": pretrained, "weight_decay": 0.0},  # L2-SP, not decay towards 0
+                {"params": head, "weight_decay": t.head_weight_decay},
+            ],
+            lr=t.learning_rate,
+            fused=self.device.type == "cuda",
+        )
+        self.replay = make_replay_buffer(settings, vocab_size)
+        self.window = PrequentialWindow(t.metrics_window, len(settings.model.labels))
+        self.counters = Counters()
+        self.covered: dict[int, int] = {}
+        self.version = 0
+        if restored is not None:
+            self._restore(restored)
+
+        self._pending: collections.deque[TokenizedEvent] = collections.deque()
+        # (cumulative fresh-event count at the end of a consumed batch, the offsets it covers)
+        self._watermarks: collections.deque[tuple[int, dict[int, int]]] = collections.deque()
+        self._received = self.counters.events_ingested
+        self._published_at = (self.counters.steps, dict(self.covered), time.monotonic())
+        self._rate_ewma = 0.0
+        self.last_loss = float("nan")
+        self._penalty = 0.0
+
+    # ----------------------------------------------------------------------------------------- restore
+    def _restore(self, r: Restored) -> None:
+        self.model.load_state_dict(r.model_state)
+        self.optimizer.load_state_dict(r.optimizer_state)
+        self.replay = ReservoirBuffer.from_state_dict(r.replay_arrays, r.replay_meta)
+        torch.set_rng_state(r.torch_rng)
+        self.counters = Counters(**vars(r.counters))
+        self.covered = dict(r.offsets)
+        self.version = r.version
+
+    # -------------------------------------------------------------------------------------- the loop
+    def run(self) -> None:
+        """Thread target: train until ``stop`` is set, then hand over a final snapshot."""
+        log.info("trainer on %s (%s)", self.device, "bf16 autocast" if self.bf16 else "fp32")
+        while not self.stop_event.is_set():
+            fresh = self._take_fresh()
+            if fresh:
+                self.step(fresh)
+            self._advance_offsets()
+            self.maybe_publish()
+        if self.settings.publish.on_stop:
+            self.maybe_publish(force=True)
+
+    def _take_fresh(self) -> list[TokenizedEvent]:
+        """Up to ``fresh_per_step`` events; wait at most ``max_wait_s`` for a full micro-batch."""
+        want = self.settings.training.fresh_per_step
+        deadline = time.monotonic() + self.settings.training.max_wait_s
+        while len(self._pending) < want and not self.stop_event.is_set():
+            timeout = deadline - time.monotonic()
+            if timeout <= 0 and self._pending:
+                break
+            try:
+                batch = self.fresh_queue.get(timeout=max(timeout, 0.05) if self._pending else 0.1)
+            except queue.Empty:
+                if self._pending or time.monotonic() >= deadline:
+                    break
+                continue
+            self.accept(batch)
+        self.metrics.queue_depth.set(self.fresh_queue.qsize())
+        return [self._pending.popleft() for _ in range(min(want, len(self._pending)))]
+
+    def accept(self, batch: ConsumedBatch) -> None:
+        """Queue a consumed batch's events and remember which offsets it covers once they are trained."""
+        self._pending.extend(batch.events)
+        self._received += len(batch.events)
+        self._watermarks.append((self._received, batch.next_offsets))
+
+    def step(self, fresh: list[TokenizedEvent]) -> float:
+        """One regularized step on ``fresh`` + a replay sample; returns the loss (NaN if skipped)."""
+        t0 = time.perf_counter()
+        replayed = self.replay.sample(self.settings.training.replay_per_step) if len(self.replay) else []
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in collate(
+            [*fresh, *replayed], self.pad_id, self.with_token_types
+        ).items()}
+        labels = batch.pop("labels")
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        )
+        with autocast:
+            logits = self.model(**batch).logits
+        per_example = F.cross_entropy(logits.float(), labels, reduction="none")
+        loss = per_example.mean()
+
+        # prequential score of the fresh events: the weights before this step predicted them
+        n = len(fresh)
+        self.window.add(
+            logits[:n].argmax(-1).tolist(), labels[:n].tolist(), per_example[:n].detach().float().tolist()
+        )
+
+        self.counters.events_ingested += n
+        self.counters.examples_replayed += len(replayed)
+        if not torch.isfinite(loss):
+            self.counters.nonfinite_skipped += 1
+            self.metrics.nonfinite_skipped.inc()
+            self.optimizer.zero_grad(set_to_none=False)
+            log.warning("non-finite loss: step skipped (%d so far)", self.counters.nonfinite_skipped)
+            self.metrics.events_trained.inc(n)
+            return float("nan")
+
+        loss.backward()
+        self.l2sp.add_gradient_()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.training.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=False)
+        self.counters.steps += 1
+
+        for e in fresh:
+            self.replay.add(e.input_ids, e.label, e.pair_start)
+        self._record(loss.item(), n, len(replayed), time.perf_counter() - t0)
+        return self.last_loss
+
+    def _record(self, loss: float, n_fresh: int, n_replayed: int, seconds: float) -> None:
+        m = self.metrics
+        self.last_loss = loss
+        if self.counters.steps % DISTANCE_EVERY_STEPS == 1 or DISTANCE_EVERY_STEPS == 1:
+            # ‖θ−θ0‖ costs a pass over all weights: measured every few steps, not on every one
+            sq = float(self.l2sp.squared_distance())
+            self._penalty = self.l2sp.lam * sq
+            m.l2sp_penalty.set(self._penalty)
+            m.param_distance.set(sq**0.5)
+        self.last_loss = loss + self._penalty
+        m.steps.inc()
+        m.events_trained.inc(n_fresh)
+        m.examples_replayed.inc(n_replayed)
+        m.step_seconds.observe(seconds)
+        m.training_loss.set(self.last_loss)
+        rate = (n_fresh + n_replayed) / max(seconds, 1e-9)
+        self._rate_ewma = rate if self._rate_ewma == 0 else 0.9 * self._rate_ewma + 0.1 * rate
+        m.examples_per_second.set(self._rate_ewma)
+        m.events_per_second.set(self._rate_ewma * n_fresh / max(n_fresh + n_replayed, 1))
+        m.replay_size.set(len(self.replay))
+        m.replay_bytes.set(self.replay.nbytes())
+        summary = self.window.summary()
+        if summary:
+            m.prequential_loss.set(summary["prequential_loss"])
+            m.prequential_accuracy.set(summary["prequential_accuracy"])
+            m.prequential_f1.set(summary["prequential_f1"])
+
+    def _advance_offsets(self) -> None:
+        """Offsets of a consumed batch are covered once all its fresh events went through a step."""
+        trained = self.counters.events_ingested
+        while self._watermarks and self._watermarks[0][0] <= trained:
+            self.covered.update(self._watermarks.popleft()[1])
+
+    # ----------------------------------------------------------------------------------- publishing
+    def maybe_publish(self, force: bool = False) -> bool:
+        """Hand a snapshot to the publisher when one is due and there is something new in it."""
+        steps, covered, at = self._published_at
+        dirty = self.counters.steps != steps or self.covered != covered
+        p = self.settings.publish
+        due = force or self.counters.steps - steps >= p.every_steps or time.monotonic() - at >= p.every_seconds
+        if not (dirty and due):
+            return False
+        snap = self.snapshot()
+        try:
+            if force:
+                self.publish_queue.put(snap, timeout=None)
+            else:
+                self.publish_queue.put_nowait(snap)
+        except queue.Full:
+            return False  # the publisher is busy with the previous one: try after the next step
+        self._published_at = (self.counters.steps, dict(self.covered), time.monotonic())
+        return True
+
+    def snapshot(self) -> Snapshot:
+        """A consistent copy (CPU tensors) of model, optimizer, replay, RNG, counters and offsets."""
+        model_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        opt = self.optimizer.state_dict()
+        opt_state = {
+            "state": {
+                i: {k: (v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v) for k, v in s.items()}
+                for i, s in opt["state"].items()
+            },
+            "param_groups": [dict(g) for g in opt["param_groups"]],
+        }
+        arrays, meta = self.replay.state_dict()
+        metrics = {"training_loss": self.last_loss, **self.window.summary()}
+        metrics["param_distance"] = float(self.l2sp.squared_distance()) ** 0.5
+        return Snapshot(
+            model_state=model_state,
+            optimizer_state=opt_state,
+            replay_arrays={k: v.copy() for k, v in arrays.items()},
+            replay_meta=meta,
+            torch_rng=torch.get_rng_state(),
+            counters=Counters(**vars(self.counters)),
+            offsets=dict(self.covered),
+            metrics={k: v for k, v in metrics.items() if v == v},  # drop NaN
+        )

@@ -1,0 +1,65 @@
+"""L2-SP: equals λ‖θ_S − θ0_S‖² computed naively, is 0 at start, excludes the head (acceptance 4.6)."""
+
+import pytest
+import torch
+
+from stream_learner.config import ModelSettings
+from stream_learner.model import L2SP, load_model
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model(ModelSettings(num_hidden_layers=1))
+
+
+def test_head_is_new_and_excluded(loaded):
+    assert sorted(loaded.head) == ["classifier.bias", "classifier.weight"]
+    assert not set(loaded.head) & set(loaded.pretrained)
+    assert any(n.startswith("bert.encoder.layer.0.") for n in loaded.pretrained)
+    assert len(loaded.pretrained) + len(loaded.head) == len(list(loaded.model.parameters()))
+
+
+def test_l2sp_zero_at_start_then_equals_naive(loaded):
+    params = dict(loaded.model.named_parameters())
+    lam = 0.37
+    reg = L2SP([params[n] for n in loaded.pretrained], lam)
+    assert float(reg.penalty()) == 0.0
+    theta0 = {n: params[n].detach().clone() for n in loaded.pretrained}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in params.values():  # move every parameter, the head included
+            p.add_(0.01 * torch.randn_like(p))
+    naive = lam * sum(((params[n].double() - theta0[n].double()) ** 2).sum() for n in loaded.pretrained)
+    assert float(reg.penalty()) == pytest.approx(float(naive), rel=1e-5)
+    assert float(reg.penalty()) > 0
+    # the head moved too, but is not part of the term
+    with torch.no_grad():
+        params["classifier.weight"].add_(100.0)
+    assert float(reg.penalty()) == pytest.approx(float(naive), rel=1e-5)
+
+
+def test_l2sp_gradient_equals_autograd_of_naive_term():
+    torch.manual_seed(1)
+    a, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))
+    lam = 0.5
+    reg = L2SP([a, b], lam)
+    with torch.no_grad():
+        a.add_(torch.randn_like(a))
+        b.add_(torch.randn_like(b))
+    naive = lam * (((a - reg.theta0[0]) ** 2).sum() + ((b - reg.theta0[1]) ** 2).sum())
+    ga, gb = torch.autograd.grad(naive, [a, b])
+    a.grad, b.grad = torch.zeros_like(a), torch.zeros_like(b)
+    reg.add_gradient_()
+    torch.testing.assert_close(a.grad, ga)
+    torch.testing.assert_close(b.grad, gb)
+    assert float(reg.penalty()) == pytest.approx(float(naive))
+
+
+def test_lambda_zero_adds_nothing():
+    a = torch.nn.Parameter(torch.ones(3))
+    reg = L2SP([a], 0.0)
+    with torch.no_grad():
+        a.add_(1)
+    a.grad = torch.zeros_like(a)
+    reg.add_gradient_()
+    assert torch.count_nonzero(a.grad) == 0 and float(reg.penalty()) == 0.0
