@@ -79,7 +79,10 @@ class Learner:
         if s.kafka.create_topics:
             ensure_topics(
                 s.kafka.librdkafka(),
-                {s.kafka.topic: s.kafka.topic_partitions, s.kafka.dead_letter_topic: s.kafka.topic_partitions},
+                {
+                    s.kafka.topic: s.kafka.topic_partitions,
+                    s.kafka.dead_letter_topic: s.kafka.topic_partitions,
+                },
             )
         tokenizer = load_tokenizer(s.model)
         loaded = load_model(s.model)
@@ -138,8 +141,12 @@ class Learner:
             return None
         restored, manifest = load_version(self.store, version, Path(self._workdir.name))
         self.restored_version = version
-        log.info("resuming from version %d (%d events, offsets %s)", version, manifest["events_ingested"],
-                 manifest["offsets"])
+        log.info(
+            "resuming from version %d (%d events, offsets %s)",
+            version,
+            manifest["events_ingested"],
+            manifest["offsets"],
+        )
         return restored
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:

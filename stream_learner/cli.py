@@ -78,7 +78,9 @@ def produce(
     settings = _settings(config)
     lines = [ln for ln in file.read_bytes().splitlines() if ln.strip()]
     lines = lines[:limit] if limit else lines
-    n = produce_lines(settings.kafka.librdkafka(), topic or settings.kafka.topic, lines, rate=rate, console=console)
+    n = produce_lines(
+        settings.kafka.librdkafka(), topic or settings.kafka.topic, lines, rate=rate, console=console
+    )
     console.print(f"produced {n} events to {topic or settings.kafka.topic}")
 
 
@@ -102,8 +104,13 @@ def versions_list(config: ConfigOpt = None, as_json: Annotated[bool, typer.Optio
     for m in manifests:
         acc = m.get("metrics", {}).get("prequential_accuracy")
         table.add_row(
-            str(m["version"]), m["created_at"][:19], str(m["parent"] or "-"), str(m["events_ingested"]),
-            str(m["steps"]), "-" if acc is None else f"{acc:.3f}", "◀" if m["version"] == latest else "",
+            str(m["version"]),
+            m["created_at"][:19],
+            str(m["parent"] or "-"),
+            str(m["events_ingested"]),
+            str(m["steps"]),
+            "-" if acc is None else f"{acc:.3f}",
+            "◀" if m["version"] == latest else "",
         )
     Console().print(table)
 

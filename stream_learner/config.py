@@ -13,13 +13,27 @@ what was given and what to put there.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
 ENV_PREFIX = "STREAM_LEARNER_"
 CONFIG_FILE_ENV = "STREAM_LEARNER_CONFIG_FILE"
@@ -84,7 +98,7 @@ class ModelSettings(_Section):
     @classmethod
     def _labels(cls, v: list[str]) -> list[str]:
         if len(v) < 2:
-            raise ValueError("give at least two label names, e.g. [\"neg\", \"pos\"]")
+            raise ValueError('give at least two label names, e.g. ["neg", "pos"]')
         if len(set(v)) != len(v) or any(not s.strip() for s in v):
             raise ValueError("label names must be non-empty and distinct")
         return v
@@ -94,7 +108,9 @@ class ModelSettings(_Section):
     def _model_path(cls, v: str) -> str:
         looks_local = v.startswith(("/", "./", "../", "~"))
         if v != BUNDLED_MODEL and looks_local and not Path(v).expanduser().is_dir():
-            raise ValueError(f"no model directory at {v!r}; give 'bundled', a local model directory or a hub id")
+            raise ValueError(
+                f"no model directory at {v!r}; give 'bundled', a local model directory or a hub id"
+            )
         return v
 
 
@@ -211,7 +227,8 @@ def format_validation_error(err: ValidationError) -> str:
     name = ".".join(str(p) for p in loc)
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        return f"unknown setting {'.'.join(str(p) for p in loc)}: check its spelling against the README's settings table"
+        name = ".".join(str(p) for p in loc)
+        return f"unknown setting {name}: check its spelling against the README's settings table"
     given = first.get("input")
     given_txt = "" if isinstance(given, dict) else f" (got {given!r})"
     hint = _describe(loc)
@@ -234,3 +251,24 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         return cls(**overrides)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
+
+
+def settings_table() -> str:
+    """The README's settings table, generated from the fields above (a test keeps the README in sync)."""
+    rows = ["| setting | env | default | meaning |", "|---|---|---|---|"]
+    for section, section_field in Settings.model_fields.items():
+        for name, field in section_field.annotation.model_fields.items():
+            default = field.default_factory() if field.default_factory else field.default
+            if isinstance(default, list | dict):
+                shown = f"`{json.dumps(default)}`" if default else "(empty)"
+            elif isinstance(default, str):
+                shown = f"`{default}`" if default else "(empty)"
+            else:
+                shown = "(empty)" if default is None else f"`{default}`"
+            env = _env_name((section, name))
+            rows.append(f"| `{section}.{name}` | `{env}` | {shown} | {field.description or ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m stream_learner.config  → the settings table
+    print(settings_table())

@@ -18,7 +18,15 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+)
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from stream_learner.config import Settings
@@ -152,7 +160,11 @@ class EventConsumer:
                 if self.stop_event.is_set():
                     self.close_event.wait(0.05)
                     continue
-                if self.paused and not self._held and self.fresh_queue.qsize() <= self.kafka.queue_max_batches // 2:
+                if (
+                    self.paused
+                    and not self._held
+                    and self.fresh_queue.qsize() <= self.kafka.queue_max_batches // 2
+                ):
                     consumer.resume(consumer.assignment())
                     self.paused = False
                     self.metrics.consumer_paused.set(0)
@@ -221,12 +233,18 @@ class EventConsumer:
     def _dead_letter(self, producer: Producer, m: Message, err: InvalidEvent) -> None:
         headers = dead_letter_headers(m.headers(), err, m.topic(), m.partition(), m.offset())
 
-        def on_delivery(error: KafkaError | None, _msg: Message, original: Message = m, e: InvalidEvent = err):
+        def on_delivery(
+            error: KafkaError | None, _msg: Message, original: Message = m, e: InvalidEvent = err
+        ):
             if error is not None:
                 self._delivery_failures.append((original, e))
 
         producer.produce(
-            self.kafka.dead_letter_topic, value=m.value(), key=m.key(), headers=headers, on_delivery=on_delivery
+            self.kafka.dead_letter_topic,
+            value=m.value(),
+            key=m.key(),
+            headers=headers,
+            on_delivery=on_delivery,
         )
         self.metrics.events_dead_lettered.labels(reason=err.reason.value).inc()
 
@@ -243,8 +261,13 @@ class EventConsumer:
             delay = min(delay * 2, 10.0)
             for m, err in failed:
                 headers = dead_letter_headers(m.headers(), err, m.topic(), m.partition(), m.offset())
-                producer.produce(self.kafka.dead_letter_topic, value=m.value(), key=m.key(), headers=headers,
-                                 on_delivery=lambda e, _m, o=m, r=err: e and self._delivery_failures.append((o, r)))
+                producer.produce(
+                    self.kafka.dead_letter_topic,
+                    value=m.value(),
+                    key=m.key(),
+                    headers=headers,
+                    on_delivery=lambda e, _m, o=m, r=err: e and self._delivery_failures.append((o, r)),
+                )
 
     # ------------------------------------------------------------------------------ offsets and lag
     def _on_assign(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
@@ -270,7 +293,7 @@ class EventConsumer:
                 break
         if latest is None:
             return
-        # a later version reached this point: skip stale offsets, restart the next run from the manifest anyway
+        # only the newest durable version's offsets matter; older ones queued behind it are stale
         self.start_offsets.update(latest)
         tps = [KafkaTopicPartition(self.kafka.topic, p, o) for p, o in sorted(latest.items())]
         try:
@@ -289,7 +312,9 @@ class EventConsumer:
             for tp in consumer.position(consumer.assignment()):
                 _low, high = consumer.get_watermark_offsets(tp, timeout=1.0)
                 if tp.offset >= 0 and high >= 0:
-                    self.metrics.consumer_lag.labels(partition=str(tp.partition)).set(max(high - tp.offset, 0))
+                    self.metrics.consumer_lag.labels(partition=str(tp.partition)).set(
+                        max(high - tp.offset, 0)
+                    )
         except KafkaException as err:
             log.debug("lag not available: %s", err)
 

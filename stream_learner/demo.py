@@ -34,7 +34,11 @@ def _demo_settings(settings: Settings, bootstrap: str | None) -> Settings:
     kafka = settings.kafka.model_copy(update={"session_timeout_ms": 6000})  # Tansu's first join: ~half of it
     if bootstrap:
         kafka = kafka.model_copy(update={"bootstrap_servers": bootstrap})
-    http = settings.http if "port" in settings.http.model_fields_set else settings.http.model_copy(update={"port": 0})
+    http = (
+        settings.http
+        if "port" in settings.http.model_fields_set
+        else settings.http.model_copy(update={"port": 0})
+    )
     return settings.model_copy(update={"kafka": kafka, "http": http})
 
 
@@ -81,17 +85,25 @@ def _run(settings: Settings, per_domain: int, console: Console) -> dict:
     handled = lambda: m.value("stream_learner_events_trained_total") + _dead(m)  # noqa: E731
     try:
         with Progress(
-            TextColumn("[bold]learning[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[status]}"), console=console,
+            TextColumn("[bold]learning[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=console,
         ) as progress:
             task = progress.add_task("learn", total=len(values), status="")
 
             def tick() -> bool:
                 acc = m.value("stream_learner_prequential_accuracy")
-                progress.update(task, completed=handled(), status=(
-                    f"preq. acc {acc:.3f} · loss {m.value('stream_learner_training_loss'):.3f} · "
-                    f"versions {len(learner.publisher.published)}"
-                ))
+                progress.update(
+                    task,
+                    completed=handled(),
+                    status=(
+                        f"preq. acc {acc:.3f} · loss {m.value('stream_learner_training_loss'):.3f} · "
+                        f"versions {len(learner.publisher.published)}"
+                    ),
+                )
                 return handled() >= len(values)
 
             if not learner.wait_until(tick, timeout=DEMO_TIMEOUT_S):
@@ -104,8 +116,12 @@ def _run(settings: Settings, per_domain: int, console: Console) -> dict:
 
 
 def _dead(m) -> float:
-    return sum(s.value for metric in m.events_dead_lettered.collect() for s in metric.samples
-               if s.name.endswith("_total"))
+    return sum(
+        s.value
+        for metric in m.events_dead_lettered.collect()
+        for s in metric.samples
+        if s.name.endswith("_total")
+    )
 
 
 def _summary(learner: Learner, console: Console) -> dict:
@@ -113,7 +129,9 @@ def _summary(learner: Learner, console: Console) -> dict:
     newest = published[-1] if published else None
     dead = {
         s.labels["reason"]: int(s.value)
-        for metric in m.events_dead_lettered.collect() for s in metric.samples if s.name.endswith("_total")
+        for metric in m.events_dead_lettered.collect()
+        for s in metric.samples
+        if s.name.endswith("_total")
     }
     summary = {
         "events_trained": int(m.value("stream_learner_events_trained_total")),
@@ -126,17 +144,19 @@ def _summary(learner: Learner, console: Console) -> dict:
     console.rule("[bold]stream-learner demo: summary")
     console.print(f"events trained        {summary['events_trained']}")
     console.print(f"events dead-lettered  {sum(dead.values())}  {dead}")
-    console.print(f"prequential accuracy  {summary['prequential_accuracy_run']:.3f} over the run "
-                  "(each event scored before the model learned it)")
+    console.print(
+        f"prequential accuracy  {summary['prequential_accuracy_run']:.3f} over the run "
+        "(each event scored before the model learned it)"
+    )
     console.print(f"versions published    {len(published)}: {published} in {summary['storage']}")
     url = urlparse(learner.settings.publish.storage_url)
     if newest is not None and url.scheme in ("", "file"):
-        path = str(Path(url.path if url.scheme else learner.settings.publish.storage_url)
-                   / f"versions/{newest:06d}")
+        path = str(
+            Path(url.path if url.scheme else learner.settings.publish.storage_url) / f"versions/{newest:06d}"
+        )
         summary["newest_version_path"] = path
         code = (
-            "from transformers import pipeline\n"
-            f"classify = pipeline('text-classification', model='{path}')"
+            f"from transformers import pipeline\nclassify = pipeline('text-classification', model='{path}')"
         )
         console.print("\nload the newest version with plain transformers:\n")
         console.print(code, style="bold cyan", highlight=False)

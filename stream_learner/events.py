@@ -138,9 +138,13 @@ def parse_event(value: bytes | None, labels: LabelSet, max_text_bytes: int) -> L
 
 
 def dead_letter_headers(
-    original: Sequence[tuple[str, bytes | None]] | None, error: InvalidEvent, topic: str, partition: int, offset: int
+    original: Sequence[tuple[str, bytes | None]] | None,
+    error: InvalidEvent,
+    topic: str,
+    partition: int,
+    offset: int,
 ) -> list[tuple[str, bytes]]:
-    """The original headers followed by the dead-letter ones (reason, detail, source topic/partition/offset)."""
+    """The original headers, then the dead-letter ones: reason, detail, source topic, partition, offset."""
     kept = [(k, v if v is not None else b"") for k, v in (original or []) if k not in DEAD_LETTER_HEADERS]
     return [
         *kept,

@@ -20,12 +20,18 @@ class Metrics:
         r = self.registry
 
         # consumer
-        self.events_consumed = Counter(f"{PREFIX}_events_consumed", "Messages read from the input topic", registry=r)
+        self.events_consumed = Counter(
+            f"{PREFIX}_events_consumed", "Messages read from the input topic", registry=r
+        )
         self.events_dead_lettered = Counter(
             f"{PREFIX}_events_dead_lettered", "Events sent to the dead-letter topic", ["reason"], registry=r
         )
-        self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Consumed batches waiting for the trainer", registry=r)
-        self.consumer_paused = Gauge(f"{PREFIX}_consumer_paused", "1 while the consumer is paused", registry=r)
+        self.queue_depth = Gauge(
+            f"{PREFIX}_queue_depth", "Consumed batches waiting for the trainer", registry=r
+        )
+        self.consumer_paused = Gauge(
+            f"{PREFIX}_consumer_paused", "1 while the consumer is paused", registry=r
+        )
         self.consumer_pauses = Counter(
             f"{PREFIX}_consumer_pauses", "Times the consumer paused for backpressure", registry=r
         )
@@ -55,10 +61,14 @@ class Metrics:
         self.l2sp_penalty = Gauge(f"{PREFIX}_l2sp_penalty", "λ‖θ_S − θ0_S‖² at the last step", registry=r)
         self.param_distance = Gauge(f"{PREFIX}_param_distance", "‖θ_S − θ0_S‖ at the last step", registry=r)
         self.prequential_loss = Gauge(
-            f"{PREFIX}_prequential_loss", "Mean loss of fresh events before learning them (window)", registry=r
+            f"{PREFIX}_prequential_loss",
+            "Mean loss of fresh events before learning them (window)",
+            registry=r,
         )
         self.prequential_accuracy = Gauge(
-            f"{PREFIX}_prequential_accuracy", "Accuracy on fresh events before learning them (window)", registry=r
+            f"{PREFIX}_prequential_accuracy",
+            "Accuracy on fresh events before learning them (window)",
+            registry=r,
         )
         self.prequential_f1 = Gauge(
             f"{PREFIX}_prequential_f1", "Macro-F1 on fresh events before learning them (window)", registry=r
@@ -66,7 +76,9 @@ class Metrics:
         self.examples_per_second = Gauge(
             f"{PREFIX}_examples_per_second", "Trained examples (fresh + replay) per second", registry=r
         )
-        self.events_per_second = Gauge(f"{PREFIX}_events_per_second", "Fresh events trained per second", registry=r)
+        self.events_per_second = Gauge(
+            f"{PREFIX}_events_per_second", "Fresh events trained per second", registry=r
+        )
         self.replay_size = Gauge(f"{PREFIX}_replay_size", "Examples held in the replay buffer", registry=r)
         self.replay_bytes = Gauge(f"{PREFIX}_replay_bytes", "Bytes held by the replay buffer", registry=r)
 
@@ -84,6 +96,6 @@ class Metrics:
         self.publish_failures = Counter(f"{PREFIX}_publish_failures", "Failed publish attempts", registry=r)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
-        """Current value of a sample (``name`` as exposed, e.g. ``stream_learner_steps_total``); 0 if absent."""
+        """Current value of a sample, named as exposed (``stream_learner_steps_total``); 0 if absent."""
         v = self.registry.get_sample_value(name, labels or {})
         return 0.0 if v is None else v

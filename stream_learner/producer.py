@@ -31,8 +31,13 @@ def produce_lines(
             errors.append(str(err))
 
     progress = Progress(
-        TextColumn(f"producing to {topic}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=console, disable=console is None, transient=False,
+        TextColumn(f"producing to {topic}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=console is None,
+        transient=False,
     )
     start = time.monotonic()
     with progress:

@@ -117,7 +117,9 @@ def _write_trainer_state(snap: Snapshot, root: Path) -> None:
             else:
                 scalars[f"{idx}.{k}"] = v
     safetensors.torch.save_file(tensors, root / OPTIMIZER)
-    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in snap.replay_arrays.items()}, root / REPLAY)
+    safetensors.numpy.save_file(
+        {k: np.ascontiguousarray(v) for k, v in snap.replay_arrays.items()}, root / REPLAY
+    )
     safetensors.torch.save_file({"torch": snap.torch_rng}, root / RNG)
     state = {
         "counters": vars(snap.counters),
@@ -232,7 +234,9 @@ class Publisher:
             root = Path(tmp)
             # 2. upload files
             safetensors.torch.save_file(
-                {k: v.contiguous() for k, v in snap.model_state.items()}, root / WEIGHTS, metadata={"format": "pt"}
+                {k: v.contiguous() for k, v in snap.model_state.items()},
+                root / WEIGHTS,
+                metadata={"format": "pt"},
             )
             for name, data in self.static_files.items():
                 (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -256,8 +260,14 @@ class Publisher:
         self.metrics.latest_version.set(version)
         self.metrics.latest_version_timestamp.set(time.time())
         self.published.append(version)
-        log.info("published version %d (%d events, %d steps) in %.1fs to %s", version,
-                 snap.counters.events_ingested, snap.counters.steps, seconds, self.store.describe())
+        log.info(
+            "published version %d (%d events, %d steps) in %.1fs to %s",
+            version,
+            snap.counters.events_ingested,
+            snap.counters.steps,
+            seconds,
+            self.store.describe(),
+        )
         return version
 
     def _manifest(self, snap: Snapshot, version: int, files: dict[str, dict]) -> dict:

@@ -222,7 +222,7 @@ class Trainer:
         self._published_at = (self.counters.steps, dict(self.covered), time.monotonic())
         self._rate_ewma = 0.0
         self.last_loss = float("nan")
-        self._penalty = 0.0
+        self._penalty = self.l2sp.penalty().item()
 
     # ----------------------------------------------------------------------------------------- restore
     def _restore(self, r: Restored) -> None:
@@ -272,16 +272,15 @@ class Trainer:
         self._watermarks.append((self._received, batch.next_offsets))
 
     def step(self, fresh: list[TokenizedEvent]) -> float:
-        """One regularized step on ``fresh`` + a replay sample; returns the loss (NaN if skipped)."""
+        """One step on ``fresh`` + replay; returns the mean cross-entropy (NaN if skipped)."""
         t0 = time.perf_counter()
         replayed = self.replay.sample(self.settings.training.replay_per_step) if len(self.replay) else []
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in collate(
-            [*fresh, *replayed], self.pad_id, self.with_token_types
-        ).items()}
+        batch = {
+            k: v.to(self.device, non_blocking=True)
+            for k, v in collate([*fresh, *replayed], self.pad_id, self.with_token_types).items()
+        }
         labels = batch.pop("labels")
-        autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-        )
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with autocast:
             logits = self.model(**batch).logits
         per_example = F.cross_entropy(logits.float(), labels, reduction="none")
@@ -312,8 +311,9 @@ class Trainer:
 
         for e in fresh:
             self.replay.add(e.input_ids, e.label, e.pair_start)
-        self._record(loss.item(), n, len(replayed), time.perf_counter() - t0)
-        return self.last_loss
+        data_loss = loss.item()
+        self._record(data_loss, n, len(replayed), time.perf_counter() - t0)
+        return data_loss
 
     def _record(self, loss: float, n_fresh: int, n_replayed: int, seconds: float) -> None:
         m = self.metrics
@@ -354,7 +354,9 @@ class Trainer:
         steps, covered, at = self._published_at
         dirty = self.counters.steps != steps or self.covered != covered
         p = self.settings.publish
-        due = force or self.counters.steps - steps >= p.every_steps or time.monotonic() - at >= p.every_seconds
+        due = (
+            force or self.counters.steps - steps >= p.every_steps or time.monotonic() - at >= p.every_seconds
+        )
         if not (dirty and due):
             return False
         snap = self.snapshot()

@@ -64,7 +64,11 @@ def test_missing_config_file():
 def test_cli_exits_nonzero_with_one_line(tmp_path):
     env = {"STREAM_LEARNER_TRAINING__L2SP_LAMBDA": "-0.5", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     proc = subprocess.run(
-        [sys.executable, "-m", "stream_learner.cli", "run"], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "stream_learner.cli", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]

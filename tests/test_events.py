@@ -66,4 +66,8 @@ def test_dead_letter_headers_keep_originals_and_add_reason():
     headers = dict(dead_letter_headers([("trace", b"abc"), ("empty", None)], err, "events", 3, 42))
     assert headers["trace"] == b"abc" and headers["empty"] == b""
     assert headers[HEADER_REASON] == b"unknown_label"
-    assert (headers[HEADER_TOPIC], headers[HEADER_PARTITION], headers[HEADER_OFFSET]) == (b"events", b"3", b"42")
+    assert (headers[HEADER_TOPIC], headers[HEADER_PARTITION], headers[HEADER_OFFSET]) == (
+        b"events",
+        b"3",
+        b"42",
+    )

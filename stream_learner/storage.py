@@ -1,0 +1,432 @@
+"""Object storage for published model versions: a local directory or an S3 bucket, behind one interface.
+
+URLs accepted by :func:`open_store`:
+
+* ``file:///abs/dir``, ``file://./rel/dir`` or a plain path → :class:`LocalStore`;
+* ``s3://bucket/prefix`` → :class:`S3Store` (boto3; AWS, MinIO, SeaweedFS…).
+
+Keys are ``/``-separated and relative to the store's root or prefix, e.g.
+``versions/000001/model.safetensors`` or ``LATEST``. A key component may not be empty, ``.``, ``..``
+or start with ``.`` (the local store keeps its lock and temporary files under such names).
+
+Conditional writes are what makes publication safe with more than one writer: ``put(...,
+if_none_match=True)`` creates an object only if it does not exist, ``put(..., if_match=etag)`` replaces
+it only if it is still the version the writer read; the loser gets :class:`PreconditionFailed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+_CHUNK = 1 << 20
+_LOCK_NAME = ".lock"
+_S3_RETRIES = {"max_attempts": 4, "mode": "standard"}
+_TRANSFER = TransferConfig(multipart_threshold=16 * _CHUNK, multipart_chunksize=16 * _CHUNK)
+
+
+class PreconditionFailed(Exception):
+    """A conditional write lost: another writer changed the object."""
+
+
+def check_key(key: str) -> str:
+    """Validate a store key; returns it or raises :class:`ValueError`."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"invalid storage key {key!r}: empty")
+    parts = key.split("/")
+    if any(p in ("", ".", "..") or p.startswith(".") for p in parts) or "\\" in key or "\0" in key:
+        raise ValueError(
+            f"invalid storage key {key!r}: use '/'-separated names, none empty or starting with '.'"
+        )
+    return key
+
+
+class ObjectStore(ABC):
+    """A flat key → bytes store with ETags and conditional writes (see the module docstring)."""
+
+    url: str
+
+    @abstractmethod
+    def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
+        """Write ``data`` at ``key``; returns its new ETag.
+
+        ``if_none_match``: only if ``key`` does not exist. ``if_match``: only if the current ETag of
+        ``key`` equals it. Raises :class:`PreconditionFailed` when the condition does not hold.
+        """
+
+    @abstractmethod
+    def put_file(self, key: str, path: Path) -> str:
+        """Upload a local file (streamed; multipart on S3 for big files); returns its ETag."""
+
+    @abstractmethod
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        """The object's content and ETag; :class:`KeyError` if absent."""
+
+    def get(self, key: str) -> bytes:
+        """The object's content; :class:`KeyError` if absent."""
+        return self.get_with_etag(key)[0]
+
+    @abstractmethod
+    def get_to_file(self, key: str, path: Path) -> None:
+        """Download to ``path`` (replaced atomically, parents created); :class:`KeyError` if absent."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` exists."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys under ``prefix`` (a plain string prefix), relative to the store's root, sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete ``key``; a missing key is not an error."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where this store is, for humans and logs; never contains credentials."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()})"
+
+
+def _check_conditions(if_none_match: bool, if_match: str | None) -> None:
+    if if_none_match and if_match is not None:
+        raise ValueError("give if_none_match or if_match, not both")
+
+
+# ------------------------------------------------------------------------------------ local
+class LocalStore(ObjectStore):
+    """A directory as an object store.
+
+    Every write goes to a temporary file in the target's directory, is fsynced, then renamed over the
+    target, so a reader sees the old or the new content, never a part. The ETag is the hex SHA-256 of
+    the content. Conditional writes hold an exclusive ``flock`` on ``<root>/.lock`` from the condition
+    check to the rename, which makes them atomic across threads and processes on one host (and on
+    network filesystems only as far as their ``flock`` is).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.url = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.root / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    @contextlib.contextmanager
+    def _temp_beside(self, path: Path) -> Iterator[tuple[IO[bytes], Path]]:
+        """A temporary file in ``path``'s directory, removed unless the caller renamed it."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        try:
+            with tmp.open("xb") as f:
+                yield f, tmp
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _fsync_dir(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _etag_of(self, path: Path) -> str | None:
+        h = hashlib.sha256()
+        try:
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(_CHUNK), b""):
+                    h.update(chunk)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+        return h.hexdigest()
+
+    def _commit(self, tmp: Path, path: Path, if_none_match: bool, if_match: str | None) -> None:
+        if not if_none_match and if_match is None:
+            os.replace(tmp, path)
+        else:
+            with self._locked():
+                current = self._etag_of(path)
+                if if_none_match and current is not None:
+                    raise PreconditionFailed(f"{self.url}/{path.relative_to(self.root)} already exists")
+                if if_match is not None and current != if_match:
+                    raise PreconditionFailed(
+                        f"{self.url}/{path.relative_to(self.root)} changed: ETag is {current}, not {if_match}"
+                    )
+                os.replace(tmp, path)
+        self._fsync_dir(path.parent)
+
+    def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
+        _check_conditions(if_none_match, if_match)
+        path = self._path(key)
+        with self._temp_beside(path) as (f, tmp):
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            self._commit(tmp, path, if_none_match, if_match)
+        return hashlib.sha256(data).hexdigest()
+
+    def put_file(self, key: str, path: Path) -> str:
+        target = self._path(key)
+        h = hashlib.sha256()
+        with self._temp_beside(target) as (f, tmp), Path(path).open("rb") as src:
+            for chunk in iter(lambda: src.read(_CHUNK), b""):
+                h.update(chunk)
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            self._commit(tmp, target, False, None)
+        return h.hexdigest()
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        try:
+            data = self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise KeyError(key) from None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def get_to_file(self, key: str, path: Path) -> None:
+        path = Path(path)
+        try:
+            src = self._path(key).open("rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise KeyError(key) from None
+        with src, self._temp_beside(path) as (f, tmp):
+            shutil.copyfileobj(src, f, _CHUNK)
+            f.close()
+            os.replace(tmp, path)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        if ".." in prefix.split("/") or prefix.startswith("/"):
+            raise ValueError(f"invalid storage prefix {prefix!r}")
+        # walk only the deepest directory the prefix names, not the whole tree
+        start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        keys = []
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                if name.startswith("."):  # the lock file and temporary files
+                    continue
+                key = name if rel == "." else f"{rel}/{name}"
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        # drop directories left empty, like S3 where "directories" do not exist on their own
+        parent = path.parent
+        while parent != self.root:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+    def describe(self) -> str:
+        return self.url
+
+
+# --------------------------------------------------------------------------------------- S3
+def _status(err: ClientError) -> int:
+    return int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _code(err: ClientError) -> str:
+    return str(err.response.get("Error", {}).get("Code", ""))
+
+
+def _is_missing(err: ClientError) -> bool:
+    # a missing bucket is a configuration error, not a missing key (HEAD cannot tell them apart)
+    return _code(err) in ("NoSuchKey", "404", "NotFound") or (
+        _status(err) == 404 and _code(err) != "NoSuchBucket"
+    )
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+class S3Store(ObjectStore):
+    """An S3 bucket and prefix as an object store (boto3).
+
+    ETags are S3's, quoted as S3 returns them; pass them back unchanged to ``if_match``. Conditional
+    writes use ``If-None-Match: *`` / ``If-Match`` on PutObject (AWS S3 since 2024, MinIO, SeaweedFS):
+    HTTP 412, or 409 ``ConditionalRequestConflict`` for a concurrent conditional write, becomes
+    :class:`PreconditionFailed`.
+    """
+
+    def __init__(self, bucket: str, prefix: str, client: Any, endpoint_url: str | None = None) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.client = client
+        self.endpoint_url = endpoint_url
+        self.url = f"s3://{bucket}/{self.prefix}"
+
+    def _key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def put(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
+        _check_conditions(if_none_match, if_match)
+        kwargs: dict[str, Any] = {}
+        if if_none_match:
+            kwargs["IfNoneMatch"] = "*"
+        if if_match is not None:
+            kwargs["IfMatch"] = if_match
+        try:
+            resp = self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **kwargs)
+        except ClientError as err:
+            conditional = bool(kwargs)
+            if conditional and (_status(err) in (409, 412) or _code(err) == "PreconditionFailed"):
+                raise PreconditionFailed(f"{self.url}{key}: {_code(err)} ({_status(err)})") from err
+            if if_match is not None and _is_missing(err):  # If-Match on a deleted object
+                raise PreconditionFailed(f"{self.url}{key}: no longer exists") from err
+            raise
+        return resp["ETag"]
+
+    def put_file(self, key: str, path: Path) -> str:
+        full = self._key(key)
+        self.client.upload_file(str(path), self.bucket, full, Config=_TRANSFER)
+        # upload_file does not return the ETag (and may be multipart, whose ETag is not an MD5)
+        return self.client.head_object(Bucket=self.bucket, Key=full)["ETag"]
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as err:
+            if _is_missing(err):
+                raise KeyError(key) from None
+            raise
+        with contextlib.closing(resp["Body"]) as body:
+            return body.read(), resp["ETag"]
+
+    def get_to_file(self, key: str, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            self.client.download_file(self.bucket, self._key(key), str(tmp), Config=_TRANSFER)
+            os.replace(tmp, path)
+        except ClientError as err:
+            if _is_missing(err):
+                raise KeyError(key) from None
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as err:
+            if _is_missing(err):
+                return False
+            raise
+        return True
+
+    def list(self, prefix: str = "") -> list[str]:
+        keys = []
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + prefix
+        )
+        for page in pages:
+            keys.extend(obj["Key"][len(self.prefix) :] for obj in page.get("Contents", []))
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def describe(self) -> str:
+        if self.endpoint_url:
+            return f"{self.url} at {_without_userinfo(self.endpoint_url)}"
+        return self.url
+
+
+# ---------------------------------------------------------------------------------- opening
+def _local_root(url: str) -> Path:
+    parts = urlsplit(url)
+    if not parts.scheme:
+        return Path(url)
+    if parts.netloc in ("", "localhost"):
+        return Path(unquote(parts.path))
+    # file://./dir or file://dir: not a host name but the start of a relative path
+    return Path(unquote(parts.netloc + parts.path))
+
+
+def open_store(
+    url: str,
+    *,
+    endpoint_url: str | None = None,
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+    region: str | None = None,
+) -> ObjectStore:
+    """Open the store a URL names (see the module docstring).
+
+    The S3 arguments are ignored for ``file://``. Each one left None falls back to boto3's usual
+    chain (environment, ``~/.aws``, instance role). Raises :class:`ValueError` for an unsupported
+    scheme or a malformed URL.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in ("", "file"):
+        if not url.strip() or (scheme == "file" and not (parts.netloc or parts.path)):
+            raise ValueError(f"storage URL {url!r}: no directory; use file:///abs/dir or file://./rel/dir")
+        return LocalStore(_local_root(url))
+    if scheme == "s3":
+        if not parts.netloc:
+            raise ValueError(f"storage URL {url!r}: no bucket; use s3://bucket/prefix")
+        if (access_key_id is None) != (secret_access_key is None):
+            raise ValueError("give both the S3 access key id and the secret access key, or neither")
+        options: dict[str, Any] = {"retries": dict(_S3_RETRIES), "connect_timeout": 10, "read_timeout": 60}
+        if endpoint_url:
+            # MinIO/SeaweedFS and most S3-compatible servers do not do virtual-hosted buckets
+            options["s3"] = {"addressing_style": "path"}
+        # a session per store: boto3's default session is not safe to share between threads
+        client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=endpoint_url,
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
+            region_name=region,
+            config=Config(**options),
+        )
+        return S3Store(parts.netloc, parts.path, client, endpoint_url=endpoint_url)
+    raise ValueError(f"storage URL {url!r}: unsupported scheme {scheme!r}; use file:// or s3://")

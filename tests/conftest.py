@@ -1,0 +1,81 @@
+"""Shared fixtures: a Kafka-protocol broker and an S3 server, each started at most once per session.
+
+Both are lazy: a test that asks for neither starts neither.
+
+* ``kafka_bootstrap``: ``$STREAM_LEARNER_TEST_BOOTSTRAP`` if set; else a Kafka container when a Docker
+  engine answers; else a local Tansu broker (:class:`stream_learner.local_broker.LocalBroker`).
+* ``s3_server``: a SeaweedFS server (:class:`tests.services.SeaweedS3`); ``s3_bucket``: a fresh bucket
+  on it for one test.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from stream_learner.local_broker import LocalBroker
+from tests.services import SeaweedS3
+
+BOOTSTRAP_ENV = "STREAM_LEARNER_TEST_BOOTSTRAP"
+
+
+def _docker_available() -> bool:
+    """Whether a Docker engine answers, checked cheaply (no engine → no socket, no DOCKER_HOST)."""
+    if not os.environ.get("DOCKER_HOST") and not Path("/var/run/docker.sock").exists():
+        return False
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``bootstrap.servers`` of a Kafka-protocol broker for the whole session."""
+    external = os.environ.get(BOOTSTRAP_ENV)
+    if external:
+        yield external
+        return
+    if _docker_available():
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer() as kafka:
+            yield kafka.get_bootstrap_server()
+        return
+    log_path = tmp_path_factory.mktemp("tansu") / "tansu.log"
+    with LocalBroker(log_path=log_path) as broker:
+        yield broker.bootstrap_servers
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A SeaweedFS S3 server for the whole session (a test may stop it; :func:`s3_bucket` revives it)."""
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: SeaweedS3) -> str:
+    """A new, empty bucket on :func:`s3_server`."""
+    s3_server.start()  # no-op when running; revives it if an earlier test left it stopped
+    return s3_server.make_bucket(f"test-{uuid.uuid4().hex[:16]}")
+
+
+@pytest.fixture
+def unique_topic() -> Callable[[str], str]:
+    """Factory of topic names no other test uses: ``unique_topic("events")`` → ``events-1a2b3c4d…``."""
+
+    def make(prefix: str = "test") -> str:
+        return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+    return make

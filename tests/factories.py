@@ -1,0 +1,79 @@
+"""Building real pieces for tests: settings for a 1-layer MiniLM, tokenized events, a trainer."""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+
+from stream_learner.config import Settings, load_settings
+from stream_learner.consumer import ConsumedBatch, Tokenize
+from stream_learner.datasets import TINY, bundled_path, read_jsonl
+from stream_learner.events import LabeledEvent, LabelSet, TokenizedEvent
+from stream_learner.metrics import Metrics
+from stream_learner.model import load_model, load_tokenizer
+from stream_learner.trainer import Restored, Trainer
+
+
+def small_settings(**sections: dict) -> Settings:
+    """Settings for fast tests: the bundled MiniLM cut to 1 layer, short sequences, no HTTP."""
+    base: dict[str, dict] = {
+        "model": {"num_hidden_layers": 1, "max_length": 64},
+        "training": {"fresh_per_step": 8, "replay_per_step": 8, "max_wait_s": 0.2, "learning_rate": 1e-4},
+        "replay": {"capacity": 200},
+        "http": {"enabled": False},
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return load_settings(**base)
+
+
+@functools.cache
+def tokenizer():
+    return load_tokenizer(small_settings().model)
+
+
+def tiny_rows(n: int | None = None) -> list[dict]:
+    rows = list(read_jsonl(bundled_path(TINY)))
+    return rows[:n] if n else rows
+
+
+def tokenized(
+    rows: list[dict], settings: Settings, partition: int = 0, first_offset: int = 0
+) -> list[TokenizedEvent]:
+    labels = LabelSet(settings.model.labels)
+    events = [LabeledEvent(text=r["text"], label=labels.index(r["label"])) for r in rows]
+    toks = Tokenize(tokenizer(), settings.model.max_length)(events)
+    return [
+        TokenizedEvent(
+            input_ids=ids,
+            label=e.label,
+            pair_start=start,
+            partition=partition,
+            offset=first_offset + i,
+            timestamp_ms=0,
+        )
+        for i, (e, (ids, start)) in enumerate(zip(events, toks, strict=True))
+    ]
+
+
+def batch(events: list[TokenizedEvent], next_offsets: dict[int, int] | None = None) -> ConsumedBatch:
+    if next_offsets is None:
+        next_offsets = {events[-1].partition: events[-1].offset + 1}
+    return ConsumedBatch(events=events, next_offsets=next_offsets)
+
+
+def make_trainer(settings: Settings, restored: Restored | None = None) -> Trainer:
+    tok = tokenizer()
+    return Trainer(
+        settings,
+        load_model(settings.model),
+        pad_id=tok.pad_token_id,
+        with_token_types=True,
+        vocab_size=len(tok),
+        fresh_queue=queue.Queue(maxsize=8),
+        publish_queue=queue.Queue(maxsize=1),
+        metrics=Metrics(),
+        stop=threading.Event(),
+        restored=restored,
+    )

