@@ -9,6 +9,7 @@ demo: setup
 
 test: setup
 	.venv/bin/ruff check stream_learner tests
+	.venv/bin/ruff format --check stream_learner tests
 	.venv/bin/python -m pytest -q
 
 test-fast: setup

@@ -119,7 +119,12 @@ class TrainingSettings(_Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="'auto' = bf16 autocast on CUDA, fp32 on CPU"
     )
-    learning_rate: float = Field(2e-5, gt=0, le=1, description="AdamW learning rate")
+    learning_rate: float = Field(
+        5e-5, gt=0, le=1, description="AdamW learning rate of the pretrained weights"
+    )
+    head_learning_rate: float | None = Field(
+        1e-3, gt=0, le=1, description="learning rate of the newly initialised head; empty = learning_rate"
+    )
     l2sp_lambda: float = Field(0.01, ge=0, description="λ of the L2-SP term λ‖θ−θ0‖² (0 disables it)")
     head_weight_decay: float = Field(0.01, ge=0, description="plain weight decay of the new head")
     fresh_per_step: int = Field(16, ge=1, description="fresh events per micro-batch")

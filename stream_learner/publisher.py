@@ -299,6 +299,14 @@ class Publisher:
             else:
                 etag = self._put(LATEST, body, if_match=self.latest_etag)
         except PreconditionFailed:
+            # a retried request whose first attempt succeeded also gets 412: then LATEST holds our body
+            try:
+                current, etag = self.store.get_with_etag(LATEST)
+            except KeyError:
+                current = None
+            if current == body:
+                self.latest, self.latest_etag = version, etag
+                return
             raise FencedOut(
                 f"another learner advanced LATEST in {self.store.describe()}: stopping; run one learner per "
                 "storage prefix (the Helm chart's replicas: 1 and strategy: Recreate)"

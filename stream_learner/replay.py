@@ -154,7 +154,7 @@ class ReservoirBuffer:
         self._used = 0  # pool[_used:] is free; pool[:_used] holds the live spans and garbage
         self._live = 0  # tokens in live spans, i.e. sum(_length[:_size])
         n_slots = min(capacity, _MIN_SLOTS)
-        # uint32 offsets address 8 GiB of uint16 tokens; _reallocate() widens them if ever needed.
+        # uint32 offsets address 8 GiB of uint16 tokens; _new_pool() widens them if ever needed.
         self._start = np.zeros(n_slots, dtype=np.uint32)
         self._length = np.zeros(n_slots, dtype=np.int32)
         self._label = np.zeros(n_slots, dtype=np.int32)
@@ -197,8 +197,8 @@ class ReservoirBuffer:
     def sample(self, k: int) -> list[StoredExample]:
         """``min(k, len(self))`` distinct stored examples, drawn uniformly without replacement.
 
-        Costs O(k) (NumPy's ``Generator.choice`` uses Floyd's method for small ``k``), never
-        O(capacity), apart from buffers of at most 10,000 examples, where it shuffles an index range.
+        Costs O(k), never O(capacity): NumPy's ``Generator.choice`` uses Floyd's algorithm unless asked
+        for more than 1/50 of over 10,000 items (only then does it shuffle a full index range).
         """
         k = operator.index(k)
         if k < 0:

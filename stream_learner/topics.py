@@ -40,7 +40,8 @@ def ensure_topics(
     ``client_config`` is a librdkafka configuration (``bootstrap.servers`` plus any security settings).
     An existing topic is left as it is, whatever its partition count (a warning is logged when it
     differs). Returns once every topic is visible in the cluster metadata. Any other failure raises
-    :class:`RuntimeError` naming the topic and the broker's error.
+    :class:`RuntimeError` naming the topic and the broker's error. ``replication_factor=-1`` takes the
+    broker's default.
     """
     if not topics:
         return

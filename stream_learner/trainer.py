@@ -202,7 +202,12 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": pretrained, "weight_decay": 0.0},  # L2-SP, not decay towards 0
-                {"params": head, "weight_decay": t.head_weight_decay},
+                # a random head needs a larger step than weights that are already good
+                {
+                    "params": head,
+                    "weight_decay": t.head_weight_decay,
+                    "lr": t.head_learning_rate or t.learning_rate,
+                },
             ],
             lr=t.learning_rate,
             fused=self.device.type == "cuda",

@@ -29,7 +29,9 @@ def test_l2sp_zero_at_start_then_equals_naive(loaded):
     with torch.no_grad():
         for p in params.values():  # move every parameter, the head included
             p.add_(0.01 * torch.randn_like(p))
-    naive = lam * sum(((params[n].double() - theta0[n].double()) ** 2).sum() for n in loaded.pretrained)
+    naive = lam * sum(
+        ((params[n].detach().double() - theta0[n].double()) ** 2).sum() for n in loaded.pretrained
+    )
     assert float(reg.penalty()) == pytest.approx(float(naive), rel=1e-5)
     assert float(reg.penalty()) > 0
     # the head moved too, but is not part of the term
