@@ -159,7 +159,7 @@ def _summary(learner: Learner, console: Console) -> dict:
             f"from transformers import pipeline\nclassify = pipeline('text-classification', model='{path}')"
         )
         console.print("\nload the newest version with plain transformers:\n")
-        console.print(code, style="bold cyan", highlight=False)
+        console.print(code, style="bold cyan", highlight=False, soft_wrap=True)
         from transformers import pipeline
 
         classify = pipeline("text-classification", model=path)

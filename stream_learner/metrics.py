@@ -7,7 +7,7 @@ change one here and there together.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 PREFIX = "stream_learner"
 
@@ -18,6 +18,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        if registry is None:
+            # resource use (RSS, CPU seconds, open fds) of this process, for the dashboard
+            ProcessCollector(registry=r)
 
         # consumer
         self.events_consumed = Counter(

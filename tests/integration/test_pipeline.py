@@ -200,3 +200,28 @@ def test_readyz_and_metrics_endpoint(kafka_bootstrap, unique_topic, tmp_path):
             urllib.request.urlopen(url + "/anything-else")
     finally:
         learner.stop()
+
+
+def test_backpressure_pauses_and_resumes_without_losing_events(kafka_bootstrap, unique_topic, tmp_path):
+    """A queue of one small batch: the consumer must pause, resume, and still deliver every event once."""
+    topic = unique_topic()
+    s = learner_settings(kafka_bootstrap, topic, tmp_path.as_uri())
+    s = s.model_copy(
+        update={
+            "kafka": s.kafka.model_copy(update={"queue_max_batches": 1, "poll_max_messages": 5}),
+            "training": s.training.model_copy(update={"fresh_per_step": 2, "replay_per_step": 2}),
+        }
+    )
+    ensure_topics(s.kafka.librdkafka(), {topic: PARTITIONS, s.kafka.dead_letter_topic: PARTITIONS})
+    rows = tiny_rows(120)
+    produce_events(s, {0: [encode_event(r["text"], r["label"]) for r in rows]})
+    learner = Learner(s).start()
+    try:
+        assert learner.wait_until(lambda: handled(learner) >= len(rows), timeout=180)
+    finally:
+        learner.stop()
+    assert learner.error is None
+    m = learner.metrics
+    assert m.value("stream_learner_consumer_pauses_total") > 0
+    assert m.value("stream_learner_events_trained_total") == len(rows)
+    assert list_versions(learner.store)[-1]["offsets"][topic] == {"0": len(rows)}

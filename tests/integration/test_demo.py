@@ -1,0 +1,19 @@
+"""The demo's code path, small: its own local broker, a 1-layer model, versions in a temp dir."""
+
+from rich.console import Console
+
+from stream_learner.demo import run_demo
+from tests.factories import small_settings
+
+
+def test_demo_runs_to_its_summary_with_loadable_versions(tmp_path):
+    s = small_settings(publish={"storage_url": tmp_path.as_uri(), "every_steps": 5})
+    console = Console(record=True, width=200)
+    summary = run_demo(s, per_domain=12, console=console)
+    out = console.export_text()
+    assert summary["events_trained"] == 48
+    assert sum(summary["dead_lettered"].values()) == 12
+    assert len(summary["versions"]) >= 2
+    assert 0.0 <= summary["prequential_accuracy_run"] <= 1.0
+    assert summary["newest_version_path"].endswith(f"versions/{summary['versions'][-1]:06d}")
+    assert "from transformers import pipeline" in out and "classify(" in out
