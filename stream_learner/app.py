@@ -28,7 +28,7 @@ from stream_learner.config import Settings
 from stream_learner.consumer import EventConsumer
 from stream_learner.metrics import Metrics
 from stream_learner.model import load_model, load_tokenizer
-from stream_learner.publisher import Publisher, load_version, read_latest
+from stream_learner.publisher import CorruptVersion, Publisher, load_newest_intact, read_latest
 from stream_learner.storage import ObjectStore, open_store
 from stream_learner.topics import ensure_topics
 from stream_learner.trainer import Restored, Trainer
@@ -115,7 +115,8 @@ class Learner:
             self.commit_queue,
             self.metrics,
             self.publisher_stop,
-            parent=(self.restored_version, self._latest_etag),
+            parent=self.restored_version,
+            latest=(self._latest_version, self._latest_etag),
             on_fatal=self._fail,
         )
         self.consumer = EventConsumer(
@@ -135,11 +136,14 @@ class Learner:
         return self
 
     def _restore(self) -> Restored | None:
-        version, self._latest_etag = read_latest(self.store)
-        if version is None:
+        """Load LATEST (or the newest intact version before it), verifying every file's sha256."""
+        self._latest_version, self._latest_etag = read_latest(self.store)
+        found = load_newest_intact(self.store, Path(self._workdir.name), on_corrupt=self._refuse_corrupt)
+        if found is None:
             log.info("no published version in %s: starting from the pretrained model", self.store.describe())
             return None
-        restored, manifest = load_version(self.store, version, Path(self._workdir.name))
+        restored, manifest = found
+        version = restored.version
         self.restored_version = version
         log.info(
             "resuming from version %d (%d events, offsets %s)",
@@ -148,6 +152,10 @@ class Learner:
             manifest["offsets"],
         )
         return restored
+
+    def _refuse_corrupt(self, err: CorruptVersion) -> None:
+        self.metrics.corrupt_versions.inc()
+        log.error("refusing %s; falling back to the newest intact version before it", err)
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         def guarded() -> None:

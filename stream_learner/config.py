@@ -149,6 +149,10 @@ class PublishSettings(_Section):
     every_steps: int = Field(500, ge=1, description="publish after this many steps")
     every_seconds: float = Field(300.0, gt=0, description="or after this many seconds, whichever comes first")
     on_stop: bool = Field(True, description="publish a final version when stopping")
+    stop_timeout_s: float = Field(
+        120.0, gt=0, description="longest a graceful stop may take (final publish and commit included)"
+    )
+    keep_versions: int = Field(20, ge=0, description="versions kept in storage (0 = keep all); LATEST always")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, SeaweedFS…); empty = AWS")
     s3_region: str | None = Field(None, description="S3 region; empty = the AWS default chain")
     s3_access_key_id: SecretStr | None = Field(None, description="S3 access key; empty = AWS default chain")

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
+from stream_learner.events import Reason
+
 PREFIX = "stream_learner"
+DRIFT_SIGNALS = ("loss", "label_mix", "embedding")
 
 
 class Metrics:
@@ -29,6 +32,13 @@ class Metrics:
         self.events_dead_lettered = Counter(
             f"{PREFIX}_events_dead_lettered", "Events sent to the dead-letter topic", ["reason"], registry=r
         )
+        self.dead_letter_failures = Counter(
+            f"{PREFIX}_dead_letter_failures",
+            "Failed deliveries to the dead-letter topic (the consumer waits and retries)",
+            registry=r,
+        )
+        for reason in Reason:
+            self.events_dead_lettered.labels(reason=reason.value)
         self.queue_depth = Gauge(
             f"{PREFIX}_queue_depth", "Consumed batches waiting for the trainer", registry=r
         )
@@ -97,6 +107,35 @@ class Metrics:
             registry=r,
         )
         self.publish_failures = Counter(f"{PREFIX}_publish_failures", "Failed publish attempts", registry=r)
+        self.publish_degraded = Gauge(
+            f"{PREFIX}_publish_degraded", "1 while storage writes are failing and being retried", registry=r
+        )
+        self.corrupt_versions = Counter(
+            f"{PREFIX}_corrupt_versions", "Published versions refused on load (sha256 mismatch)", registry=r
+        )
+
+        self.versions_rejected = Counter(
+            f"{PREFIX}_versions_rejected",
+            "Candidate versions the poisoning gate kept from LATEST (probe accuracy fell too far)",
+            registry=r,
+        )
+        self.probe_accuracy = Gauge(
+            f"{PREFIX}_probe_accuracy", "Probe-set accuracy of the newest candidate version", registry=r
+        )
+
+        # drift: one series per signal, present from the start so dashboards and alerts see them
+        self.drift_score = Gauge(
+            f"{PREFIX}_drift_score",
+            "Drift statistic per signal, scaled so that 1.0 is its detection threshold",
+            ["signal"],
+            registry=r,
+        )
+        self.drift_detections = Counter(
+            f"{PREFIX}_drift_detections", "Drift detections per signal", ["signal"], registry=r
+        )
+        for signal in DRIFT_SIGNALS:
+            self.drift_score.labels(signal)
+            self.drift_detections.labels(signal)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """Current value of a sample, named as exposed (``stream_learner_steps_total``); 0 if absent."""

@@ -22,7 +22,7 @@ The checkpoint sequence, followed exactly and in this order by :meth:`Publisher.
 
 A crash between any two steps leaves LATEST on the previous complete version; the events after its
 offsets are consumed again on restart, so each event is counted exactly once in the lineage.
-Failures: a storage error in steps 2–4 is retried with backoff (:data:`RETRY`); losing the
+Failures: a storage error in steps 2–4 is retried with backoff (``Publisher._storage``); losing the
 conditional write raises :class:`FencedOut`; a file whose sha256 does not match its manifest on load
 raises :class:`CorruptVersion`.
 """
@@ -44,7 +44,7 @@ import numpy as np
 import safetensors.numpy
 import safetensors.torch
 import torch
-from tenacity import retry, retry_if_not_exception_type, stop_after_delay, wait_exponential
+from tenacity import retry, retry_if_not_exception_type, stop_when_event_set, wait_exponential
 
 from stream_learner.config import Settings
 from stream_learner.metrics import Metrics
@@ -151,28 +151,51 @@ def _read_trainer_state(root: Path, model_state: dict[str, torch.Tensor], versio
 
 
 def load_version(store: ObjectStore, version: int, workdir: Path) -> tuple[Restored, dict]:
-    """Download version ``version``, verify every file's sha256, and return its state and manifest."""
-    manifest = read_manifest(store, version)
+    """Download version ``version``, verify every file's sha256, and return its state and manifest.
+
+    Raises :class:`CorruptVersion` when the manifest is unreadable, a file is missing, or a file's
+    sha256 differs from the manifest's.
+    """
+    try:
+        manifest = read_manifest(store, version)
+        files = manifest["files"]
+    except (KeyError, ValueError, TypeError) as err:
+        raise CorruptVersion(f"version {version}: manifest missing or unreadable ({err})") from None
     root = workdir / version_dir(version)
-    for name, info in manifest["files"].items():
+    for name, info in files.items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        store.get_to_file(f"{version_dir(version)}/{name}", path)
+        try:
+            store.get_to_file(f"{version_dir(version)}/{name}", path)
+        except KeyError:
+            raise CorruptVersion(f"version {version}: {name} is missing") from None
         if _sha256(path) != info["sha256"]:
             raise CorruptVersion(f"version {version}: {name} does not match the sha256 in its manifest")
     model_state = safetensors.torch.load_file(root / WEIGHTS)
     return _read_trainer_state(root, model_state, version), manifest
 
 
+def load_newest_intact(
+    store: ObjectStore, workdir: Path, on_corrupt: Callable[[CorruptVersion], None]
+) -> tuple[Restored, dict] | None:
+    """Load the version LATEST names or, if it is corrupt, the newest intact complete one before it.
+
+    ``on_corrupt`` is told about each version refused. None on an empty store; :class:`CorruptVersion`
+    if no version is intact.
+    """
+    latest, _ = read_latest(store)
+    if latest is None:
+        return None
+    older = sorted({int(k.split("/")[1]) for k in store.list("versions/") if k.endswith("/" + MANIFEST)})
+    for version in [latest, *reversed([v for v in older if v < latest])]:
+        try:
+            return load_version(store, version, workdir)
+        except CorruptVersion as err:
+            on_corrupt(err)
+    raise CorruptVersion(f"no intact version in {store.describe()}: LATEST and every older version failed")
+
+
 # ------------------------------------------------------------------------------------ publisher
-RETRY = retry(
-    retry=retry_if_not_exception_type((FencedOut, PreconditionFailed)),
-    wait=wait_exponential(multiplier=0.5, max=30),
-    stop=stop_after_delay(600),
-    reraise=True,
-)
-
-
 class Publisher:
     """Publishes snapshots from ``publish_queue``; run :meth:`run` in its own thread.
 
@@ -181,9 +204,17 @@ class Publisher:
     static_files
         name → bytes of the files every version carries unchanged (``config.json``, tokenizer files).
     parent
-        The version LATEST named at start (None on an empty store) and its ETag, for the fence.
+        The version this learner resumed from (None on an empty store): the next version's parent.
+    latest
+        The version LATEST named at start and its ETag, for the fence (may differ from ``parent``
+        when LATEST named a corrupt version); new versions are numbered after it.
     on_fatal
         Called with the exception when publishing cannot go on (fenced out): the app stops.
+
+    Storage errors are retried with exponential backoff until they succeed or ``abort`` is set;
+    meanwhile ``degraded`` is set (``/readyz`` reports it) and the trainer goes on, handing over no
+    new snapshot until this one is out (the publish queue holds one): memory stays bounded and Kafka
+    offsets never move past the last durable version.
     """
 
     def __init__(
@@ -195,7 +226,8 @@ class Publisher:
         commit_queue: queue.Queue[dict[int, int]],
         metrics: Metrics,
         stop: threading.Event,
-        parent: tuple[int | None, str | None],
+        parent: int | None,
+        latest: tuple[int | None, str | None],
         on_fatal: Callable[[BaseException], None] = lambda e: None,
     ) -> None:
         self.settings, self.store, self.static_files = settings, store, static_files
@@ -205,9 +237,18 @@ class Publisher:
             metrics,
             stop,
         )
-        self.latest, self.latest_etag = parent
+        self.parent = parent
+        self.latest, self.latest_etag = latest
         self.on_fatal = on_fatal
         self.published: list[int] = []
+        self.degraded = threading.Event()  # set while storage writes are failing
+        self.abort = threading.Event()  # set by the app when the stop grace period is over
+        self._retry = retry(
+            retry=retry_if_not_exception_type((FencedOut, PreconditionFailed)),
+            wait=wait_exponential(multiplier=0.5, max=30),
+            stop=stop_when_event_set(self.abort),
+            reraise=True,
+        )
 
     def run(self) -> None:
         """Thread target: publish every snapshot handed over; after ``stop``, drain the queue and exit."""
@@ -246,10 +287,10 @@ class Publisher:
             info = {}
             for name in files:
                 info[name] = {"sha256": _sha256(root / name), "bytes": (root / name).stat().st_size}
-                self._upload(f"{prefix}/{name}", root / name)
+                self._storage(self.store.put_file, f"{prefix}/{name}", root / name)
         # 3. manifest
         manifest = self._manifest(snap, version, info)
-        self._put(f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+        self._storage(self.store.put, f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
         # 4. LATEST, fenced
         self._advance_latest(version)
         # 5. commit offsets (the consumer thread owns the Kafka client)
@@ -260,6 +301,7 @@ class Publisher:
         self.metrics.latest_version.set(version)
         self.metrics.latest_version_timestamp.set(time.time())
         self.published.append(version)
+        self.parent = version
         log.info(
             "published version %d (%d events, %d steps) in %.1fs to %s",
             version,
@@ -268,6 +310,11 @@ class Publisher:
             seconds,
             self.store.describe(),
         )
+        if self.settings.publish.keep_versions:
+            try:
+                prune_versions(self.store, self.settings.publish.keep_versions)
+            except Exception as err:  # retention is housekeeping: never worth stopping for
+                log.warning("pruning old versions failed: %s", err)
         return version
 
     def _manifest(self, snap: Snapshot, version: int, files: dict[str, dict]) -> dict:
@@ -275,7 +322,7 @@ class Publisher:
         return {
             "format": MANIFEST_FORMAT,
             "version": version,
-            "parent": self.latest,
+            "parent": self.parent,
             "created_at": datetime.fromtimestamp(snap.created_at, timezone.utc).isoformat(),
             "base_model": s.model.name_or_path,
             "labels": s.model.labels,
@@ -293,41 +340,67 @@ class Publisher:
 
     def _advance_latest(self, version: int) -> None:
         body = f"{version_dir(version)}\n".encode()
+        cond = {"if_none_match": True} if self.latest_etag is None else {"if_match": self.latest_etag}
         try:
-            if self.latest_etag is None:
-                etag = self._put(LATEST, body, if_none_match=True)
-            else:
-                etag = self._put(LATEST, body, if_match=self.latest_etag)
+            etag = self._storage(self.store.put, LATEST, body, **cond)
         except PreconditionFailed:
             # a retried request whose first attempt succeeded also gets 412: then LATEST holds our body
             try:
                 current, etag = self.store.get_with_etag(LATEST)
             except KeyError:
                 current = None
-            if current == body:
-                self.latest, self.latest_etag = version, etag
-                return
-            raise FencedOut(
-                f"another learner advanced LATEST in {self.store.describe()}: stopping; run one learner per "
-                "storage prefix (the Helm chart's replicas: 1 and strategy: Recreate)"
-            ) from None
+            if current != body:
+                raise FencedOut(
+                    f"another learner advanced LATEST in {self.store.describe()}: stopping; run one learner "
+                    "per storage prefix (the Helm chart's replicas: 1 and strategy: Recreate)"
+                ) from None
         self.latest, self.latest_etag = version, etag
 
-    def _upload(self, key: str, path: Path) -> None:
-        RETRY(self._with_failure_count(self.store.put_file))(key, path)
+    def _storage(self, fn: Callable, *args, **kwargs):
+        """Call a storage write, retrying with backoff; count failures and flag ``degraded`` meanwhile."""
 
-    def _put(self, key: str, data: bytes, **cond: object) -> str:
-        return RETRY(self._with_failure_count(self.store.put))(key, data, **cond)
-
-    def _with_failure_count(self, fn: Callable) -> Callable:
-        def call(*args, **kwargs):
+        def attempt():
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
             except PreconditionFailed:
                 raise
             except Exception as err:
                 self.metrics.publish_failures.inc()
-                log.warning("storage error (will retry): %s", err)
+                if not self.degraded.is_set():
+                    log.warning("storage write failed, retrying with backoff: %s", err)
+                self.degraded.set()
                 raise
+            self.degraded.clear()
+            return result
 
-        return call
+        return self._retry(attempt)()
+
+
+# ------------------------------------------------------------------------ rollback and retention
+def rollback(store: ObjectStore, version: int) -> None:
+    """Point LATEST at ``version`` (which must be complete and intact); the next run resumes from it."""
+    manifest = read_manifest(store, version)  # KeyError if absent
+    _, etag = read_latest(store)
+    body = f"{version_dir(manifest['version'])}\n".encode()
+    cond = {"if_none_match": True} if etag is None else {"if_match": etag}
+    try:
+        store.put(LATEST, body, **cond)
+    except PreconditionFailed:
+        raise FencedOut("LATEST changed during the rollback (is a learner running?): stop it first") from None
+
+
+def prune_versions(store: ObjectStore, keep: int) -> list[int]:
+    """Delete all but the newest ``keep`` complete versions, never the one LATEST names; returns deleted."""
+    latest, _ = read_latest(store)
+    numbers = sorted({int(k.split("/")[1]) for k in store.list("versions/") if k.count("/") >= 2})
+    complete = [v for v in numbers if store.exists(f"{version_dir(v)}/{MANIFEST}")]
+    keep_set = set(complete[-keep:]) | ({latest} if latest is not None else set())
+    # incomplete versions older than the newest complete one are leftovers of a crash mid-publish
+    newest = complete[-1] if complete else 0
+    doomed = [v for v in numbers if v not in keep_set and v < newest]
+    for v in doomed:
+        # the manifest goes first: a half-deleted version is then incomplete, never a corrupt "complete" one
+        store.delete(f"{version_dir(v)}/{MANIFEST}")
+        for key in store.list(f"{version_dir(v)}/"):
+            store.delete(key)
+    return doomed
