@@ -67,6 +67,8 @@ class Learner:
         self.restored_version: int | None = None
         self._threads: dict[str, threading.Thread] = {}
         self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        self.stopped_cleanly = False  # the final stop finished within its grace period
         self._http: ThreadingHTTPServer | None = None
         self._workdir = tempfile.TemporaryDirectory(prefix="stream-learner-")
 
@@ -94,6 +96,7 @@ class Learner:
         self.intake_closed = threading.Event()
         self.trainer_stop = threading.Event()
         self.publisher_stop = threading.Event()
+        self.publish_failed = threading.Event()  # the publisher gave up (fenced out): no final handoff
 
         self.trainer = Trainer(
             s,
@@ -106,6 +109,7 @@ class Learner:
             metrics=self.metrics,
             stop=self.trainer_stop,
             restored=restored,
+            publish_failed=self.publish_failed,
         )
         self.publisher = Publisher(
             s,
@@ -117,7 +121,7 @@ class Learner:
             self.publisher_stop,
             parent=self.restored_version,
             latest=(self._latest_version, self._latest_etag),
-            on_fatal=self._fail,
+            on_fatal=self._publisher_failed,
         )
         self.consumer = EventConsumer(
             s,
@@ -169,6 +173,10 @@ class Learner:
         self._threads[name] = t
         t.start()
 
+    def _publisher_failed(self, err: BaseException) -> None:
+        self.publish_failed.set()
+        self._fail(err)
+
     def _fail(self, err: BaseException) -> None:
         if self.error is None:
             self.error = err
@@ -176,25 +184,43 @@ class Learner:
         threading.Thread(target=self.stop, name="stream-learner-stop", daemon=True).start()
 
     # ------------------------------------------------------------------------------------- stop
-    def stop(self, timeout: float = 120.0) -> None:
-        """Close the intake, let the trainer hand over a final snapshot, publish it, commit, close."""
-        if self._stopped.is_set() or not self._threads:
+    def stop(self, timeout: float | None = None) -> bool:
+        """Close the intake, let the trainer hand over a final snapshot, publish it, commit, close.
+
+        Takes at most ``timeout`` seconds (default ``publish.stop_timeout_s``, the grace period the
+        Helm chart gives the pod). Past it, storage retries are abandoned and the threads are left
+        behind: nothing is lost, the next start resumes from the last durable version. Returns True
+        when everything finished in time. Safe to call from any thread, more than once.
+        """
+        with self._stop_lock:
+            if self._stopped.is_set() or not self._threads:
+                self._stopped.set()
+                return self.stopped_cleanly
+            timeout = self.settings.publish.stop_timeout_s if timeout is None else timeout
+            deadline = time.monotonic() + timeout
+            left = lambda: max(deadline - time.monotonic(), 0.1)  # noqa: E731
+            self.intake_closed.set()  # the consumer stops fetching but keeps committing
+            self.trainer_stop.set()
+            self._threads["trainer"].join(left())
+            self.publisher_stop.set()
+            self._threads["publisher"].join(left())
+            if self._threads["publisher"].is_alive():
+                self.publisher.abort.set()  # stop retrying storage writes: the grace period is over
+                log.error(
+                    "graceful stop took over %.0fs: the final version was not published; the next start "
+                    "resumes from version %s (raise publish.stop_timeout_s if storage is slow)",
+                    timeout,
+                    self.publisher.latest,
+                )
+            self.consumer.close_event.set()
+            self._threads["consumer"].join(left())
+            if self._http is not None:
+                self._http.shutdown()
+                self._http.server_close()
+            self.stopped_cleanly = not any(t.is_alive() for t in self._threads.values())
             self._stopped.set()
-            return
-        deadline = time.monotonic() + timeout
-        left = lambda: max(deadline - time.monotonic(), 0.1)  # noqa: E731
-        self.intake_closed.set()  # the consumer stops fetching but keeps committing
-        self.trainer_stop.set()
-        self._threads["trainer"].join(left())
-        self.publisher_stop.set()
-        self._threads["publisher"].join(left())
-        self.consumer.close_event.set()
-        self._threads["consumer"].join(left())
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-        self._stopped.set()
-        log.info("stopped")
+            log.info("stopped%s", "" if self.stopped_cleanly else " (grace period exceeded)")
+            return self.stopped_cleanly
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the learner has stopped; True if it did within ``timeout``."""
@@ -216,9 +242,21 @@ class Learner:
     def healthy(self) -> bool:
         return self.error is None and all(t.is_alive() for t in self._threads.values())
 
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why): healthy, partitions assigned, and storage writes succeeding (not degraded)."""
+        if not self._threads:
+            return False, "starting"
+        if not self.healthy:
+            return False, "unhealthy"
+        if self.publisher.degraded.is_set():
+            return False, "degraded: storage writes failing, retrying"
+        if not self.consumer.assigned.is_set():
+            return False, "waiting for partitions"
+        return True, "ready"
+
     @property
     def ready(self) -> bool:
-        return self.healthy and bool(self._threads) and self.consumer.assigned.is_set()
+        return self.readiness()[0]
 
     def _start_http(self) -> None:
         learner = self
@@ -232,7 +270,8 @@ class Learner:
                     ok = learner.healthy or not learner._threads  # healthy while starting up
                     self._send(200 if ok else 503, b"ok\n" if ok else b"unhealthy\n")
                 elif path == "/readyz":
-                    self._send(200 if learner.ready else 503, b"ready\n" if learner.ready else b"not ready\n")
+                    ready, why = learner.readiness()
+                    self._send(200 if ready else 503, f"{why}\n".encode())
                 else:
                     self._send(404, b"not found\n")
 

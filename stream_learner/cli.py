@@ -7,6 +7,8 @@ import logging
 import os
 import signal
 import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -52,8 +54,14 @@ def run(config: ConfigOpt = None, log_level: str = "INFO") -> None:
     from stream_learner.app import Learner
 
     learner = Learner(settings)
+
+    def graceful_stop(signum: int, _frame: object) -> None:
+        # the handler runs on the main thread: stop on another so that a second signal is not blocked
+        logging.getLogger(__name__).info("%s: stopping gracefully", signal.Signals(signum).name)
+        threading.Thread(target=learner.stop, name="stream-learner-signal-stop", daemon=True).start()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: learner.stop())
+        signal.signal(sig, graceful_stop)
     try:
         learner.start()
     except Exception as err:
@@ -61,6 +69,8 @@ def run(config: ConfigOpt = None, log_level: str = "INFO") -> None:
     learner.wait()
     if learner.error is not None:
         raise _fail("stopped on error", learner.error)
+    if not learner.stopped_cleanly:
+        raise _fail("stop", RuntimeError("the grace period ran out before the final version was published"))
 
 
 # --------------------------------------------------------------------------------------- produce
@@ -126,6 +136,47 @@ def versions_show(version: int, config: ConfigOpt = None) -> None:
         typer.echo(json.dumps(read_manifest(store, version), indent=1))
     except KeyError:
         raise _fail("no such version", KeyError(version)) from None
+
+
+@versions_app.command("rollback")
+def versions_rollback(version: int, config: ConfigOpt = None) -> None:
+    """Point LATEST at VERSION: serving picks it up, and the next run resumes from its state and offsets.
+
+    Stop the learner first. Versions newer than VERSION stay in storage (their events are trained
+    again from VERSION's offsets, so the lineage from VERSION on stays exact) until pruned.
+    """
+    from stream_learner.app import open_settings_store
+    from stream_learner.publisher import CorruptVersion, FencedOut, load_version, read_latest, rollback
+
+    store = open_settings_store(_settings(config))
+    before, _ = read_latest(store)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            load_version(store, version, Path(tmp))  # refuse a missing or corrupt target before moving LATEST
+        rollback(store, version)
+    except CorruptVersion as err:
+        raise _fail("cannot roll back", err) from None
+    except FencedOut as err:
+        raise _fail("rollback failed", err) from None
+    console.print(f"LATEST: version {before} → {version} in {store.describe()}")
+
+
+@versions_app.command("prune")
+def versions_prune(
+    keep: Annotated[int | None, typer.Option(help="how many to keep; default publish.keep_versions")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Delete all but the newest KEEP complete versions; never the one LATEST names."""
+    from stream_learner.app import open_settings_store
+    from stream_learner.publisher import prune_versions
+
+    settings = _settings(config)
+    keep = settings.publish.keep_versions if keep is None else keep
+    if keep < 1:
+        raise _fail("prune", ValueError(f"--keep must be at least 1, got {keep}"))
+    store = open_settings_store(settings)
+    deleted = prune_versions(store, keep)
+    console.print(f"deleted {len(deleted)} versions {deleted or ''} from {store.describe()}")
 
 
 # ------------------------------------------------------------------------------------------ demo

@@ -124,6 +124,7 @@ class EventConsumer:
             stop,
         )
         self.start_offsets = dict(start_offsets or {})
+        self.position: dict[int, int] = {}  # next offset after the last message processed, per partition
         # ``stop`` closes the intake (no more fetching); ``close_event`` ends the thread after the last
         # commit — two phases, so the final version's offsets are still committed (see app.Learner.stop)
         self.close_event = threading.Event()
@@ -215,6 +216,7 @@ class EventConsumer:
             self._flush_dead_letters(producer)
         if not next_offsets:
             return None
+        self.position.update(next_offsets)
         tokens = self.tokenize([e for e, _ in valid]) if valid else []
         events = [
             TokenizedEvent(
@@ -273,7 +275,10 @@ class EventConsumer:
     def _on_assign(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         reset = OFFSET_BEGINNING if self.kafka.auto_offset_reset == "earliest" else OFFSET_END
         for tp in partitions:
-            tp.offset = self.start_offsets.get(tp.partition, reset)
+            # a partition handed back after a rebalance continues where this consumer left it: its
+            # events up to there are with the trainer already. Otherwise: the restored version's
+            # offsets, else the reset policy.
+            tp.offset = self.position.get(tp.partition, self.start_offsets.get(tp.partition, reset))
         consumer.assign(partitions)
         if self.paused:
             consumer.pause(partitions)
@@ -294,7 +299,6 @@ class EventConsumer:
         if latest is None:
             return
         # only the newest durable version's offsets matter; older ones queued behind it are stale
-        self.start_offsets.update(latest)
         tps = [KafkaTopicPartition(self.kafka.topic, p, o) for p, o in sorted(latest.items())]
         try:
             consumer.commit(offsets=tps, asynchronous=False)

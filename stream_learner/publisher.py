@@ -6,13 +6,15 @@ Layout under the storage URL::
     versions/000042/config.json, tokenizer…  loadable by plain ``from_pretrained(version_dir)``
     versions/000042/trainer_state/…          optimizer, replay buffer, RNG, counters: for resume
     versions/000042/manifest.json            lineage, offsets, metrics and the sha256 of every file
+    versions/000042/claim                    which learner wrote this directory (created first)
     LATEST                                   written last; names the newest complete version
 
 The checkpoint sequence, followed exactly and in this order by :meth:`Publisher.publish_version`:
 
 1. **snapshot** — the trainer copies model, optimizer, replay, RNG, counters and covered offsets
    between two steps (:meth:`Trainer.snapshot`); training goes on while the rest happens;
-2. **upload files** — every file of ``versions/N/`` except the manifest;
+2. **upload files** — claim ``versions/N/`` (a conditional create of ``versions/N/claim``, N the
+   lowest free number after LATEST), then every file of it except the manifest;
 3. **manifest** — ``versions/N/manifest.json`` with the offsets and the sha256 of each file;
 4. **LATEST** — a conditional write (If-Match the ETag this learner last saw, or If-None-Match when
    there was none): a reader following LATEST never sees a partial version, and a second learner on
@@ -32,10 +34,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import queue
+import socket
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,7 +49,7 @@ import numpy as np
 import safetensors.numpy
 import safetensors.torch
 import torch
-from tenacity import retry, retry_if_not_exception_type, stop_when_event_set, wait_exponential
+from tenacity import Retrying, retry_if_not_exception_type, stop_when_event_set, wait_exponential
 
 from stream_learner.config import Settings
 from stream_learner.metrics import Metrics
@@ -55,12 +60,14 @@ log = logging.getLogger(__name__)
 
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
+CLAIM = "claim"  # created first, conditionally: this version directory belongs to one writer
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "trainer_state/optimizer.safetensors"
 REPLAY = "trainer_state/replay.safetensors"
 RNG = "trainer_state/rng.safetensors"
 STATE = "trainer_state/state.json"
 MANIFEST_FORMAT = 1
+RETRY_MAX_WAIT_S = 10.0  # backoff cap while storage is down: a recovered store is used within ~10 s
 
 
 class FencedOut(RuntimeError):
@@ -241,11 +248,12 @@ class Publisher:
         self.latest, self.latest_etag = latest
         self.on_fatal = on_fatal
         self.published: list[int] = []
+        self.writer_id = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex}"
         self.degraded = threading.Event()  # set while storage writes are failing
         self.abort = threading.Event()  # set by the app when the stop grace period is over
-        self._retry = retry(
+        self.retrying = Retrying(
             retry=retry_if_not_exception_type((FencedOut, PreconditionFailed)),
-            wait=wait_exponential(multiplier=0.5, max=30),
+            wait=wait_exponential(multiplier=0.5, max=RETRY_MAX_WAIT_S),
             stop=stop_when_event_set(self.abort),
             reraise=True,
         )
@@ -269,11 +277,12 @@ class Publisher:
     def publish_version(self, snap: Snapshot) -> int:
         """Steps 2–5 of the checkpoint sequence for one snapshot; returns the new version number."""
         t0 = time.perf_counter()
-        version = (self.latest or 0) + 1
+        # 2. claim a fresh version directory, then upload files
+        version = self._claim_version()
         prefix = version_dir(version)
+        log.info("publishing version %d", version)
         with tempfile.TemporaryDirectory(prefix="stream-learner-publish-") as tmp:
             root = Path(tmp)
-            # 2. upload files
             safetensors.torch.save_file(
                 {k: v.contiguous() for k, v in snap.model_state.items()},
                 root / WEIGHTS,
@@ -338,6 +347,27 @@ class Publisher:
             "files": files,
         }
 
+    def _claim_version(self) -> int:
+        """The lowest version number after LATEST whose directory nobody has claimed, now ours.
+
+        The claim is a conditional create (If-None-Match), so two writers never upload into the same
+        directory and a run that died mid-publish never has its leftovers mixed with new files: its
+        number is skipped (versions are numbered in order, not densely; ``parent`` gives the lineage).
+        """
+        version = (self.latest or 0) + 1
+        while True:
+            key = f"{version_dir(version)}/{CLAIM}"
+            try:
+                self._storage(self.store.put, key, self.writer_id.encode(), if_none_match=True)
+                return version
+            except PreconditionFailed:
+                try:
+                    if self.store.get(key).decode() == self.writer_id:  # our own retried request
+                        return version
+                except KeyError:
+                    pass
+                version += 1
+
     def _advance_latest(self, version: int) -> None:
         body = f"{version_dir(version)}\n".encode()
         cond = {"if_none_match": True} if self.latest_etag is None else {"if_match": self.latest_etag}
@@ -369,11 +399,15 @@ class Publisher:
                 if not self.degraded.is_set():
                     log.warning("storage write failed, retrying with backoff: %s", err)
                 self.degraded.set()
+                self.metrics.publish_degraded.set(1)
                 raise
-            self.degraded.clear()
+            if self.degraded.is_set():
+                log.info("storage writes succeed again")
+                self.degraded.clear()
+                self.metrics.publish_degraded.set(0)
             return result
 
-        return self._retry(attempt)()
+        return self.retrying(attempt)
 
 
 # ------------------------------------------------------------------------ rollback and retention

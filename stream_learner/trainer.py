@@ -176,6 +176,7 @@ class Trainer:
         metrics: Metrics,
         stop: threading.Event,
         restored: Restored | None = None,
+        publish_failed: threading.Event | None = None,
     ) -> None:
         t = settings.training
         self.settings = settings
@@ -186,6 +187,7 @@ class Trainer:
             stop,
         )
         self.pad_id, self.with_token_types = pad_id, with_token_types
+        self.publish_failed = publish_failed or threading.Event()
         self.device = pick_device(t.device)
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         torch.manual_seed(t.seed)
@@ -299,6 +301,10 @@ class Trainer:
 
         self.counters.events_ingested += n
         self.counters.examples_replayed += len(replayed)
+        # a snapshot may fall in the middle of a consumed batch: the offsets it covers must then be
+        # exactly those of the events counted so far (each partition's events arrive in offset order)
+        for e in fresh:
+            self.covered[e.partition] = max(self.covered.get(e.partition, 0), e.offset + 1)
         if not torch.isfinite(loss):
             self.counters.nonfinite_skipped += 1
             self.metrics.nonfinite_skipped.inc()
@@ -348,7 +354,8 @@ class Trainer:
             m.prequential_f1.set(summary["prequential_f1"])
 
     def _advance_offsets(self) -> None:
-        """Offsets of a consumed batch are covered once all its fresh events went through a step."""
+        """A consumed batch's offsets (dead-lettered events included) are covered once all its fresh
+        events went through a step; :meth:`step` covers each trained event as it goes."""
         trained = self.counters.events_ingested
         while self._watermarks and self._watermarks[0][0] <= trained:
             self.covered.update(self._watermarks.popleft()[1])
@@ -367,13 +374,23 @@ class Trainer:
         snap = self.snapshot()
         try:
             if force:
-                self.publish_queue.put(snap, timeout=None)
+                self._hand_over_final(snap)
             else:
                 self.publish_queue.put_nowait(snap)
         except queue.Full:
             return False  # the publisher is busy with the previous one: try after the next step
         self._published_at = (self.counters.steps, dict(self.covered), time.monotonic())
         return True
+
+    def _hand_over_final(self, snap: Snapshot) -> None:
+        """Wait for the publisher to take the final snapshot, unless it has given up (fenced out)."""
+        while not self.publish_failed.is_set():
+            try:
+                self.publish_queue.put(snap, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        raise queue.Full
 
     def snapshot(self) -> Snapshot:
         """A consistent copy (CPU tensors) of model, optimizer, replay, RNG, counters and offsets."""

@@ -54,21 +54,23 @@ def test_nonfinite_loss_skips_the_step_and_is_counted():
     assert len(tr.replay) == 0
 
 
-def test_offsets_are_covered_only_after_their_events_are_trained():
+def test_offsets_cover_exactly_the_events_trained():
     s = small_settings(training={"fresh_per_step": 8, "max_wait_s": 0.0})
     tr = make_trainer(s)
-    events = tokenized(tiny_rows(12), s)
-    tr.fresh_queue.put(batch(events))  # offsets 0..11 -> next 12
+    events = tokenized(tiny_rows(12), s, partition=0) + tokenized(tiny_rows(12)[:4], s, partition=1)
+    events = events[:6] + events[12:] + events[6:12]  # p0 0..5, p1 0..3, p0 6..11
+    tr.fresh_queue.put(batch(events, {0: 12, 1: 4}))
     tr.fresh_queue.put(batch([], {0: 15}))  # three dead-lettered messages after them
     tr.step(tr._take_fresh())
     tr._advance_offsets()
-    assert tr.covered == {}
+    # a snapshot now (mid-batch) must cover the 8 events counted, no more, no less
+    assert tr.counters.events_ingested == 8 and tr.covered == {0: 6, 1: 2}
     tr.step(tr._take_fresh())
     tr._advance_offsets()
-    assert tr.covered == {0: 12}
+    assert tr.covered == {0: 12, 1: 4}
     assert tr._take_fresh() == []  # the next turn of the loop picks up the all-dead-letter batch
     tr._advance_offsets()
-    assert tr.covered == {0: 15}
+    assert tr.covered == {0: 15, 1: 4}
 
 
 def test_snapshot_restore_is_exact():

@@ -1,0 +1,209 @@
+"""Crash-safe lineage, the learner a real child process: SIGTERM, the fence, SIGKILL chaos (issue 5)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+from stream_learner.datasets import malformed_events
+from stream_learner.events import encode_event
+from stream_learner.producer import produce_lines
+from stream_learner.publisher import CLAIM, MANIFEST, list_versions, read_latest, read_manifest, version_dir
+from stream_learner.storage import open_store
+from stream_learner.topics import ensure_topics
+from tests.factories import tiny_rows
+from tests.integration.learner_process import (
+    SMALL_MODEL,
+    SMALL_TRAINING,
+    LearnerProcess,
+    assert_exact_lineage,
+    committed_offsets,
+    lineage,
+)
+
+PARTITIONS = 2
+
+
+def config(bootstrap: str, topic: str, storage: dict, **publish) -> dict:
+    return {
+        "kafka": {
+            "bootstrap_servers": bootstrap,
+            "topic": topic,
+            "group_id": f"{topic}-group",
+            "session_timeout_ms": 6000,
+            "topic_partitions": PARTITIONS,
+            "poll_max_messages": 50,
+        },
+        "model": SMALL_MODEL,
+        "training": SMALL_TRAINING,
+        "replay": {"capacity": 200},
+        # keep every version: the tests walk the whole lineage
+        "publish": {"keep_versions": 0, **storage, **publish},
+    }
+
+
+def events(n: int, bad_every: int = 0, start: int = 0) -> list[tuple[bytes, bool]]:
+    """``n`` (value, valid) pairs from the tiny VADER file; every ``bad_every``-th one malformed."""
+    rows = tiny_rows()
+    bad = [v for _, v in malformed_events(16384)]
+    out = []
+    for i in range(start, start + n):
+        if bad_every and i % bad_every == bad_every - 1:
+            out.append((bad[i % len(bad)], False))
+        else:
+            r = rows[i % len(rows)]
+            out.append((encode_event(r["text"], r["label"], id=str(i)), True))
+    return out
+
+
+def produce(bootstrap: str, topic: str, batch: list[tuple[bytes, bool]], valid: dict[int, list[bool]]):
+    """Produce round-robin over the partitions, recording each event's validity at its offset."""
+    for p in range(PARTITIONS):
+        mine = batch[p::PARTITIONS]
+        produce_lines({"bootstrap.servers": bootstrap}, topic, [v for v, _ in mine], partition=p)
+        valid.setdefault(p, []).extend(ok for _, ok in mine)
+
+
+def test_sigterm_publishes_a_final_version_and_commits_before_exit(kafka_bootstrap, unique_topic, tmp_path):
+    topic = unique_topic("sigterm")
+    url = (tmp_path / "store").as_uri()
+    # only the final version is ever published: every_* are out of reach
+    cfg = config(kafka_bootstrap, topic, {"storage_url": url}, every_steps=10**6, every_seconds=10**6)
+    valid: dict[int, list[bool]] = {}
+    ensure_topics({"bootstrap.servers": kafka_bootstrap}, {topic: PARTITIONS, f"{topic}.dlq": PARTITIONS})
+    produce(kafka_bootstrap, topic, events(120, bad_every=10), valid)
+    learner = LearnerProcess(cfg, tmp_path).start()
+    try:
+        learner.wait_ready()
+        deadline = time.monotonic() + 120
+        while learner.metric("stream_learner_events_trained_total") < 40 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert read_latest(open_store(url)) == (None, None)
+        assert learner.terminate(timeout=60) == 0, learner.log
+    finally:
+        learner.close()
+    assert "SIGTERM: stopping gracefully" in learner.log
+    store = open_store(url)
+    [final] = list_versions(store)
+    assert read_latest(store)[0] == final["version"] and final["events_ingested"] >= 40
+    # every event the final version covers was trained once, and Kafka has exactly its offsets
+    covered = {p: v[: final["offsets"][topic].get(str(p), 0)] for p, v in valid.items()}
+    assert_exact_lineage(store, topic, covered)
+    committed = committed_offsets(kafka_bootstrap, cfg["kafka"]["group_id"], topic, PARTITIONS)
+    assert committed == {int(p): o for p, o in final["offsets"][topic].items()}
+
+
+def test_a_second_learner_on_the_same_prefix_is_fenced_out(kafka_bootstrap, unique_topic, tmp_path):
+    url = (tmp_path / "store").as_uri()
+    topics = [unique_topic("fence-a"), unique_topic("fence-b")]
+    learners = []
+    try:
+        for t in topics:
+            ensure_topics({"bootstrap.servers": kafka_bootstrap}, {t: PARTITIONS, f"{t}.dlq": PARTITIONS})
+            cfg = config(kafka_bootstrap, t, {"storage_url": url}, every_steps=2)
+            learners.append(LearnerProcess(cfg, tmp_path, name=t).start())
+        for learner in learners:
+            learner.wait_ready()  # both have read the (empty) LATEST before either publishes
+        for t in topics:
+            produce(kafka_bootstrap, t, events(64), {})
+        deadline = time.monotonic() + 120
+        while all(lp.proc.poll() is None for lp in learners) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        [loser] = [lp for lp in learners if lp.proc.poll() is not None]
+        [winner] = [lp for lp in learners if lp is not loser]
+        assert loser.proc.returncode == 1
+        assert "another learner advanced LATEST" in loser.log
+        assert "run one learner per storage prefix" in loser.log
+        # the winner goes on publishing; LATEST and its whole lineage are the winner's
+        time.sleep(2)
+        assert winner.proc.poll() is None
+        assert winner.terminate(timeout=60) == 0, winner.log
+    finally:
+        for lp in learners:
+            lp.close()
+    winner_topic = topics[learners.index(winner)]
+    chain = lineage(open_store(url))
+    assert len(chain) >= 2 and {t for m in chain for t in m["offsets"]} == {winner_topic}
+
+
+@pytest.mark.slow
+def test_chaos_sigkill_at_random_moments_keeps_the_lineage_exact(
+    kafka_bootstrap, unique_topic, s3_server, s3_bucket, tmp_path
+):
+    """≥ 5 SIGKILLs at seeded random moments, some during publishing, while events flow (acceptance 1)."""
+    rng = random.Random(20261125)
+    topic = unique_topic("chaos")
+    storage = {
+        "storage_url": f"s3://{s3_bucket}/chaos",
+        "s3_endpoint_url": s3_server.endpoint_url,
+        "s3_access_key_id": s3_server.access_key_id,
+        "s3_secret_access_key": s3_server.secret_access_key,
+        "s3_region": s3_server.region,
+    }
+    cfg = config(kafka_bootstrap, topic, storage, every_steps=4)
+    ensure_topics({"bootstrap.servers": kafka_bootstrap}, {topic: PARTITIONS, f"{topic}.dlq": PARTITIONS})
+    store = open_store(storage["storage_url"], **s3_server.store_options())
+
+    valid: dict[int, list[bool]] = {}
+    chunks = [events(60, bad_every=15, start=60 * i) for i in range(14)]
+    stop_producing = threading.Event()
+
+    def producer() -> None:  # events keep flowing through the kills
+        for chunk in chunks:
+            if stop_producing.is_set():
+                return
+            produce(kafka_bootstrap, topic, chunk, valid)
+            time.sleep(4)
+
+    feeder = threading.Thread(target=producer, daemon=True)
+    feeder.start()
+    learner = LearnerProcess(cfg, tmp_path)
+    kills, during_publish = 0, 0
+    try:
+        while kills < 6:
+            learner.start()
+            if kills % 2 == 0:  # kill while uploading a version: after it starts, before LATEST moves
+                found = learner.wait_for_log(r"publishing version (\d+)", timeout=180)
+                time.sleep(rng.uniform(0.0, 0.4))
+                publishing = int(found.group(1))
+            else:
+                learner.wait_ready()
+                time.sleep(rng.uniform(0.5, 8.0))
+                publishing = None
+            learner.kill()
+            kills += 1
+            if publishing is not None and f"published version {publishing} " not in learner.log:
+                during_publish += 1
+                # LATEST never names the version whose upload was cut short
+                assert read_latest(store)[0] != publishing
+        feeder.join(timeout=300)
+        assert not feeder.is_alive()
+
+        # a final clean run catches up with every event, then stops on SIGTERM
+        learner.start()
+        ends = {p: len(v) for p, v in valid.items()}
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            latest, _ = read_latest(store)
+            if latest is not None:
+                offsets = {int(p): o for p, o in read_manifest(store, latest)["offsets"][topic].items()}
+                if offsets == ends:
+                    break
+            time.sleep(1)
+        assert learner.terminate(timeout=120) == 0, learner.log
+    finally:
+        stop_producing.set()
+        learner.close()
+
+    assert kills >= 5 and during_publish >= 2, (kills, during_publish)
+    chain = assert_exact_lineage(store, topic, valid)
+    assert chain[-1]["events_ingested"] == sum(sum(v) for v in valid.values())
+    # the cut-short uploads left claimed directories that no version in the lineage uses
+    claimed = {int(k.split("/")[1]) for k in store.list("versions/") if k.endswith("/" + CLAIM)}
+    assert claimed - {m["version"] for m in chain}
+    assert all(store.exists(f"{version_dir(m['version'])}/{MANIFEST}") for m in chain)
+    committed = committed_offsets(kafka_bootstrap, cfg["kafka"]["group_id"], topic, PARTITIONS)
+    assert committed == {int(p): o for p, o in chain[-1]["offsets"][topic].items()}
