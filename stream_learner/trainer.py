@@ -358,7 +358,9 @@ class Trainer:
         events went through a step; :meth:`step` covers each trained event as it goes."""
         trained = self.counters.events_ingested
         while self._watermarks and self._watermarks[0][0] <= trained:
-            self.covered.update(self._watermarks.popleft()[1])
+            for partition, offset in self._watermarks.popleft()[1].items():
+                # max: the events of a later batch may be trained (and covered) already
+                self.covered[partition] = max(self.covered.get(partition, 0), offset)
 
     # ----------------------------------------------------------------------------------- publishing
     def maybe_publish(self, force: bool = False) -> bool:

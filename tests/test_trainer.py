@@ -73,6 +73,17 @@ def test_offsets_cover_exactly_the_events_trained():
     assert tr.covered == {0: 15, 1: 4}
 
 
+def test_a_finished_batch_never_moves_covered_offsets_back():
+    s = small_settings(training={"fresh_per_step": 8, "max_wait_s": 0.0})
+    tr = make_trainer(s)
+    events = tokenized(tiny_rows(12), s)
+    tr.accept(batch(events[:6]))  # offsets 0..5
+    tr.accept(batch(events[6:]))  # offsets 6..11
+    tr.step(tr._take_fresh())  # trains 0..7: the first batch is done, the second half-way
+    tr._advance_offsets()
+    assert tr.counters.events_ingested == 8 and tr.covered == {0: 8}
+
+
 def test_snapshot_restore_is_exact():
     from stream_learner.trainer import Restored
 
