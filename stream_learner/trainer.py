@@ -71,6 +71,19 @@ class Snapshot:
 
 
 @dataclass
+class FreshScores:
+    """The prequential outputs of one step's fresh events (before the step learned them).
+
+    ``embeddings`` are the mean-pooled last hidden states (what drift detection on inputs looks at).
+    """
+
+    predictions: np.ndarray  # int64 [n]
+    labels: np.ndarray  # int64 [n]
+    losses: np.ndarray  # float32 [n]
+    embeddings: np.ndarray  # float32 [n, hidden]
+
+
+@dataclass
 class Restored:
     """What a published version hands back to a new trainer (see ``publisher.load_version``)."""
 
@@ -229,6 +242,7 @@ class Trainer:
         self._published_at = (self.counters.steps, dict(self.covered), time.monotonic())
         self._rate_ewma = 0.0
         self.last_loss = float("nan")
+        self.last_scores: FreshScores | None = None
         self._penalty = self.l2sp.penalty().item()
 
     # ----------------------------------------------------------------------------------------- restore
@@ -289,14 +303,26 @@ class Trainer:
         labels = batch.pop("labels")
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with autocast:
-            logits = self.model(**batch).logits
+            out = self.model(**batch, output_hidden_states=True)
+        logits = out.logits
         per_example = F.cross_entropy(logits.float(), labels, reduction="none")
         loss = per_example.mean()
 
         # prequential score of the fresh events: the weights before this step predicted them
         n = len(fresh)
+        with torch.no_grad():
+            mask = batch["attention_mask"][:n].unsqueeze(-1).float()
+            pooled = (out.hidden_states[-1][:n].float() * mask).sum(1) / mask.sum(1).clamp(min=1)
+        self.last_scores = FreshScores(
+            predictions=logits[:n].argmax(-1).cpu().numpy(),
+            labels=labels[:n].cpu().numpy(),
+            losses=per_example[:n].detach().float().cpu().numpy(),
+            embeddings=pooled.cpu().numpy(),
+        )
         self.window.add(
-            logits[:n].argmax(-1).tolist(), labels[:n].tolist(), per_example[:n].detach().float().tolist()
+            self.last_scores.predictions.tolist(),
+            self.last_scores.labels.tolist(),
+            self.last_scores.losses.tolist(),
         )
 
         self.counters.events_ingested += n
