@@ -31,6 +31,9 @@ from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from stream_learner.config import Settings
 from stream_learner.events import (
+    DEAD_LETTER_CUT_VALUE_BYTES,
+    DEAD_LETTER_MAX_VALUE_BYTES,
+    HEADER_TRUNCATED,
     InvalidEvent,
     LabeledEvent,
     LabelSet,
@@ -148,7 +151,18 @@ class EventConsumer:
         return Consumer(conf, logger=log)
 
     def _make_producer(self) -> Producer:
-        return Producer({**self.kafka.librdkafka(), "acks": "all", "linger.ms": 5}, logger=log)
+        return Producer(
+            {
+                **self.kafka.librdkafka(),
+                "acks": "all",
+                "linger.ms": 5,
+                # a missing dead-letter topic is an outage to report and ride out, not one to create
+                # with the broker's defaults; and a failure should surface in seconds, not minutes
+                "allow.auto.create.topics": False,
+                "message.timeout.ms": 10_000,
+            },
+            logger=log,
+        )
 
     # -------------------------------------------------------------------------------------- the loop
     def run(self) -> None:
@@ -233,43 +247,54 @@ class EventConsumer:
 
     # ----------------------------------------------------------------------------------- dead letters
     def _dead_letter(self, producer: Producer, m: Message, err: InvalidEvent) -> None:
-        headers = dead_letter_headers(m.headers(), err, m.topic(), m.partition(), m.offset())
-
-        def on_delivery(
-            error: KafkaError | None, _msg: Message, original: Message = m, e: InvalidEvent = err
-        ):
-            if error is not None:
-                self._delivery_failures.append((original, e))
-
-        producer.produce(
-            self.kafka.dead_letter_topic,
-            value=m.value(),
-            key=m.key(),
-            headers=headers,
-            on_delivery=on_delivery,
-        )
+        self._produce_dead_letter(producer, m, err)
         self.metrics.events_dead_lettered.labels(reason=err.reason.value).inc()
 
+    def _produce_dead_letter(
+        self, producer: Producer, m: Message, err: InvalidEvent, cut: bool = False
+    ) -> None:
+        """Queue one dead-letter record; ``cut``: the value is cut to fit (it was too large to deliver)."""
+        headers = dead_letter_headers(m.headers(), err, m.topic(), m.partition(), m.offset())
+        value = m.value()
+        limit = DEAD_LETTER_CUT_VALUE_BYTES if cut else DEAD_LETTER_MAX_VALUE_BYTES
+        if value is not None and len(value) > limit:
+            headers.append((HEADER_TRUNCATED, str(len(value)).encode()))
+            value = value[:limit]
+
+        def on_delivery(error: KafkaError | None, _msg: Message) -> None:
+            if error is not None:
+                self._delivery_failures.append((m, err, error))
+
+        producer.produce(
+            self.kafka.dead_letter_topic, value=value, key=m.key(), headers=headers, on_delivery=on_delivery
+        )
+
     def _flush_dead_letters(self, producer: Producer) -> None:
-        """Block until every dead letter of the batch is acknowledged: none may be skipped."""
+        """Block until every dead letter of the batch is acknowledged: none may be skipped.
+
+        While the dead-letter topic is unavailable (deleted, no permission, broker trouble) the
+        consumer stays on this batch, retrying with backoff and counting failures: an event that could
+        be neither trained nor dead-lettered is never passed over.
+        """
         delay = 0.5
         while True:
             producer.flush(30)
             failed, self._delivery_failures = self._delivery_failures, []
             if not failed and len(producer) == 0:
                 return
-            log.warning("dead-letter topic unavailable: %d records to retry in %.1fs", len(failed), delay)
+            self.metrics.dead_letter_failures.inc(len(failed))
+            log.warning(
+                "dead-letter topic %s unavailable (%s): %d records to retry in %.1fs",
+                self.kafka.dead_letter_topic,
+                failed[0][2] if failed else "not flushed",
+                len(failed),
+                delay,
+            )
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
-            for m, err in failed:
-                headers = dead_letter_headers(m.headers(), err, m.topic(), m.partition(), m.offset())
-                producer.produce(
-                    self.kafka.dead_letter_topic,
-                    value=m.value(),
-                    key=m.key(),
-                    headers=headers,
-                    on_delivery=lambda e, _m, o=m, r=err: e and self._delivery_failures.append((o, r)),
-                )
+            for m, err, error in failed:
+                too_large = error.code() == KafkaError.MSG_SIZE_TOO_LARGE
+                self._produce_dead_letter(producer, m, err, cut=too_large)
 
     # ------------------------------------------------------------------------------ offsets and lag
     def _on_assign(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:

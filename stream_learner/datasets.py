@@ -57,4 +57,7 @@ def malformed_events(max_text_bytes: int = 16_384) -> list[tuple[Reason, bytes]]
         (Reason.UNKNOWN_LABEL, b'{"text": "great", "label": "meh"}'),
         (Reason.UNKNOWN_LABEL, b'{"text": "great", "label": 7}'),
         (Reason.BAD_FIELD, b'{"text": "great", "label": "pos", "ts": "yesterday"}'),
+        (Reason.EMPTY_TEXT, orjson.dumps({"text": "\u200b\u200d\ufeff\u0007", "label": "pos"})),
+        (Reason.DUPLICATE_FIELD, b'{"text": "great", "label": "pos", "label": "neg"}'),
+        (Reason.NOT_JSON, b"[" * 5000 + b"]" * 5000),
     ]

@@ -12,6 +12,8 @@ dead-letter topic (see :func:`dead_letter_headers`).
 from __future__ import annotations
 
 import enum
+import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,7 +26,19 @@ HEADER_DETAIL = "x-dead-letter-detail"
 HEADER_TOPIC = "x-dead-letter-source-topic"
 HEADER_PARTITION = "x-dead-letter-source-partition"
 HEADER_OFFSET = "x-dead-letter-source-offset"
-DEAD_LETTER_HEADERS = (HEADER_REASON, HEADER_DETAIL, HEADER_TOPIC, HEADER_PARTITION, HEADER_OFFSET)
+HEADER_TRUNCATED = "x-dead-letter-truncated-from"  # original size, when the value had to be cut
+DEAD_LETTER_HEADERS = (
+    HEADER_REASON,
+    HEADER_DETAIL,
+    HEADER_TOPIC,
+    HEADER_PARTITION,
+    HEADER_OFFSET,
+    HEADER_TRUNCATED,
+)
+# a dead-letter value over the producer's own limit (message.max.bytes, 1 MB by default) is cut to
+# this; one the broker refuses as too large is cut to the smaller size and sent again
+DEAD_LETTER_MAX_VALUE_BYTES = 900_000
+DEAD_LETTER_CUT_VALUE_BYTES = 65_536
 
 
 class Reason(str, enum.Enum):
@@ -39,6 +53,7 @@ class Reason(str, enum.Enum):
     MISSING_LABEL = "missing_label"
     UNKNOWN_LABEL = "unknown_label"  # not a configured name, nor an index in range
     BAD_FIELD = "bad_field"  # id / ts of the wrong type
+    DUPLICATE_FIELD = "duplicate_field"  # a field given twice: which one the producer meant is unknown
 
 
 class InvalidEvent(ValueError):
@@ -97,24 +112,58 @@ class LabelSet:
         raise InvalidEvent(Reason.UNKNOWN_LABEL, f"label {shown!r} not in {self.names}")
 
 
+FIELDS = ("text", "label", "text_pair", "id", "ts")
+# control characters (but tab and newlines), zero-width and bidirectional-override characters: they
+# carry no meaning for the model and can hide an empty or misleading text
+_INVISIBLE = re.compile(
+    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]"
+)
+
+
+def normalize_text(text: str) -> str:
+    """``text`` without control, zero-width and bidi-override characters (see ``_INVISIBLE``)."""
+    return _INVISIBLE.sub("", text)
+
+
+def _check_duplicate_fields(value: bytes) -> None:
+    """Reject a known field given twice (orjson, like most parsers, silently keeps the last one)."""
+    # the exact check re-parses, so it runs only when a field name occurs more than once at all
+    if not any(value.count(b'"%s"' % f.encode()) > 1 for f in FIELDS):
+        return
+
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        seen: set[str] = set()
+        for key, _ in items:
+            if key in seen and key in FIELDS:
+                raise InvalidEvent(Reason.DUPLICATE_FIELD, f"field {key!r} given more than once")
+            seen.add(key)
+        return dict(items)
+
+    json.loads(value, object_pairs_hook=pairs)
+
+
 def parse_event(value: bytes | None, labels: LabelSet, max_text_bytes: int) -> LabeledEvent:
     """Parse and validate one message value; raise :class:`InvalidEvent` with the reason."""
     if not value:
         raise InvalidEvent(Reason.NOT_JSON, "empty message value")
     try:
-        obj = orjson.loads(value)  # rejects invalid UTF-8, NaN and Infinity
+        obj = orjson.loads(value)  # rejects invalid UTF-8, lone surrogates, NaN, Infinity, deep nesting
     except orjson.JSONDecodeError as err:
         raise InvalidEvent(Reason.NOT_JSON, str(err)[:200]) from None
     if not isinstance(obj, dict):
         raise InvalidEvent(Reason.NOT_OBJECT, f"JSON {type(obj).__name__}, expected an object")
+    _check_duplicate_fields(value)
 
     if "text" not in obj:
         raise InvalidEvent(Reason.MISSING_TEXT, "no 'text' field")
     text, pair = obj["text"], obj.get("text_pair")
     if not isinstance(text, str) or (pair is not None and not isinstance(pair, str)):
         raise InvalidEvent(Reason.BAD_TEXT, "'text' and 'text_pair' must be strings")
+    text, pair = normalize_text(text), (normalize_text(pair) if pair else pair)
     if not text.strip():
-        raise InvalidEvent(Reason.EMPTY_TEXT, "'text' is empty")
+        raise InvalidEvent(
+            Reason.EMPTY_TEXT, "'text' is empty (after removing control and zero-width characters)"
+        )
     size = len(text.encode()) + (len(pair.encode()) if pair else 0)
     if size > max_text_bytes:
         raise InvalidEvent(Reason.TEXT_TOO_LONG, f"{size} bytes of text, limit {max_text_bytes}")
@@ -131,7 +180,7 @@ def parse_event(value: bytes | None, labels: LabelSet, max_text_bytes: int) -> L
     return LabeledEvent(
         text=text,
         label=label,
-        text_pair=pair or None,
+        text_pair=pair if pair and pair.strip() else None,
         id=None if event_id is None else str(event_id),
         ts=ts,
     )
