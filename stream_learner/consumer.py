@@ -41,6 +41,7 @@ from stream_learner.events import (
     dead_letter_headers,
     parse_event,
 )
+from stream_learner.limits import PREFETCH_KBYTES
 from stream_learner.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,11 @@ class EventConsumer:
             "auto.offset.reset": self.kafka.auto_offset_reset,
             "session.timeout.ms": self.kafka.session_timeout_ms,
             "enable.partition.eof": False,
+            # librdkafka's prefetch buffer is part of the memory budget (stream_learner.limits): the
+            # trainer is far slower than a fetch, so a small one costs no throughput
+            "queued.max.messages.kbytes": PREFETCH_KBYTES,
         }
-        return Consumer(conf, logger=log)
+        return Consumer({**conf, **self.kafka.client_config}, logger=log)
 
     def _make_producer(self) -> Producer:
         return Producer(
@@ -183,6 +187,7 @@ class EventConsumer:
                     consumer.resume(consumer.assignment())
                     self.paused = False
                     self.metrics.consumer_paused.set(0)
+                    self.metrics.consumer_resumes.inc()
                 msgs = consumer.consume(self.kafka.poll_max_messages, self.kafka.poll_timeout_s)
                 if msgs:
                     batch = self._process(msgs, producer)

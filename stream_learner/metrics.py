@@ -48,6 +48,9 @@ class Metrics:
         self.consumer_pauses = Counter(
             f"{PREFIX}_consumer_pauses", "Times the consumer paused for backpressure", registry=r
         )
+        self.consumer_resumes = Counter(
+            f"{PREFIX}_consumer_resumes", "Times the consumer resumed after the queue drained", registry=r
+        )
         self.consumer_lag = Gauge(
             f"{PREFIX}_consumer_lag", "Messages behind the high watermark", ["partition"], registry=r
         )
