@@ -22,10 +22,13 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import torch
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from stream_learner.config import Settings
-from stream_learner.consumer import EventConsumer
+from stream_learner.config import ConfigError, Settings
+from stream_learner.consumer import EventConsumer, Tokenize
+from stream_learner.events import InvalidEvent, LabelSet, TokenizedEvent, parse_event
+from stream_learner.limits import MiB, memory_budget
 from stream_learner.metrics import Metrics
 from stream_learner.model import load_model, load_tokenizer
 from stream_learner.publisher import CorruptVersion, Publisher, load_newest_intact, read_latest
@@ -55,6 +58,49 @@ def static_files(model, tokenizer) -> dict[str, bytes]:
         files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
     files["config.json"] = model.config.to_json_string().encode()
     return files
+
+
+def check_memory(settings: Settings, model: torch.nn.Module) -> None:
+    """Fail at start, with the numbers, when the memory bound exceeds ``limits.memory_mib``."""
+    budget = memory_budget(settings, model)
+    limit = settings.limits.memory_mib * MiB
+    if limit and budget.total > limit:
+        raise ConfigError(
+            f"limits.memory_mib: these settings need up to {budget.describe()}, over the limit of "
+            f"{settings.limits.memory_mib:,} MiB; raise limits.memory_mib (and the container's memory) or "
+            "lower replay.capacity, kafka.queue_max_batches, kafka.poll_max_messages or model.max_length"
+        )
+    log.info("memory bound %s", budget.describe())
+
+
+def load_probe(settings: Settings, tokenizer) -> list[TokenizedEvent]:
+    """The probe set (``probe.file``), validated like events and tokenized; [] when none is configured."""
+    p = settings.probe
+    if not p.file:
+        return []
+    labels = LabelSet(settings.model.labels)
+    events = []
+    for n, line in enumerate(Path(p.file).read_bytes().splitlines()[: p.max_events], start=1):
+        try:
+            events.append(parse_event(line, labels, settings.events.max_text_bytes))
+        except InvalidEvent as err:
+            raise ConfigError(f"probe.file: line {n} of {p.file} is not a valid event ({err})") from None
+    tokens = Tokenize(tokenizer, settings.model.max_length)(events)
+    return [
+        TokenizedEvent(input_ids=ids, label=e.label, pair_start=start, partition=-1, offset=i, timestamp_ms=0)
+        for i, (e, (ids, start)) in enumerate(zip(events, tokens, strict=True))
+    ]
+
+
+def check_lineage_matches(settings: Settings, manifest: dict, where: str) -> None:
+    """A version trained from another base model or label set cannot be resumed with these settings."""
+    m = settings.model
+    if manifest["base_model"] != m.name_or_path or manifest["labels"] != m.labels:
+        raise ConfigError(
+            f"model.name_or_path / model.labels: {where} holds versions of {manifest['base_model']!r} with "
+            f"labels {manifest['labels']}, these settings say {m.name_or_path!r} with {m.labels}; use the "
+            "same, or a new publish.storage_url for a new model"
+        )
 
 
 class Learner:
@@ -88,6 +134,8 @@ class Learner:
             )
         tokenizer = load_tokenizer(s.model)
         loaded = load_model(s.model)
+        check_memory(s, loaded.model)
+        probe = load_probe(s, tokenizer)
         restored = self._restore()
 
         self.fresh_queue: queue.Queue = queue.Queue(maxsize=s.kafka.queue_max_batches)
@@ -110,6 +158,7 @@ class Learner:
             stop=self.trainer_stop,
             restored=restored,
             publish_failed=self.publish_failed,
+            probe=probe,
         )
         self.publisher = Publisher(
             s,
@@ -122,6 +171,7 @@ class Learner:
             parent=self.restored_version,
             latest=(self._latest_version, self._latest_etag),
             on_fatal=self._publisher_failed,
+            latest_probe_accuracy=self._latest_probe_accuracy,
         )
         self.consumer = EventConsumer(
             s,
@@ -142,13 +192,16 @@ class Learner:
     def _restore(self) -> Restored | None:
         """Load LATEST (or the newest intact version before it), verifying every file's sha256."""
         self._latest_version, self._latest_etag = read_latest(self.store)
+        self._latest_probe_accuracy: float | None = None
         found = load_newest_intact(self.store, Path(self._workdir.name), on_corrupt=self._refuse_corrupt)
         if found is None:
             log.info("no published version in %s: starting from the pretrained model", self.store.describe())
             return None
         restored, manifest = found
+        check_lineage_matches(self.settings, manifest, self.store.describe())
         version = restored.version
         self.restored_version = version
+        self._latest_probe_accuracy = manifest.get("metrics", {}).get("probe_accuracy")
         log.info(
             "resuming from version %d (%d events, offsets %s)",
             version,

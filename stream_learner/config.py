@@ -169,10 +169,77 @@ class PublishSettings(_Section):
         return v
 
 
+class ProbeSettings(_Section):
+    file: str | None = Field(
+        None, description="JSONL of labeled events scored at every publish (the probe set); empty = none"
+    )
+    max_events: int = Field(1000, ge=1, description="probe events used: the first N of the file")
+    max_accuracy_drop: float | None = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="poisoning gate: a version whose probe accuracy falls more than this below LATEST's "
+        "is kept as a rejected candidate; empty = no gate",
+    )
+
+    @field_validator("file")
+    @classmethod
+    def _readable(cls, v: str | None) -> str | None:
+        if v and not Path(v).is_file():
+            raise ValueError(f"no file {v!r}: give a JSONL file of labeled events, or leave it empty")
+        return v or None
+
+
+class LimitsSettings(_Section):
+    memory_mib: int = Field(
+        0,
+        ge=0,
+        description="fail at start when the memory bound of these settings (stream_learner.limits) exceeds "
+        "this many MiB; 0 = no check",
+    )
+
+
 class HttpSettings(_Section):
     enabled: bool = Field(True, description="serve /metrics, /healthz and /readyz")
     host: str = Field("0.0.0.0", description="address the HTTP endpoint binds")
     port: int = Field(9108, ge=0, le=65535, description="port of the HTTP endpoint (0 = any free port)")
+
+
+class DriftSettings(_Section):
+    # defaults calibrated on synthetic streams and on the bundled stream's embeddings: docs/drift.md
+    enabled: bool = Field(True, description="compute the drift signals (loss, label mix, embedding)")
+    check_every: int = Field(
+        50, ge=1, description="fresh events between two windowed tests (label mix and embedding)"
+    )
+    loss_input: Literal["error", "loss"] = Field(
+        "error", description="Page-Hinkley input: 0/1 prequential error, or the loss (clipped at ln 100)"
+    )
+    loss_delta: float = Field(
+        0.05, ge=0, description="Page-Hinkley δ: rise of the mean error tolerated per event"
+    )
+    loss_threshold: float = Field(15.0, gt=0, description="Page-Hinkley λ: detection threshold (score 1)")
+    loss_min_instances: int = Field(
+        100, ge=1, description="events after a (re)start before the loss signal may fire"
+    )
+    label_window: int = Field(300, ge=10, description="recent fresh labels tested against the reference mix")
+    label_min_window: int = Field(100, ge=10, description="labels in the recent window before testing")
+    label_min_reference: int = Field(100, ge=1, description="reference labels needed before testing")
+    label_significance: float = Field(1e-3, gt=0, lt=1, description="level α of each G-test of the label mix")
+    embedding_window: int = Field(
+        200, ge=10, description="embeddings in the recent and in the reference window of the MMD test"
+    )
+    embedding_significance: float = Field(
+        0.001, gt=0, lt=1, description="level α of each MMD permutation test"
+    )
+    embedding_permutations: int = Field(
+        999, ge=19, description="permutations of the MMD test (at least 1/α − 1)"
+    )
+
+    @model_validator(mode="after")
+    def _resolvable(self) -> DriftSettings:
+        if self.embedding_significance * (self.embedding_permutations + 1) < 1:
+            raise ValueError("embedding_permutations must be at least 1/embedding_significance - 1")
+        return self
 
 
 class Settings(BaseSettings):
@@ -189,6 +256,9 @@ class Settings(BaseSettings):
     replay: ReplaySettings = ReplaySettings()
     publish: PublishSettings = PublishSettings()
     http: HttpSettings = HttpSettings()
+    probe: ProbeSettings = ProbeSettings()
+    limits: LimitsSettings = LimitsSettings()
+    drift: DriftSettings = DriftSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

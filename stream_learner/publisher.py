@@ -15,7 +15,10 @@ The checkpoint sequence, followed exactly and in this order by :meth:`Publisher.
    between two steps (:meth:`Trainer.snapshot`); training goes on while the rest happens;
 2. **upload files** — claim ``versions/N/`` (a conditional create of ``versions/N/claim``, N the
    lowest free number after LATEST), then every file of it except the manifest;
-3. **manifest** — ``versions/N/manifest.json`` with the offsets and the sha256 of each file;
+3. **manifest** — ``versions/N/manifest.json`` with the offsets and the sha256 of each file. With a
+   probe set, the poisoning gate checks the candidate here: if its probe accuracy fell more than
+   ``probe.max_accuracy_drop`` below LATEST's, the manifest says ``rejected`` and the sequence ends
+   (LATEST and Kafka offsets stay; training goes on, and later candidates are checked again);
 4. **LATEST** — a conditional write (If-Match the ETag this learner last saw, or If-None-Match when
    there was none): a reader following LATEST never sees a partial version, and a second learner on
    the same prefix cannot advance it (:class:`FencedOut`);
@@ -217,6 +220,9 @@ class Publisher:
         when LATEST named a corrupt version); new versions are numbered after it.
     on_fatal
         Called with the exception when publishing cannot go on (fenced out): the app stops.
+    latest_probe_accuracy
+        The probe-set accuracy of the version LATEST names, if it has one: the poisoning gate's
+        reference (``probe.max_accuracy_drop``).
 
     Storage errors are retried with exponential backoff until they succeed or ``abort`` is set;
     meanwhile ``degraded`` is set (``/readyz`` reports it) and the trainer goes on, handing over no
@@ -236,6 +242,7 @@ class Publisher:
         parent: int | None,
         latest: tuple[int | None, str | None],
         on_fatal: Callable[[BaseException], None] = lambda e: None,
+        latest_probe_accuracy: float | None = None,
     ) -> None:
         self.settings, self.store, self.static_files = settings, store, static_files
         self.publish_queue, self.commit_queue, self.metrics, self.stop_event = (
@@ -247,7 +254,9 @@ class Publisher:
         self.parent = parent
         self.latest, self.latest_etag = latest
         self.on_fatal = on_fatal
+        self.latest_probe_accuracy = latest_probe_accuracy
         self.published: list[int] = []
+        self._last_claimed = 0
         self.writer_id = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex}"
         self.degraded = threading.Event()  # set while storage writes are failing
         self.abort = threading.Event()  # set by the app when the stop grace period is over
@@ -297,11 +306,29 @@ class Publisher:
             for name in files:
                 info[name] = {"sha256": _sha256(root / name), "bytes": (root / name).stat().st_size}
                 self._storage(self.store.put_file, f"{prefix}/{name}", root / name)
-        # 3. manifest
+        # 3. manifest; a candidate the poisoning gate holds back says so in it, and stops here
         manifest = self._manifest(snap, version, info)
+        rejection = self._gate(snap.metrics.get("probe_accuracy"))
+        if rejection:
+            manifest["rejected"] = rejection
         self._storage(self.store.put, f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+        if rejection:
+            self.metrics.versions_rejected.inc()
+            self.parent = version  # the weights trained on descend from it, accepted or not
+            log.warning(
+                "version %d rejected by the poisoning gate: probe accuracy %.3f, LATEST (version %s) has "
+                "%.3f, more than %.3f lower; LATEST stays, training goes on",
+                version,
+                rejection["probe_accuracy"],
+                self.latest,
+                rejection["latest_probe_accuracy"],
+                rejection["max_accuracy_drop"],
+            )
+            return version
         # 4. LATEST, fenced
         self._advance_latest(version)
+        if "probe_accuracy" in snap.metrics:
+            self.latest_probe_accuracy = snap.metrics["probe_accuracy"]
         # 5. commit offsets (the consumer thread owns the Kafka client)
         self.commit_queue.put(dict(snap.offsets))
 
@@ -347,6 +374,21 @@ class Publisher:
             "files": files,
         }
 
+    def _gate(self, probe_accuracy: float | None) -> dict | None:
+        """The poisoning gate: why this candidate may not advance LATEST, or None if it may."""
+        max_drop = self.settings.probe.max_accuracy_drop
+        reference = self.latest_probe_accuracy
+        if probe_accuracy is None or reference is None or max_drop is None:
+            return None
+        if probe_accuracy >= reference - max_drop:
+            return None
+        return {
+            "reason": "probe accuracy fell too far below LATEST's",
+            "probe_accuracy": probe_accuracy,
+            "latest_probe_accuracy": reference,
+            "max_accuracy_drop": max_drop,
+        }
+
     def _claim_version(self) -> int:
         """The lowest version number after LATEST whose directory nobody has claimed, now ours.
 
@@ -354,15 +396,18 @@ class Publisher:
         directory and a run that died mid-publish never has its leftovers mixed with new files: its
         number is skipped (versions are numbered in order, not densely; ``parent`` gives the lineage).
         """
-        version = (self.latest or 0) + 1
+        # after LATEST, and after any candidate of ours the gate rejected (LATEST did not move for it)
+        version = max(self.latest or 0, self._last_claimed) + 1
         while True:
             key = f"{version_dir(version)}/{CLAIM}"
             try:
                 self._storage(self.store.put, key, self.writer_id.encode(), if_none_match=True)
+                self._last_claimed = version
                 return version
             except PreconditionFailed:
                 try:
                     if self.store.get(key).decode() == self.writer_id:  # our own retried request
+                        self._last_claimed = version
                         return version
                 except KeyError:
                     pass

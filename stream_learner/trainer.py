@@ -190,6 +190,7 @@ class Trainer:
         stop: threading.Event,
         restored: Restored | None = None,
         publish_failed: threading.Event | None = None,
+        probe: Sequence[TokenizedEvent] = (),
     ) -> None:
         t = settings.training
         self.settings = settings
@@ -201,6 +202,8 @@ class Trainer:
         )
         self.pad_id, self.with_token_types = pad_id, with_token_types
         self.publish_failed = publish_failed or threading.Event()
+        # sorted by length: the probe is scored in batches with little padding
+        self.probe = sorted(probe, key=lambda e: len(e.input_ids))
         self.device = pick_device(t.device)
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         torch.manual_seed(t.seed)
@@ -410,6 +413,19 @@ class Trainer:
         self._published_at = (self.counters.steps, dict(self.covered), time.monotonic())
         return True
 
+    @torch.no_grad()
+    def probe_accuracy(self, batch_size: int = 64) -> float:
+        """Accuracy of the current weights on the probe set (the poisoning gate's measure)."""
+        correct = 0
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        for i in range(0, len(self.probe), batch_size):
+            batch = collate(self.probe[i : i + batch_size], self.pad_id, self.with_token_types)
+            labels = batch.pop("labels")
+            with autocast:
+                logits = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits
+            correct += int((logits.argmax(-1).cpu() == labels).sum())
+        return correct / max(len(self.probe), 1)
+
     def _hand_over_final(self, snap: Snapshot) -> None:
         """Wait for the publisher to take the final snapshot, unless it has given up (fenced out)."""
         while not self.publish_failed.is_set():
@@ -434,6 +450,9 @@ class Trainer:
         arrays, meta = self.replay.state_dict()
         metrics = {"training_loss": self.last_loss, **self.window.summary()}
         metrics["param_distance"] = float(self.l2sp.squared_distance()) ** 0.5
+        if self.probe:
+            metrics["probe_accuracy"] = self.probe_accuracy()
+            self.metrics.probe_accuracy.set(metrics["probe_accuracy"])
         return Snapshot(
             model_state=model_state,
             optimizer_state=opt_state,

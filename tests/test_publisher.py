@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -253,3 +254,19 @@ def test_cli_versions_list_rollback_prune(tmp_path: Path, snap) -> None:
     # 3 is the newest, 2 is LATEST: both stay; 1 goes
     assert [m["version"] for m in list_versions(store)] == [2, 3]
     assert store.exists(LATEST) and store.exists(f"{version_dir(2)}/{MANIFEST}")
+
+
+def test_the_gate_holds_latest_and_numbers_every_rejected_candidate(tmp_path: Path, snap) -> None:
+    store = LocalStore(tmp_path)
+    pub = make_publisher(store)
+    scored = lambda acc: dataclasses.replace(snap, metrics={**snap.metrics, "probe_accuracy": acc})  # noqa: E731
+    assert pub.publish_version(scored(0.80)) == 1
+    assert pub.publish_version(scored(0.70)) == 2  # more than 0.05 below LATEST's 0.80
+    assert pub.publish_version(scored(0.74)) == 3
+    assert read_latest(store)[0] == 1 and pub.commit_queue.qsize() == 1  # no offsets for candidates
+    third = read_manifest(store, 3)
+    assert third["parent"] == 2 and third["rejected"]["latest_probe_accuracy"] == 0.80
+    assert pub.metrics.value("stream_learner_versions_rejected_total") == 2
+    assert pub.publish_version(scored(0.76)) == 4  # within the margin again: LATEST moves, lineage intact
+    assert read_latest(store)[0] == 4 and read_manifest(store, 4)["parent"] == 3
+    assert "rejected" not in read_manifest(store, 4)
