@@ -74,3 +74,50 @@ def test_cli_exits_nonzero_with_one_line(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stderr
     assert "training.l2sp_lambda" in lines[0] and "STREAM_LEARNER_TRAINING__L2SP_LAMBDA" in lines[0]
+
+
+def test_probe_file_must_exist():
+    with pytest.raises(ConfigError, match=r"probe\.file.*no file '/no/probe.jsonl'"):
+        load_settings(probe={"file": "/no/probe.jsonl"})
+
+
+def test_buffers_over_the_memory_limit_fail_at_start_with_the_numbers():
+    from stream_learner.app import check_memory
+    from stream_learner.limits import MiB, memory_budget
+    from stream_learner.model import load_model
+    from tests.factories import small_settings
+
+    s = small_settings(limits={"memory_mib": 1000}, replay={"capacity": 2_000_000})
+    model = load_model(s.model).model
+    budget = memory_budget(s, model)
+    assert budget.replay == 2_000_000 * (64 * 2 + 16) and budget.total > 1000 * MiB
+    with pytest.raises(ConfigError) as info:
+        check_memory(s, model)
+    msg = str(info.value)
+    assert "\n" not in msg and "limits.memory_mib" in msg and "replay" in msg and "1,000 MiB" in msg
+    check_memory(
+        small_settings(limits={"memory_mib": budget.total // MiB + 1}, replay={"capacity": 2_000_000}), model
+    )
+
+
+def test_probe_lines_are_validated_like_events(tmp_path):
+    from stream_learner.app import load_probe
+    from tests.factories import small_settings, tokenizer
+
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text('{"text": "fine", "label": "pos"}\n{"text": "no label"}\n')
+    with pytest.raises(ConfigError, match=r"probe\.file: line 2 .*missing_label"):
+        load_probe(small_settings(probe={"file": str(probe)}), tokenizer())
+    probe.write_text('{"text": "fine", "label": "pos"}\n{"text": "awful", "label": 0}\n')
+    events = load_probe(small_settings(probe={"file": str(probe), "max_events": 1}), tokenizer())
+    assert [e.label for e in events] == [1]
+
+
+def test_a_lineage_of_another_model_or_label_set_is_not_resumed():
+    from stream_learner.app import check_lineage_matches
+    from tests.factories import small_settings
+
+    s = small_settings()
+    check_lineage_matches(s, {"base_model": "bundled", "labels": ["neg", "pos"]}, "file:///m")
+    with pytest.raises(ConfigError, match=r"model\.name_or_path / model\.labels: file:///m holds versions"):
+        check_lineage_matches(s, {"base_model": "bundled", "labels": ["neg", "neu", "pos"]}, "file:///m")
