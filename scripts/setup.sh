@@ -23,4 +23,49 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 echo "setup: installing stream-learner[$EXTRAS]"
 "${PIP[@]}" install -e ".[$EXTRAS]"
+# Prometheus (server + promtool) for the tests of the alert rules and the dashboard (dev only):
+# Debian's package, ~20 MB, a few seconds. Only the binaries are wanted: the package's daemon is kept
+# from starting (a policy-rc.d answering 101 for the install) and left stopped and disabled.
+install_prometheus() {
+  if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
+    return 0
+  fi
+  local hint="install Prometheus >= 2.42 (server and promtool) on PATH, e.g. apt-get install -y --no-install-recommends prometheus"
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+      sudo="sudo -n"
+    else
+      echo "setup: WARNING: prometheus/promtool not found and no root or password-less sudo: the alert and dashboard tests will fail; $hint" >&2
+      return 0
+    fi
+  fi
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "setup: WARNING: prometheus/promtool not found and no apt-get: the alert and dashboard tests will fail; $hint" >&2
+    return 0
+  fi
+  echo "setup: installing Debian's prometheus package (server + promtool, for the tests)"
+  local policy=/usr/sbin/policy-rc.d added=""
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null && $sudo chmod 755 "$policy" && added=1
+  fi
+  local apt="$sudo env DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Dpkg::Use-Pty=0"
+  # the package lists may be missing or stale on a fresh machine: update once and retry
+  $apt install --no-install-recommends prometheus >/dev/null 2>&1 ||
+    { $apt update >/dev/null 2>&1 && $apt install --no-install-recommends prometheus >/dev/null; } || true
+  if [ -n "$added" ]; then $sudo rm -f "$policy"; fi
+  if [ -d /run/systemd/system ]; then
+    $sudo systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+  elif [ -x /etc/init.d/prometheus ]; then
+    $sudo /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+  fi
+  if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
+    echo "setup: $(prometheus --version 2>&1 | head -n 1)"
+  else
+    echo "setup: WARNING: installing Debian's prometheus package failed: the alert and dashboard tests will fail; $hint" >&2
+  fi
+}
+case ",$EXTRAS," in
+  *,dev,*) install_prometheus ;;
+esac
 echo "setup: done ($("$VENV/bin/python" -c 'import torch, transformers; print("torch", torch.__version__, "· transformers", transformers.__version__)'))"

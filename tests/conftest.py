@@ -79,3 +79,27 @@ def unique_topic() -> Callable[[str], str]:
         return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
     return make
+
+
+@pytest.fixture
+def prometheus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., object]]:
+    """Factory of real Prometheus servers (:class:`tests.prometheus.PrometheusServer`), stopped at the end.
+
+    ``prometheus_server(["127.0.0.1:9108"], rule_files=[...])`` starts one scraping those targets every
+    second as job ``stream-learner`` and returns it once ready.
+    """
+    # imported here: this fixture was appended, the module's imports stay as they were
+    from tests.prometheus import PrometheusServer
+
+    servers: list[PrometheusServer] = []
+
+    def start(targets: list[str], **options: object) -> PrometheusServer:
+        server = PrometheusServer(tmp_path_factory.mktemp("prometheus"), targets, **options)  # type: ignore[arg-type]
+        servers.append(server)
+        return server.start()
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
