@@ -159,6 +159,7 @@ class Learner:
             restored=restored,
             publish_failed=self.publish_failed,
             probe=probe,
+            special_token_ids=tokenizer.all_special_ids,
         )
         self.publisher = Publisher(
             s,

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from stream_learner.config import Settings
 from stream_learner.consumer import ConsumedBatch
+from stream_learner.drift import DriftMonitor, static_embeddings
 from stream_learner.events import TokenizedEvent
 from stream_learner.metrics import Metrics
 from stream_learner.model import L2SP, LoadedModel
@@ -74,13 +75,14 @@ class Snapshot:
 class FreshScores:
     """The prequential outputs of one step's fresh events (before the step learned them).
 
-    ``embeddings`` are the mean-pooled last hidden states (what drift detection on inputs looks at).
+    ``embeddings`` are the means of the pretrained token embeddings over each event's tokens: a fixed
+    feature map, what the drift signal on inputs compares (:func:`stream_learner.drift.static_embeddings`).
     """
 
     predictions: np.ndarray  # int64 [n]
     labels: np.ndarray  # int64 [n]
     losses: np.ndarray  # float32 [n]
-    embeddings: np.ndarray  # float32 [n, hidden]
+    embeddings: np.ndarray  # float32 [n, hidden]: means of θ0's token embeddings
 
 
 @dataclass
@@ -191,6 +193,7 @@ class Trainer:
         restored: Restored | None = None,
         publish_failed: threading.Event | None = None,
         probe: Sequence[TokenizedEvent] = (),
+        special_token_ids: Sequence[int] = (),
     ) -> None:
         t = settings.training
         self.settings = settings
@@ -231,6 +234,17 @@ class Trainer:
             fused=self.device.type == "cuda",
         )
         self.replay = make_replay_buffer(settings, vocab_size)
+        # drift on inputs is measured in a fixed feature space: the pretrained token embeddings (θ0)
+        table = self.model.get_input_embeddings().weight
+        at = next((i for i, p in enumerate(pretrained) if p is table), None)
+        theta0_table = self.l2sp.theta0[at] if at is not None else table.detach().clone()
+        self._token_table = theta0_table.float().cpu().numpy()  # no copy on CPU: θ0 is kept anyway
+        self._special_ids = list(special_token_ids)
+        self.drift = (
+            DriftMonitor(len(settings.model.labels), settings.drift, t.seed)
+            if settings.drift.enabled
+            else None
+        )
         self.window = PrequentialWindow(t.metrics_window, len(settings.model.labels))
         self.counters = Counters()
         self.covered: dict[int, int] = {}
@@ -306,27 +320,20 @@ class Trainer:
         labels = batch.pop("labels")
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with autocast:
-            out = self.model(**batch, output_hidden_states=True)
-        logits = out.logits
+            logits = self.model(**batch).logits
         per_example = F.cross_entropy(logits.float(), labels, reduction="none")
         loss = per_example.mean()
 
         # prequential score of the fresh events: the weights before this step predicted them
         n = len(fresh)
-        with torch.no_grad():
-            mask = batch["attention_mask"][:n].unsqueeze(-1).float()
-            pooled = (out.hidden_states[-1][:n].float() * mask).sum(1) / mask.sum(1).clamp(min=1)
-        self.last_scores = FreshScores(
+        scores = self.last_scores = FreshScores(
             predictions=logits[:n].argmax(-1).cpu().numpy(),
             labels=labels[:n].cpu().numpy(),
             losses=per_example[:n].detach().float().cpu().numpy(),
-            embeddings=pooled.cpu().numpy(),
+            embeddings=static_embeddings([e.input_ids for e in fresh], self._token_table, self._special_ids),
         )
-        self.window.add(
-            self.last_scores.predictions.tolist(),
-            self.last_scores.labels.tolist(),
-            self.last_scores.losses.tolist(),
-        )
+        self.window.add(scores.predictions.tolist(), scores.labels.tolist(), scores.losses.tolist())
+        self._watch_drift(scores, replayed)
 
         self.counters.events_ingested += n
         self.counters.examples_replayed += len(replayed)
@@ -354,6 +361,22 @@ class Trainer:
         data_loss = loss.item()
         self._record(data_loss, n, len(replayed), time.perf_counter() - t0)
         return data_loss
+
+    def _watch_drift(self, scores: FreshScores, replayed: list[StoredExample]) -> None:
+        """Feed the drift signals: errors and losses, labels against the reservoir's mix, and input
+        embeddings against those of the replayed examples (see ``drift.py``)."""
+        if self.drift is None:
+            return
+        reference = static_embeddings([r.input_ids for r in replayed], self._token_table, self._special_ids)
+        counts = None if self.settings.replay.class_balanced else self.replay.label_counts()
+        errors = (scores.predictions != scores.labels).astype(np.float32)
+        for name in self.drift.update(
+            errors, scores.losses, scores.labels, scores.embeddings, counts, reference
+        ):
+            self.metrics.drift_detections.labels(name).inc()
+            log.warning("drift detected by the %s signal after %d events", name, self.drift.events_seen)
+        for name, score in self.drift.scores().items():
+            self.metrics.drift_score.labels(name).set(score)
 
     def _record(self, loss: float, n_fresh: int, n_replayed: int, seconds: float) -> None:
         m = self.metrics
