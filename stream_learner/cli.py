@@ -1,4 +1,4 @@
-"""The ``stream-learner`` command: run | demo | produce | versions."""
+"""The ``stream-learner`` command: run | demo | produce | versions | eval."""
 
 from __future__ import annotations
 
@@ -64,6 +64,9 @@ def run(config: ConfigOpt = None, log_level: str = "INFO") -> None:
         signal.signal(sig, graceful_stop)
     try:
         learner.start()
+    except ConfigError as err:  # found at start-up (memory bound, probe file, stored lineage)
+        typer.echo(f"stream-learner: {err}", err=True)
+        raise typer.Exit(2) from None
     except Exception as err:
         raise _fail("start-up failed", err) from None
     learner.wait()
@@ -109,18 +112,21 @@ def versions_list(config: ConfigOpt = None, as_json: Annotated[bool, typer.Optio
         typer.echo(json.dumps({"latest": latest, "versions": manifests}, indent=1))
         return
     table = Table(title=f"versions in {store.describe()}")
-    for col in ("version", "created", "parent", "events", "steps", "preq. acc", "latest"):
+    for col in ("version", "created", "parent", "events", "steps", "preq. acc", "probe acc", "status"):
         table.add_column(col)
+    shown = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for m in manifests:
-        acc = m.get("metrics", {}).get("prequential_accuracy")
+        metrics = m.get("metrics", {})
+        status = "LATEST ◀" if m["version"] == latest else "rejected (gate)" if m.get("rejected") else ""
         table.add_row(
             str(m["version"]),
             m["created_at"][:19],
             str(m["parent"] or "-"),
             str(m["events_ingested"]),
             str(m["steps"]),
-            "-" if acc is None else f"{acc:.3f}",
-            "◀" if m["version"] == latest else "",
+            shown(metrics.get("prequential_accuracy")),
+            shown(metrics.get("probe_accuracy")),
+            status,
         )
     Console().print(table)
 
@@ -199,6 +205,89 @@ def demo(
         run_demo(settings, per_domain=per_domain, console=Console())
     except Exception as err:
         raise _fail("demo failed", err) from None
+
+
+# ------------------------------------------------------------------------------------------ eval
+@app.command("eval")
+def eval_(
+    scenario: Annotated[
+        str, typer.Option(help="covariate | prior_shift | imbalanced | all (= covariate and prior_shift)")
+    ] = "all",
+    strategies: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated: frozen,naive,replay,l2sp,default,offline,default_cbrs or variants"
+        ),
+    ] = "",
+    per_domain: Annotated[int | None, typer.Option(help="stream events per domain")] = None,
+    seeds: Annotated[int | None, typer.Option(help="seeds of default, naive and offline")] = None,
+    other_seeds: Annotated[int | None, typer.Option(help="seeds of the other strategies")] = None,
+    seed_count: Annotated[list[str], typer.Option(help="per-strategy seeds, NAME=N (repeatable)")] = [],  # noqa: B006
+    variant: Annotated[
+        list[str],
+        typer.Option(help="extra strategy: NAME:section.key=value[,…] on top of default (repeatable)"),
+    ] = [],  # noqa: B006
+    heldout_per_domain: Annotated[
+        int | None, typer.Option(help="held-out events per domain; 0 = all")
+    ] = None,
+    eval_every: Annotated[int | None, typer.Option(help="events between held-out checkpoints")] = None,
+    layers: Annotated[int | None, typer.Option(help="encoder layers kept (default: all)")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: one per core)")] = None,
+    quick: Annotated[bool, typer.Option(help="tiny smoke run: 1 layer, 32 events/domain, 1 seed")] = False,
+    drift: Annotated[bool, typer.Option(help="run the drift signals on the default strategy")] = True,
+    out: Annotated[Path, typer.Option(help="results.json and the plots go here")] = Path(
+        "stream-learner-eval"
+    ),
+    config: ConfigOpt = None,
+) -> None:
+    """The quality benchmark: strategies side by side on drifting streams, prequential and held out."""
+    from stream_learner import evaluation as ev
+
+    _settings(config)  # a bad settings file fails before anything heavy
+    changes: dict = {"drift": drift}
+    changes["scenarios"] = ("covariate", "prior_shift") if scenario == "all" else (scenario,)
+    for key, value in {
+        "per_domain": per_domain,
+        "seeds": seeds,
+        "other_seeds": other_seeds,
+        "eval_every": eval_every,
+        "layers": layers,
+        "threads": threads,
+    }.items():
+        if value is not None:
+            changes[key] = value
+    if heldout_per_domain is not None:
+        changes["heldout_per_domain"] = heldout_per_domain or None
+    try:
+        changes["variants"] = {v.name: v for v in map(ev.parse_variant, variant)}
+        changes["seed_counts"] = {k: int(n) for k, _, n in (s.partition("=") for s in seed_count)}
+        if strategies:
+            changes["strategies"] = tuple(s.strip() for s in strategies.split(",") if s.strip())
+        if changes["variants"]:  # a variant given is a variant run
+            listed = (
+                changes.get("strategies") or (ev.EvalConfig.quick() if quick else ev.EvalConfig()).strategies
+            )
+            changes["strategies"] = (*listed, *(v for v in changes["variants"] if v not in listed))
+        if config is not None:
+            dumped = _settings(config).model_dump(mode="json", exclude_unset=True)
+            changes["settings"] = {
+                k: v for k, v in dumped.items() if k in ("model", "training", "replay", "drift")
+            }
+        cfg = ev.EvalConfig.quick(**changes) if quick else ev.EvalConfig(**changes)
+        ev.plan_runs(cfg)
+    except ValueError as err:
+        raise _fail("eval", err) from None
+    _logging("WARNING")
+    results = ev.run_benchmark(cfg, out, console=console)
+    for table in ev.tables(results):
+        Console().print(table)
+    for scenario_name, d in results["drift"].items():
+        for s in d["per_seed"]:
+            console.print(
+                f"drift ({scenario_name}, seed {s['seed']}): delays {s['delays']}, "
+                f"false alarms per 5,000 events {s['false_alarms_per_5000']['any']:.2f}"
+            )
+    console.print(f"results: {out / 'results.json'}; plots: {', '.join(results['plots'])}")
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

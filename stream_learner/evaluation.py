@@ -1,0 +1,883 @@
+"""The quality benchmark: does the learner follow a drifting stream without forgetting, and at what cost?
+
+``stream-learner eval`` replays labeled streams built from the bundled VADER data through the
+service's own :class:`~stream_learner.trainer.Trainer` — in process, one ``trainer.step`` per
+micro-batch, exactly the calls the trainer thread makes — under several strategies, and measures:
+
+* **prequential** accuracy and loss of every event (test-then-train, Gama et al. 2013): the trainer's
+  ``last_scores`` after each step, i.e. the prediction of the weights *before* they learned it;
+* **held-out** accuracy and macro-F1 per domain at checkpoints (every ``eval_every`` events and at
+  each domain boundary), from which come the final average accuracy and macro-F1, the average
+  forgetting (Chaudhry et al. 2018) and the backward transfer (Lopez-Paz & Ranzato 2017);
+* for the ``default`` strategy, the events at which each drift signal of ``drift.py`` fired, scored
+  against the domain boundaries (detection delay, false alarms per 5,000 events).
+
+Scenarios (:data:`SCENARIOS`): ``covariate`` — the bundled stream as it is, ``per_domain`` events of
+each domain in stream order (movie → amazon → tweets → nyt); ``prior_shift`` — each domain block
+resampled to a skewed label mix (85/15 by default), the majority class alternating between blocks;
+``imbalanced`` — every block 90/10 with the same majority (for the class-balanced reservoir).
+
+Strategies (:data:`STRATEGIES`), all with the same stream, model and number of gradient steps:
+``frozen`` (encoder frozen, head only), ``naive`` (no replay, λ = 0), ``replay`` (λ = 0), ``l2sp``
+(no replay), ``default`` (replay + L2-SP: the current ``Settings`` defaults), ``offline`` (the default
+settings on the same events shuffled i.i.d.: the upper bound), and named variants such as
+``default_cbrs``.
+
+Everything is written to ``out``: ``results.json`` (every run, its checkpoints and per-event records,
+the summary), ``prequential_<scenario>.png`` and ``heldout_<scenario>.png``. :func:`run_benchmark` is
+the entry point; :func:`run_one` is the evaluation loop of one run, top to bottom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stream_learner.config import Settings, load_settings
+from stream_learner.consumer import Tokenize
+from stream_learner.datasets import DOMAINS, HELDOUT, STREAM, bundled_path, read_jsonl
+from stream_learner.events import LabeledEvent, LabelSet, TokenizedEvent
+from stream_learner.metrics import Metrics
+from stream_learner.model import load_model, load_tokenizer
+from stream_learner.trainer import Trainer, collate
+
+FORMAT = 1
+CORE_STRATEGIES = ("default", "naive", "offline")  # the ones the issue wants with ≥ 3 seeds
+
+# ============================================================================================ metrics
+
+
+def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of correct predictions (NaN for no examples)."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    return float(np.mean(predictions == labels)) if len(labels) else math.nan
+
+
+def macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Unweighted mean of the per-class F1 over the classes present in ``labels`` or ``predictions``.
+
+    A model that predicts one class only scores 0 on the other: on a balanced set that is ≈ 0.33,
+    where its accuracy still reads 0.5.
+
+    >>> round(macro_f1(np.array([1, 1, 1, 1]), np.array([1, 1, 0, 0])), 6)  # F1(1) = 2/3, F1(0) = 0
+    0.333333
+    >>> macro_f1(np.array([0, 1]), np.array([0, 1]))
+    1.0
+    """
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    f1s = []
+    for c in np.union1d(predictions, labels):
+        tp = np.sum((predictions == c) & (labels == c))
+        f1s.append(2 * tp / (np.sum(predictions == c) + np.sum(labels == c)))
+    return float(np.mean(f1s)) if f1s else math.nan
+
+
+def backward_transfer(acc: np.ndarray) -> float:
+    """Backward transfer: how learning later domains changed the accuracy on earlier ones.
+
+    ``acc[i, j]`` is the held-out accuracy on domain ``j`` after training through domain ``i``
+    (T × T). ``BWT = 1/(T−1) · Σ_{j<T−1} (acc[T−1, j] − acc[j, j])``; negative means forgetting.
+    Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS 2017, eq. 3.
+
+    >>> round(backward_transfer(np.array([[0.9, 0.5, 0.5], [0.8, 0.9, 0.5], [0.7, 0.6, 0.9]])), 6)
+    -0.25
+    """
+    acc = np.asarray(acc, dtype=np.float64)
+    t = acc.shape[0]
+    if t < 2:
+        return math.nan
+    return float(np.mean([acc[t - 1, j] - acc[j, j] for j in range(t - 1)]))
+
+
+def average_forgetting(acc: np.ndarray) -> float:
+    """Average forgetting: for each domain but the last, the best accuracy it had once learned − final.
+
+    ``f_j = max_{j ≤ i < T−1} acc[i, j] − acc[T−1, j]``, averaged over ``j < T−1``; ``acc`` as in
+    :func:`backward_transfer`. Chaudhry, Dokania, Ajanthan & Torr, "Riemannian Walk for Incremental
+    Learning", ECCV 2018, eq. 2 (the best *earlier* accuracy, not only the one right after learning).
+
+    >>> round(average_forgetting(np.array([[0.9, 0.5, 0.5], [0.95, 0.9, 0.5], [0.7, 0.6, 0.9]])), 6)
+    0.275
+    """
+    acc = np.asarray(acc, dtype=np.float64)
+    t = acc.shape[0]
+    if t < 2:
+        return math.nan
+    return float(np.mean([acc[j : t - 1, j].max() - acc[t - 1, j] for j in range(t - 1)]))
+
+
+def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of the last ``window`` values at every position (fewer at the start)."""
+    values = np.asarray(values, dtype=np.float64)
+    c = np.concatenate([[0.0], np.cumsum(values)])
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(idx - window, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def mean_std(values: Iterable[float]) -> dict[str, float | int | None]:
+    """Mean and sample standard deviation (``None`` with fewer than two values) of the finite values."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    return {
+        "mean": float(v.mean()) if len(v) else None,
+        "std": float(v.std(ddof=1)) if len(v) > 1 else None,
+        "n": len(v),
+    }
+
+
+# ========================================================================================== scenarios
+
+Row = dict[str, Any]  # one JSONL row: id, text, label, domain, score
+
+
+def domain_slice(rows: Sequence[Row], per_domain: int) -> list[Row]:
+    """The first ``per_domain`` rows of each domain, domains in :data:`DOMAINS` order (covariate shift)."""
+    out = []
+    for domain in DOMAINS:
+        block = [r for r in rows if r["domain"] == domain][:per_domain]
+        if len(block) < per_domain:
+            raise ValueError(f"domain {domain!r} has {len(block)} rows, fewer than per_domain={per_domain}")
+        out.extend(block)
+    return out
+
+
+def skewed_blocks(
+    rows: Sequence[Row],
+    per_domain: int,
+    labels: Sequence[str],
+    majority_share: float = 0.85,
+    first_majority: int = 1,
+    alternate: bool = True,
+    seed: int = 0,
+) -> list[Row]:
+    """Each domain block resampled to ``majority_share`` of one label, the rest of the other.
+
+    The majority label of block ``k`` is ``labels[first_majority]`` and, with ``alternate``, flips at
+    every block (prior shift: spam waves, seasonal topics); without it every block has the same
+    majority (a stream imbalanced throughout). Rows are drawn without replacement when the domain has
+    enough of them (with replacement otherwise), and each block is shuffled. Two labels only.
+    """
+    if len(labels) != 2:
+        raise ValueError("the skewed scenarios need exactly two labels")
+    rng = np.random.default_rng(seed)
+    n_major = round(majority_share * per_domain)
+    out: list[Row] = []
+    for k, domain in enumerate(DOMAINS):
+        major = (first_majority + k) % 2 if alternate else first_majority
+        block: list[Row] = []
+        for label, n in ((labels[major], n_major), (labels[1 - major], per_domain - n_major)):
+            pool = [r for r in rows if r["domain"] == domain and r["label"] == label]
+            if not pool and n:
+                raise ValueError(f"domain {domain!r} has no {label!r} rows")
+            picks = rng.choice(len(pool), size=n, replace=n > len(pool)) if n else []
+            block.extend(pool[i] for i in picks)
+        out.extend(block[i] for i in rng.permutation(len(block)))
+    return out
+
+
+def make_stream(scenario: str, rows: Sequence[Row], cfg: EvalConfig, labels: Sequence[str]) -> list[Row]:
+    """The event stream of ``scenario`` (see :data:`SCENARIOS`)."""
+    if scenario == "covariate":
+        return domain_slice(rows, cfg.per_domain)
+    if scenario == "prior_shift":
+        return skewed_blocks(rows, cfg.per_domain, labels, cfg.majority_share, seed=cfg.data_seed)
+    if scenario == "imbalanced":
+        return skewed_blocks(
+            rows, cfg.per_domain, labels, cfg.imbalance_share, alternate=False, seed=cfg.data_seed
+        )
+    raise ValueError(f"unknown scenario {scenario!r}; choose from {sorted(SCENARIOS)}")
+
+
+SCENARIOS = {
+    "covariate": "the bundled stream as it is: per_domain events of each domain, in stream order",
+    "prior_shift": "each domain block resampled to an 85/15 label mix, the majority alternating",
+    "imbalanced": "each domain block resampled to 90/10, always the same majority (CBRS vs Algorithm R)",
+}
+
+
+def boundaries_of(domains: Sequence[int]) -> list[int]:
+    """Indices of the first event of each new domain block."""
+    return [i for i in range(1, len(domains)) if domains[i] != domains[i - 1]]
+
+
+# ========================================================================================= strategies
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How one run trains: settings overrides on top of the defaults, and two harness-level switches.
+
+    ``freeze_encoder``: the pretrained weights get learning rate 0 (and no gradient), only the new head
+    learns. ``shuffle``: the events of the stream are shuffled i.i.d. (per seed) before training.
+    """
+
+    name: str
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    freeze_encoder: bool = False
+    shuffle: bool = False
+    about: str = ""
+
+
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        Strategy("frozen", freeze_encoder=True, about="encoder frozen (lr 0), head only; replay on"),
+        Strategy(
+            "naive",
+            {"training": {"replay_per_step": 0, "l2sp_lambda": 0.0}},
+            about="plain fine-tuning: no replay, λ = 0",
+        ),
+        Strategy("replay", {"training": {"l2sp_lambda": 0.0}}, about="replay only, λ = 0"),
+        Strategy("l2sp", {"training": {"replay_per_step": 0}}, about="L2-SP only, no replay"),
+        Strategy("default", about="replay + L2-SP: the Settings defaults"),
+        Strategy("offline", shuffle=True, about="the default settings on the same events shuffled i.i.d."),
+        Strategy(
+            "default_cbrs",
+            {"replay": {"class_balanced": True}},
+            about="the default with the class-balanced reservoir (CBRS)",
+        ),
+    )
+}
+SIX = ("frozen", "naive", "replay", "l2sp", "default", "offline")
+
+
+def parse_variant(spec: str) -> Strategy:
+    """A named variant of ``default`` from ``name:section.key=value[,section.key=value…]``.
+
+    Values are JSON when they parse as JSON, strings otherwise.
+
+    >>> parse_variant("lam_0.1:training.l2sp_lambda=0.1,replay.capacity=2000").overrides
+    {'training': {'l2sp_lambda': 0.1}, 'replay': {'capacity': 2000}}
+    """
+    name, sep, body = spec.partition(":")
+    if not sep or not name or not body:
+        raise ValueError(f"variant {spec!r}: expected name:section.key=value[,section.key=value…]")
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in body.split(","):
+        key, eq, raw = item.partition("=")
+        section, dot, setting = key.strip().partition(".")
+        if not eq or not dot:
+            raise ValueError(f"variant {spec!r}: {item!r} is not section.key=value")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        overrides.setdefault(section, {})[setting] = value
+    return Strategy(name, overrides, about=f"default with {body}")
+
+
+# ============================================================================================= config
+
+
+@dataclass
+class EvalConfig:
+    """Everything a benchmark run depends on (recorded in the results JSON)."""
+
+    scenarios: tuple[str, ...] = ("covariate", "prior_shift")
+    strategies: tuple[str, ...] = SIX
+    # the defaults are the full comparison's slice, sized for < 2 h on a 2-core CPU (docs/quality.md)
+    per_domain: int = 500  # stream events per domain
+    heldout_per_domain: int | None = 200  # held-out events per domain scored at each checkpoint; None = all
+    seeds: int = 3  # seeds of the core strategies (default, naive, offline)
+    other_seeds: int = 1  # seeds of the others
+    seed_counts: dict[str, int] = field(default_factory=dict)  # per-strategy override
+    eval_every: int | None = None  # events between held-out checkpoints; None = twice per domain
+    majority_share: float = 0.85  # prior_shift
+    imbalance_share: float = 0.9  # imbalanced
+    data_seed: int = 0  # resampling of the skewed scenarios and of the held-out subset
+    layers: int | None = None  # model.num_hidden_layers; None = all 6
+    max_length: int = 128
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # overrides applied to every run
+    variants: dict[str, Strategy] = field(default_factory=dict)
+    drift: bool = True  # run the drift monitor on the default strategy's runs
+    rolling_window: int = 200  # of the prequential accuracy plot
+    eval_batch_size: int = 128
+    threads: int | None = None  # torch intra-op threads; None = torch's default (one per core)
+
+    @classmethod
+    def quick(cls, **changes: Any) -> EvalConfig:
+        """A tiny smoke-test configuration (not a measurement): 1 layer, 64 tokens, 32 events per domain.
+
+        One torch thread: on a shared 2-core machine two threads contend with the other processes
+        and run several times slower (measured: 2.5 s against 0.5 s per 1-layer step).
+        """
+        base: dict[str, Any] = {
+            "strategies": ("naive", "default", "offline"),
+            "per_domain": 32,
+            "heldout_per_domain": 16,
+            "seeds": 1,
+            "other_seeds": 1,
+            "eval_every": 16,
+            "layers": 1,
+            "max_length": 64,
+            "rolling_window": 16,
+            "threads": 1,
+        }
+        return cls(**{**base, **changes})
+
+    def strategy(self, name: str) -> Strategy:
+        if name in self.variants:
+            return self.variants[name]
+        if name in STRATEGIES:
+            return STRATEGIES[name]
+        raise ValueError(f"unknown strategy {name!r}; choose from {sorted({*STRATEGIES, *self.variants})}")
+
+    def n_seeds(self, strategy: str) -> int:
+        if strategy in self.seed_counts:
+            return self.seed_counts[strategy]
+        return self.seeds if strategy in CORE_STRATEGIES else self.other_seeds
+
+    def checkpoint_every(self) -> int:
+        return self.eval_every or max(1, self.per_domain // 2)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["variants"] = {k: dataclasses.asdict(v) for k, v in self.variants.items()}
+        return d
+
+
+def _merge(*layers: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for section, values in layer.items():
+            out.setdefault(section, {}).update(values)
+    return out
+
+
+def run_settings(cfg: EvalConfig, strategy: Strategy, seed: int) -> Settings:
+    """The settings of one run: defaults ← ``cfg.settings`` ← the model size ← the strategy ← the seed."""
+    model: dict[str, Any] = {"max_length": cfg.max_length}
+    if cfg.layers is not None:
+        model["num_hidden_layers"] = cfg.layers
+    return load_settings(
+        **_merge(
+            cfg.settings,
+            {"model": model, "http": {"enabled": False}},
+            strategy.overrides,
+            {"training": {"seed": seed}},
+        )
+    )
+
+
+# =============================================================================================== data
+
+
+@dataclass
+class HeldOut:
+    """The held-out set, tokenized once, sorted by length and collated into batches (little padding)."""
+
+    batches: list[dict[str, torch.Tensor]]
+    labels: np.ndarray  # in batch order
+    domains: np.ndarray  # domain index per example, in batch order
+    sizes: dict[str, int]
+
+
+@dataclass
+class Scenario:
+    """One scenario's stream, tokenized, with the domain of every event and the block boundaries."""
+
+    name: str
+    events: list[TokenizedEvent]
+    domains: np.ndarray  # int, index into DOMAINS
+    boundaries: list[int]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([e.label for e in self.events], dtype=np.int64)
+
+
+def tokenize_rows(rows: Sequence[Row], tokenize: Tokenize, labels: LabelSet) -> list[TokenizedEvent]:
+    """Rows → :class:`TokenizedEvent` as the consumer makes them (offsets = positions in the stream)."""
+    events = [LabeledEvent(text=r["text"], label=labels.index(r["label"])) for r in rows]
+    return [
+        TokenizedEvent(input_ids=ids, label=e.label, pair_start=start, partition=0, offset=i, timestamp_ms=0)
+        for i, (e, (ids, start)) in enumerate(zip(events, tokenize(events), strict=True))
+    ]
+
+
+def build_heldout(
+    rows: Sequence[Row], cfg: EvalConfig, tokenize: Tokenize, labels: LabelSet, pad_id: int, with_types: bool
+) -> HeldOut:
+    rng = np.random.default_rng(cfg.data_seed)
+    chosen: list[Row] = []
+    for domain in DOMAINS:
+        block = [r for r in rows if r["domain"] == domain]
+        if cfg.heldout_per_domain is not None and len(block) > cfg.heldout_per_domain:
+            block = [block[i] for i in sorted(rng.choice(len(block), cfg.heldout_per_domain, replace=False))]
+        chosen.extend(block)
+    events = tokenize_rows(chosen, tokenize, labels)
+    order = sorted(range(len(events)), key=lambda i: len(events[i].input_ids))
+    batches = [
+        collate([events[i] for i in order[k : k + cfg.eval_batch_size]], pad_id, with_types)
+        for k in range(0, len(order), cfg.eval_batch_size)
+    ]
+    for b in batches:
+        b.pop("labels")
+    return HeldOut(
+        batches=batches,
+        labels=np.array([events[i].label for i in order], dtype=np.int64),
+        domains=np.array([DOMAINS.index(chosen[i]["domain"]) for i in order], dtype=np.int64),
+        sizes={d: sum(r["domain"] == d for r in chosen) for d in DOMAINS},
+    )
+
+
+@torch.no_grad()
+def evaluate_heldout(model: torch.nn.Module, heldout: HeldOut) -> tuple[list[float], list[float]]:
+    """Accuracy and macro-F1 per domain of the model as it is now (eval mode, no gradient)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    preds = np.concatenate(
+        [
+            model(**{k: v.to(device) for k, v in b.items()}).logits.argmax(-1).cpu().numpy()
+            for b in heldout.batches
+        ]
+    )
+    model.train(was_training)
+    accs, f1s = [], []
+    for d in range(len(DOMAINS)):
+        m = heldout.domains == d
+        accs.append(accuracy(preds[m], heldout.labels[m]))
+        f1s.append(macro_f1(preds[m], heldout.labels[m]))
+    return accs, f1s
+
+
+def build_trainer(settings: Settings, tokenizer: Any) -> Trainer:
+    """A :class:`Trainer` wired as the service wires it, minus the threads (queues stay empty)."""
+    return Trainer(
+        settings,
+        load_model(settings.model),
+        pad_id=tokenizer.pad_token_id or 0,
+        with_token_types="token_type_ids" in tokenizer.model_input_names,
+        vocab_size=len(tokenizer),
+        fresh_queue=queue.Queue(maxsize=1),
+        publish_queue=queue.Queue(maxsize=1),
+        metrics=Metrics(),
+        stop=threading.Event(),
+        special_token_ids=tokenizer.all_special_ids,
+    )
+
+
+def freeze_encoder(trainer: Trainer) -> None:
+    """Learning rate 0 and no gradient for the pretrained weights: only the new head learns.
+
+    Group 0 of the trainer's AdamW holds the pretrained parameters (see ``Trainer``); they also leave
+    the group, so that the optimizer does not spend a pass over 22M weights that cannot move.
+    """
+    group = trainer.optimizer.param_groups[0]
+    for p in group["params"]:
+        p.requires_grad_(False)
+    group["lr"], group["params"] = 0.0, []
+
+
+def checkpoint_positions(n_events: int, boundaries: Sequence[int], every: int) -> list[int]:
+    """Event counts at which the held-out set is scored: 0, every ``every`` events, each boundary, the end."""
+    return sorted({0, n_events, *boundaries, *range(every, n_events, every)})
+
+
+# ============================================================================================== drift
+
+
+def drift_report(positions: Mapping[str, Sequence[int]], boundaries: Sequence[int], n_events: int) -> dict:
+    """Detection delays at the domain boundaries (window 500 events) and false alarms per 5,000 events."""
+    from stream_learner.drift import detection_report
+
+    return detection_report(positions, boundaries, n_events=n_events, max_delay=500, per_events=5_000)
+
+
+# ========================================================================================== one run
+
+
+def run_one(
+    scenario: Scenario,
+    heldout: HeldOut,
+    strategy: Strategy,
+    seed: int,
+    cfg: EvalConfig,
+    tokenizer: Any,
+    on_step: Callable[[int], None] = lambda n: None,
+) -> dict[str, Any]:
+    """Train one strategy on one scenario's stream with one seed; score prequentially and on held-out."""
+    settings = run_settings(cfg, strategy, seed)
+    torch.manual_seed(seed)  # the new head's initialisation, inside load_model
+    trainer = build_trainer(settings, tokenizer)
+    if strategy.freeze_encoder:
+        freeze_encoder(trainer)
+    if not (cfg.drift and strategy.name == "default"):
+        trainer.drift = None  # the trainer's own drift signals, as in the service: on one strategy only
+
+    # the stream: as it is, or shuffled i.i.d. (offline); checkpoints at the same event counts either way
+    order = np.random.default_rng(seed).permutation(len(scenario.events)) if strategy.shuffle else None
+    events = scenario.events if order is None else [scenario.events[i] for i in order]
+    domains = scenario.domains if order is None else scenario.domains[order]
+    n = len(events)
+    checkpoints = checkpoint_positions(n, scenario.boundaries, cfg.checkpoint_every())
+
+    correct = np.zeros(n, dtype=bool)
+    losses = np.zeros(n, dtype=np.float32)
+    curve: list[dict[str, Any]] = []
+    t_train = t_eval = 0.0
+
+    def checkpoint(at: int) -> None:
+        nonlocal t_eval
+        t0 = time.perf_counter()
+        acc, f1 = evaluate_heldout(trainer.model, heldout)
+        t_eval += time.perf_counter() - t0
+        curve.append({"events": at, "accuracy": acc, "f1": f1})
+
+    checkpoint(0)
+    pos, steps = 0, 0
+    for stop in checkpoints[1:]:
+        while pos < stop:  # micro-batches never straddle a checkpoint: every strategy takes the same steps
+            fresh = events[pos : min(pos + settings.training.fresh_per_step, stop)]
+            t0 = time.perf_counter()
+            trainer.step(fresh)  # scores the fresh events with the weights before the step, then learns
+            t_train += time.perf_counter() - t0
+            scores = trainer.last_scores
+            correct[pos : pos + len(fresh)] = scores.predictions == scores.labels
+            losses[pos : pos + len(fresh)] = scores.losses
+            pos += len(fresh)
+            steps += 1
+            on_step(len(fresh))
+        checkpoint(stop)
+
+    # the accuracy matrix at the domain boundaries: row i = after the events of block i
+    ends = [*scenario.boundaries, n]
+    at = {c["events"]: c for c in curve}
+    matrix = np.array([at[e]["accuracy"] for e in ends])
+    final = curve[-1]
+    result: dict[str, Any] = {
+        "scenario": scenario.name,
+        "strategy": strategy.name,
+        "seed": seed,
+        "steps": steps,
+        "events": n,
+        "examples_replayed": trainer.counters.examples_replayed,
+        "settings": settings.model_dump(mode="json", include={"model", "training", "replay"}),
+        "seconds": {"train": t_train, "eval": t_eval, "total": t_train + t_eval},  # train includes drift
+        "param_distance": float(trainer.l2sp.squared_distance()) ** 0.5,
+        "checkpoints": curve,
+        "boundary_events": ends,
+        "accuracy_matrix": matrix.tolist(),
+        "metrics": {
+            "final_accuracy": float(np.mean(final["accuracy"])),
+            "final_f1": float(np.mean(final["f1"])),
+            "forgetting": average_forgetting(matrix),
+            "bwt": backward_transfer(matrix),
+            "prequential_accuracy": float(correct.mean()),
+            "prequential_loss": float(losses.mean()),
+        },
+        "prequential": {
+            "correct": correct.astype(np.int8).tolist(),
+            "loss": np.round(losses, 4).tolist(),
+            "label": [e.label for e in events],
+            "domain": domains.tolist(),
+        },
+    }
+    if trainer.drift is not None:
+        positions = trainer.drift.detection_positions()
+        result["drift"] = {"positions": positions, "report": drift_report(positions, scenario.boundaries, n)}
+    return result
+
+
+# ========================================================================================== the bench
+
+METRICS = ("final_accuracy", "final_f1", "forgetting", "bwt", "prequential_accuracy")
+
+
+def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per scenario and strategy, mean ± std over seeds of each metric (and of the seconds per run)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in runs:
+        out.setdefault(r["scenario"], {}).setdefault(r["strategy"], {"runs": []})["runs"].append(r)
+    for strategies in out.values():
+        for name, entry in strategies.items():
+            rs = entry.pop("runs")
+            strategies[name] = {m: mean_std(r["metrics"][m] for r in rs) for m in METRICS}
+            strategies[name]["seconds"] = mean_std(r["seconds"]["total"] for r in rs)
+            strategies[name]["steps"] = rs[0]["steps"]
+    return out
+
+
+def summarize_drift(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per scenario, the default runs' detection reports and their aggregate (delays, false alarms)."""
+    out: dict[str, Any] = {}
+    for r in runs:
+        if "drift" not in r:
+            continue
+        rep = r["drift"]["report"]
+        entry = out.setdefault(r["scenario"], {"per_seed": [], "all_ok": True})
+        entry["per_seed"].append(
+            {
+                "seed": r["seed"],
+                "delays": [b["delay"] for b in rep["boundaries"]],
+                "delays_per_signal": [b["delays"] for b in rep["boundaries"]],
+                "missed": rep["missed"],
+                "false_alarms": rep["false_alarms"],
+                "false_alarms_per_5000": rep["false_alarms_per_5000"],
+                "events_inside_segments": rep["events_inside_segments"],
+                "ok": rep["ok"],
+            }
+        )
+        entry["all_ok"] = entry["all_ok"] and rep["ok"]
+    return out
+
+
+def plan_runs(cfg: EvalConfig) -> list[tuple[str, Strategy, int]]:
+    return [
+        (scenario, cfg.strategy(name), seed)
+        for scenario in cfg.scenarios
+        for name in cfg.strategies
+        for seed in range(cfg.n_seeds(name))
+    ]
+
+
+def run_benchmark(cfg: EvalConfig, out: Path, console: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Every (scenario, strategy, seed) run of ``cfg``; writes ``results.json`` and the plots to ``out``."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_benchmark(cfg, out, console, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_benchmark(cfg: EvalConfig, out: Path, console: Any, progress: bool) -> dict[str, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    for name in cfg.scenarios:
+        if name not in SCENARIOS:
+            raise ValueError(f"unknown scenario {name!r}; choose from {sorted(SCENARIOS)}")
+    plan = plan_runs(cfg)  # validates the strategy names before anything heavy
+
+    base = run_settings(cfg, STRATEGIES["default"], 0)
+    tokenizer = load_tokenizer(base.model)
+    tokenize, labels = Tokenize(tokenizer, base.model.max_length), LabelSet(base.model.labels)
+    with_types = "token_type_ids" in tokenizer.model_input_names
+    stream_rows = list(read_jsonl(bundled_path(STREAM)))
+    heldout = build_heldout(
+        list(read_jsonl(bundled_path(HELDOUT))),
+        cfg,
+        tokenize,
+        labels,
+        tokenizer.pad_token_id or 0,
+        with_types,
+    )
+    scenarios: dict[str, Scenario] = {}
+    for name in cfg.scenarios:
+        rows = make_stream(name, stream_rows, cfg, base.model.labels)
+        domains = np.array([DOMAINS.index(r["domain"]) for r in rows], dtype=np.int64)
+        scenarios[name] = Scenario(
+            name, tokenize_rows(rows, tokenize, labels), domains, boundaries_of(domains)
+        )
+
+    runs: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    total = sum(len(scenarios[s].events) for s, _, _ in plan)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        task = bar.add_task("eval", total=total)
+        for i, (name, strategy, seed) in enumerate(plan, 1):
+            bar.update(task, description=f"run {i}/{len(plan)} {name} · {strategy.name} · seed {seed}")
+            runs.append(
+                run_one(
+                    scenarios[name], heldout, strategy, seed, cfg, tokenizer, lambda k: bar.advance(task, k)
+                )
+            )
+
+    results: dict[str, Any] = {
+        "format": FORMAT,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": cfg.to_json(),
+        "environment": environment(),
+        "domains": list(DOMAINS),
+        "labels": list(base.model.labels),
+        "strategies": {s.name: dataclasses.asdict(s) for s in {st.name: st for _, st, _ in plan}.values()},
+        "scenarios": {
+            name: {
+                "about": SCENARIOS[name],
+                "events": len(s.events),
+                "boundaries": s.boundaries,
+                "label_counts": label_counts(s, len(labels)),
+            }
+            for name, s in scenarios.items()
+        },
+        "heldout": {"per_domain": heldout.sizes},
+        "runs": runs,
+        "summary": summarize(runs),
+        "drift": summarize_drift(runs),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    results["plots"] = write_plots(results, out)
+    (out / "results.json").write_text(json.dumps(results, allow_nan=True, separators=(",", ":")))
+    return results
+
+
+def label_counts(scenario: Scenario, num_labels: int) -> dict[str, list[int]]:
+    """Events per label in each domain block of the stream."""
+    y = scenario.labels
+    return {
+        d: np.bincount(y[scenario.domains == k], minlength=num_labels).tolist() for k, d in enumerate(DOMAINS)
+    }
+
+
+def environment() -> dict[str, Any]:
+    import os
+
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+    }
+
+
+# ========================================================================================= reporting
+
+
+def _fmt(stat: Mapping[str, Any], signed: bool = False) -> str:
+    if stat["mean"] is None:
+        return "–"
+    mean = f"{stat['mean']:+.3f}" if signed else f"{stat['mean']:.3f}"
+    return mean if stat["std"] is None else f"{mean} ± {stat['std']:.3f}"
+
+
+def tables(results: Mapping[str, Any]) -> list[Any]:
+    """One rich table per scenario: strategies × metrics, mean ± std over seeds."""
+    from rich.table import Table
+
+    out = []
+    for scenario, strategies in results["summary"].items():
+        table = Table(title=f"{scenario}: {results['scenarios'][scenario]['events']} events")
+        for col in ("strategy", "seeds", "final acc", "final F1", "forgetting", "BWT", "preq. acc", "s/run"):
+            table.add_column(col, justify="left" if col == "strategy" else "right")
+        for name, s in strategies.items():
+            table.add_row(
+                name,
+                str(s["final_accuracy"]["n"]),
+                _fmt(s["final_accuracy"]),
+                _fmt(s["final_f1"]),
+                _fmt(s["forgetting"], signed=True),
+                _fmt(s["bwt"], signed=True),
+                _fmt(s["prequential_accuracy"]),
+                f"{s['seconds']['mean']:.0f}",
+            )
+        out.append(table)
+    return out
+
+
+def markdown_table(results: Mapping[str, Any], scenario: str) -> str:
+    """The summary of one scenario as a Markdown table (for docs/quality.md)."""
+    rows = [
+        "| strategy | seeds | final acc | final macro-F1 | forgetting | BWT | prequential acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, s in results["summary"][scenario].items():
+        cells = [
+            _fmt(s["final_accuracy"]),
+            _fmt(s["final_f1"]),
+            _fmt(s["forgetting"], True),
+            _fmt(s["bwt"], True),
+            _fmt(s["prequential_accuracy"]),
+        ]
+        rows.append(f"| {name} | {s['final_accuracy']['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _mark_boundaries(ax: Any, boundaries: Sequence[int], n: int) -> None:
+    starts = [0, *boundaries]
+    for b in boundaries:
+        ax.axvline(b, color="0.5", linestyle=":", linewidth=1)
+    for k, s in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else n
+        ax.text((s + end) / 2, 1.0, DOMAINS[k], transform=ax.get_xaxis_transform(), ha="center", va="bottom")
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
+def write_plots(results: Mapping[str, Any], out: Path) -> list[str]:
+    """Per scenario: prequential accuracy along the stream, and held-out accuracy per domain over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    window = results["config"]["rolling_window"]
+    written = []
+    for scenario, info in results["scenarios"].items():
+        runs = [r for r in results["runs"] if r["scenario"] == scenario]
+        names = list(dict.fromkeys(r["strategy"] for r in runs))
+        n, bounds = info["events"], info["boundaries"]
+
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        for name in names:
+            curves = [
+                rolling_mean(np.array(r["prequential"]["correct"]), window)
+                for r in runs
+                if r["strategy"] == name
+            ]
+            style = "--" if name == "offline" else "-"
+            ax.plot(
+                np.arange(1, n + 1), np.mean(curves, axis=0), style, label=f"{name} ({_seeds(len(curves))})"
+            )
+        _mark_boundaries(ax, bounds, n)
+        ax.set(xlabel="events", ylabel=f"prequential accuracy (last {window})", ylim=(0.0, 1.0), xlim=(0, n))
+        ax.legend(loc="lower left", fontsize="small", ncol=3)
+        note = " (offline: in its shuffled order)" if "offline" in names else ""
+        ax.set_title(f"{scenario}: prequential accuracy along the stream{note}", pad=18)
+        fig.tight_layout()
+        path = out / f"prequential_{scenario}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path.name)
+
+        cols = min(3, len(names))
+        rows = math.ceil(len(names) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False, sharey=True)
+        for ax, name in zip(axes.flat, names, strict=False):
+            rs = [r for r in runs if r["strategy"] == name]
+            x = [c["events"] for c in rs[0]["checkpoints"]]
+            acc = np.mean([[c["accuracy"] for c in r["checkpoints"]] for r in rs], axis=0)  # [checkpoints, D]
+            for d, domain in enumerate(DOMAINS):
+                ax.plot(x, acc[:, d], marker=".", label=domain)
+            ax.plot(x, acc.mean(axis=1), "k--", linewidth=1, label="mean")
+            for b in bounds:
+                ax.axvline(b, color="0.5", linestyle=":", linewidth=1)
+            ax.set_title(f"{name} ({_seeds(len(rs))})")
+            ax.set_xlabel("events")
+            ax.set_ylim(0.0, 1.0)
+        for ax in axes.flat[len(names) :]:
+            ax.axis("off")
+        axes[0][0].set_ylabel("held-out accuracy")
+        axes[0][0].legend(fontsize="small")
+        fig.suptitle(f"{scenario}: held-out accuracy per domain (domain boundaries dotted)")
+        fig.tight_layout()
+        path = out / f"heldout_{scenario}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path.name)
+    return written
