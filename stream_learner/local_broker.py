@@ -139,6 +139,32 @@ def terminate_process(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> 
     proc.wait()
 
 
+def spawn_server(
+    owner: object,
+    args: list[str],
+    log_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    grace_s: float = 0.0,
+) -> tuple[subprocess.Popen, weakref.finalize]:
+    """Start a server as a child process: output appended to ``log_path``, its own session (a Ctrl-C
+    meant for Python does not reach it), killed when this process dies (:func:`parent_death_preexec`)
+    and terminated when ``owner`` is collected or the interpreter exits, whichever comes first."""
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            args,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env if env is not None else os.environ.copy(),
+            start_new_session=True,
+            preexec_fn=parent_death_preexec(),
+        )
+    return proc, weakref.finalize(owner, terminate_process, proc, grace_s)
+
+
 def log_tail(path: Path, lines: int = 30) -> str:
     """The last ``lines`` lines of a log file, for error messages ('' if unreadable)."""
     try:
@@ -237,19 +263,9 @@ class LocalBroker:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(args)}\n".encode())
-            log.flush()
-            self._proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "NO_COLOR": "1", **self.env},
-                # its own session: a Ctrl-C meant for Python does not kill the broker under it
-                start_new_session=True,
-                preexec_fn=parent_death_preexec(),
-            )
-        # runs when this object is collected or at interpreter exit, whichever comes first
-        self._finalizer = weakref.finalize(self, terminate_process, self._proc, 1.0)
+        self._proc, self._finalizer = spawn_server(
+            self, args, self.log_path, env={**os.environ, "NO_COLOR": "1", **self.env}, grace_s=1.0
+        )
         try:
             self._wait_ready(timeout_s)
         except BaseException:

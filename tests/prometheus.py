@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from stream_learner.local_broker import log_tail, parent_death_preexec, terminate_process
+from stream_learner.local_broker import log_tail, spawn_server, terminate_process
 from tests.services import free_port
 
 INSTALL_HINT = (
@@ -101,18 +101,7 @@ class PrometheusServer:
             f"--web.listen-address=127.0.0.1:{self.port}",
             "--log.level=warn",
         ]
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                args,
-                cwd=self.workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=parent_death_preexec(),
-            )
-        # killed even if the test process forgets to stop it (or dies: parent_death_preexec)
-        self._finalizer = weakref.finalize(self, terminate_process, self._proc, 0)
+        self._proc, self._finalizer = spawn_server(self, args, self.log_path, cwd=self.workdir)
         try:
             self._wait_ready(timeout_s)
         except BaseException:

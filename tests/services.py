@@ -9,7 +9,6 @@ started once per test session (``tests/conftest.py``). It checks request signatu
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import socket
@@ -26,7 +25,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from stream_learner.local_broker import log_tail, parent_death_preexec, terminate_process
+from stream_learner.local_broker import log_tail, spawn_server, terminate_process
 
 _READY_BUCKET = "ready-probe"
 
@@ -151,18 +150,7 @@ class SeaweedS3:
             # small volumes, one per new collection (master.toml), room for many
             "-master.volumeSizeLimitMB=64", "-volume.max=200",
         ]  # fmt: skip
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                args,
-                cwd=self.workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=os.environ.copy(),
-                start_new_session=True,
-                preexec_fn=parent_death_preexec(),
-            )
-        self._finalizer = weakref.finalize(self, terminate_process, self._proc, 0)
+        self._proc, self._finalizer = spawn_server(self, args, self.log_path, cwd=self.workdir)
         try:
             self._wait_ready(timeout_s)
         except BaseException:
