@@ -13,7 +13,7 @@ from stream_learner.local_broker import LocalBroker, tansu_s3_env
 from stream_learner.publisher import load_version, read_latest, read_manifest
 from stream_learner.topics import ensure_topics
 from tests.integration.learner_process import assert_exact_lineage, committed_offsets
-from tests.integration.test_lineage import PARTITIONS, events, produce
+from tests.integration.test_lineage import NO_OFFSET, PARTITIONS, events, produce
 from tests.integration.test_pipeline import handled, learner_settings
 
 
@@ -101,7 +101,7 @@ def test_object_store_outage_degrades_then_recovers(kafka_bootstrap, s3_server, 
     assert learner.error is None
     store = learner.store
     durable = read_manifest(store, durable_version)["offsets"][topic]
-    assert committed_in_outage == {p: durable.get(str(p), -1001) for p in range(PARTITIONS)}
+    assert committed_in_outage == {p: durable.get(str(p), NO_OFFSET) for p in range(PARTITIONS)}
     latest, _ = read_latest(store)
     # LATEST names a complete, intact version
     load_version(store, latest, Path(learner._workdir.name) / "check")
