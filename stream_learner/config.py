@@ -129,9 +129,19 @@ class TrainingSettings(_Section):
     head_weight_decay: float = Field(0.01, ge=0, description="plain weight decay of the new head")
     fresh_per_step: int = Field(16, ge=1, description="fresh events per micro-batch")
     replay_per_step: int = Field(16, ge=0, description="replayed events per micro-batch (0 disables replay)")
+    bucket_window: int = Field(
+        8,
+        ge=1,
+        le=8,
+        description="micro-batches gathered, sorted by length and re-split together (1 = no bucketing); "
+        "a fresh event is learned within this many steps of being taken",
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     max_wait_s: float = Field(
-        0.5, ge=0, description="longest wait for a full micro-batch of fresh events before stepping"
+        0.5,
+        ge=0,
+        description="longest wait for a full window of fresh events (bucket_window micro-batches) "
+        "before stepping",
     )
     seed: int = Field(0, description="seed of every random generator (replay, torch)")
     metrics_window: int = Field(1_000, ge=10, description="fresh events in the prequential metrics window")
