@@ -1,4 +1,4 @@
-"""The ``stream-learner`` command: run | demo | produce | versions | eval."""
+"""The ``stream-learner`` command: run | demo | produce | versions | eval | bench."""
 
 from __future__ import annotations
 
@@ -235,6 +235,10 @@ def eval_(
     threads: Annotated[int | None, typer.Option(help="torch threads (default: one per core)")] = None,
     quick: Annotated[bool, typer.Option(help="tiny smoke run: 1 layer, 32 events/domain, 1 seed")] = False,
     drift: Annotated[bool, typer.Option(help="run the drift signals on the default strategy")] = True,
+    broker: Annotated[
+        str | None,
+        typer.Option(help="send the stream through Kafka and the service's consumer: 'local' or HOST:PORT"),
+    ] = None,
     out: Annotated[Path, typer.Option(help="results.json and the plots go here")] = Path(
         "stream-learner-eval"
     ),
@@ -253,6 +257,7 @@ def eval_(
         "eval_every": eval_every,
         "layers": layers,
         "threads": threads,
+        "broker": broker,
     }.items():
         if value is not None:
             changes[key] = value
@@ -288,6 +293,50 @@ def eval_(
                 f"false alarms per 5,000 events {s['false_alarms_per_5000']['any']:.2f}"
             )
     console.print(f"results: {out / 'results.json'}; plots: {', '.join(results['plots'])}")
+
+
+# ----------------------------------------------------------------------------------------- bench
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option(help="smoke run for CI: 1 layer, tiny counts (not figures)")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: one per core)")] = None,
+    layers: Annotated[int | None, typer.Option(help="encoder layers kept (default: all 6)")] = None,
+    events: Annotated[int | None, typer.Option(help="fresh events measured after the warm-up")] = None,
+    replay_events: Annotated[int | None, typer.Option(help="events in the replay-memory test")] = None,
+    ablation: Annotated[bool, typer.Option(help="also run the trainer with each speed-up turned off")] = True,
+    out: Annotated[Path, typer.Option(help="the results JSON")] = Path("stream-learner-bench.json"),
+    markdown: Annotated[
+        Path | None,
+        typer.Option(help="write the markdown tables here (between the bench markers, if the file has them)"),
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Throughput side by side: roofline, trainer alone, pipeline from Kafka, hand-written, tutorial loop."""
+    from stream_learner import bench as b
+
+    changes: dict = {"ablation": ablation}
+    for key, value in {
+        "threads": threads,
+        "layers": layers,
+        "measured_events": events,
+        "replay_events": replay_events,
+    }.items():
+        if value is not None:
+            changes[key] = value
+    if config is not None:
+        dumped = _settings(config).model_dump(mode="json", exclude_unset=True)
+        changes["settings"] = {k: v for k, v in dumped.items() if k in ("model", "training", "replay")}
+    cfg = b.BenchConfig.quick(**changes) if quick else b.BenchConfig(**changes)
+    _logging("WARNING")
+    try:
+        results = b.run_bench(cfg, out, console=console)
+    except Exception as err:
+        raise _fail("bench failed", err) from None
+    for table in b.table(results):
+        Console().print(table)
+    if markdown is not None:
+        b.write_markdown(results, markdown)
+    console.print(f"results: {out}" + (f"; markdown: {markdown}" if markdown else ""))
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

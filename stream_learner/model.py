@@ -100,7 +100,8 @@ class L2SP:
 
     The term is computed with PyTorch's multi-tensor ``_foreach`` kernels (no Python loop over
     tensors). Its gradient ``2λ(θ − θ0)`` is added to the parameters' ``.grad`` directly by
-    :meth:`add_gradient_`, which is exactly what autograd would produce for the term and needs no graph.
+    :meth:`add_gradient_`, which is what autograd would produce for the term (up to rounding) and needs no
+    graph.
 
     Reference: Li, Grandvalet & Davoine, ICML 2018.
 
@@ -136,8 +137,14 @@ class L2SP:
 
     @torch.no_grad()
     def add_gradient_(self) -> None:
-        """``p.grad += 2λ(p − θ0)`` for every p in S; grads must exist (see ``Trainer``)."""
+        """``p.grad += 2λ(p − θ0)`` for every p in S; grads must exist (see ``Trainer``).
+
+        Two in-place passes (``+= 2λp``, then ``−= 2λθ0``) and no temporary: 2.5× faster on CPU than
+        building ``p − θ0`` first (a fresh 91 MB for MiniLM at every step; docs/performance.md), equal
+        up to float32 rounding of ``2λp`` (≈ 1e-9 absolute).
+        """
         if self.lam == 0.0 or not self.params:
             return
-        diffs = torch._foreach_sub([p.detach() for p in self.params], self.theta0)
-        torch._foreach_add_([p.grad for p in self.params], diffs, alpha=2.0 * self.lam)
+        grads = [p.grad for p in self.params]
+        torch._foreach_add_(grads, [p.detach() for p in self.params], alpha=2.0 * self.lam)
+        torch._foreach_sub_(grads, self.theta0, alpha=2.0 * self.lam)

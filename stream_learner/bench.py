@@ -1,0 +1,1015 @@
+"""The throughput benchmark: how close to the hardware's limit is the learner, side by side with the loops
+a user would write?
+
+``stream-learner bench`` runs, in one process, on the same data (an evenly spaced sample of the bundled
+VADER stream, all four domains) and the same model (the bundled all-MiniLM-L6-v2, all 6 layers unless
+``layers`` says otherwise):
+
+1. **roofline** — this device's measured matmul FLOP/s divided by the training FLOPs of one example,
+   ``6 × (encoder parameters × real tokens + head parameters)`` (the usual 2 forward + 4 backward FLOPs
+   per parameter and token, Kaplan et al. 2020, §2.1; embeddings cost no matmul);
+2. **trainer alone** — the service's :class:`~stream_learner.trainer.Trainer` thread fed from memory
+   (events tokenized up front), no publishing: the ceiling of the pipeline;
+3. **pipeline** — the real thing: a local Kafka-protocol broker (Tansu), the events produced to it, a
+   :class:`~stream_learner.app.Learner` (consumer → queue → trainer → publisher to a local directory).
+   A backlog first (throughput, publishes included), then events produced at half that rate
+   (freshness: produce time → the step that learns an event → the first version that contains it);
+4. **hand-written** — the loop a user writes: one event per step, tokenized on the spot, no padding,
+   the same model, ``torch.optim.AdamW`` as constructed by default;
+5. **tutorial** — the same, every event padded to 512 tokens, as the common tutorials do;
+
+plus the consumer's own rate (parse + validate + tokenize on one core), the replay buffer's bytes per
+stored event and the measured memory of a buffer of 1M events drawn from the stream, peak RSS, the
+trainer's busy fraction and padding efficiency, and an ablation (each speed change of issue 9 turned
+off in turn). Rates of the trainer and the pipeline are taken after a warm-up (the first
+``warmup_events`` fresh events: the reservoir is filling, allocators are warming up), over the span from
+the first measured step's start to the last one's end, so waiting and publishing count against them.
+
+Everything goes to a JSON file; :func:`table` renders it for the terminal and :func:`markdown` for
+``docs/performance.md`` (``--markdown`` splices it in between its markers).
+
+References
+----------
+[^1]: Kaplan, J. et al. (2020). Scaling Laws for Neural Language Models. arXiv:2001.08361 (training
+      FLOPs ≈ 6 × parameters × tokens).
+[^2]: Williams, S., Waterman, A. and Patterson, D. (2009). Roofline: an insightful visual performance
+      model for multicore architectures. Communications of the ACM 52(4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import math
+import os
+import platform
+import queue
+import resource
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import psutil
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from stream_learner.config import Settings, load_settings
+from stream_learner.consumer import ConsumedBatch, Tokenize
+from stream_learner.datasets import STREAM, bundled_path, read_jsonl
+from stream_learner.events import LabeledEvent, LabelSet, TokenizedEvent, encode_event, parse_event
+from stream_learner.metrics import Metrics
+from stream_learner.model import load_model, load_tokenizer
+from stream_learner.replay import ReservoirBuffer
+from stream_learner.trainer import StepRecord, Trainer, pick_device
+
+FORMAT = 1
+MiB = 1 << 20
+TUTORIAL_LENGTH = 512  # what the common fine-tuning tutorials pad every example to
+MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+# The acceptance targets of issue 9, each with the figure it is checked against (see :func:`targets`).
+TARGETS = {
+    "pipeline_over_trainer": 0.95,
+    "trainer_over_roofline": 0.75,
+    "pipeline_over_hand_written": 3.0,
+    "pipeline_over_tutorial": 30.0,
+    "padding_efficiency": 0.9,
+    "publishing_over_between": 0.9,
+    "replay_memory_1m_mib": 200.0,
+    "consumer_over_trainer": 10.0,
+}
+REPLAY_BYTES_PER_TOKEN = 2.5  # replay storage bound: per stored token, plus …
+REPLAY_BYTES_PER_EVENT = 16  # … a fixed overhead per event (stream_learner.replay)
+
+
+# ============================================================================================ config
+
+
+@dataclass
+class BenchConfig:
+    """What one bench run measures, and how much of it (recorded in the JSON)."""
+
+    layers: int | None = None  # model.num_hidden_layers; None = all 6
+    max_length: int = 128
+    threads: int | None = None  # torch intra-op threads; None = torch's default (one per core)
+    warmup_events: int = 256  # fresh events before the trainer's and the pipeline's rates are measured
+    measured_events: int = 768  # fresh events measured after the warm-up
+    paced_events: int = 160  # events produced at paced_share × the pipeline's rate, for freshness
+    paced_share: float = 0.5
+    hand_written_events: int = 40
+    tutorial_events: int = 10
+    consumer_events: int = 15_435  # the whole bundled stream
+    replay_events: int = 1_000_000
+    publish_every_steps: int = 16
+    publish_every_seconds: float = 10.0
+    ablation: bool = True  # trainer alone with each speed change turned off in turn
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # overrides on the defaults
+
+    @classmethod
+    def quick(cls, **changes: Any) -> BenchConfig:
+        """A smoke run for CI (a 1-layer model, short sequences, tiny counts): sane numbers, not figures."""
+        base: dict[str, Any] = {
+            "layers": 1,
+            "max_length": 64,
+            "threads": 1,
+            "warmup_events": 32,
+            "measured_events": 128,
+            "paced_events": 24,
+            "hand_written_events": 6,
+            "tutorial_events": 2,
+            "consumer_events": 2_000,
+            "replay_events": 20_000,
+            "publish_every_steps": 4,
+            "ablation": False,
+            "publish_every_seconds": 1.0,
+            "settings": {"training": {"fresh_per_step": 8, "replay_per_step": 8}},
+        }
+        return cls(**{**base, **changes})
+
+    def run_settings(self, **sections: dict[str, Any]) -> Settings:
+        """The defaults ← ``settings`` ← the model size ← ``sections``; no HTTP endpoint."""
+        model: dict[str, Any] = {"max_length": self.max_length}
+        if self.layers is not None:
+            model["num_hidden_layers"] = self.layers
+        merged: dict[str, dict[str, Any]] = {"model": model, "http": {"enabled": False}}
+        for layer in (self.settings, sections):
+            for name, values in layer.items():
+                merged[name] = {**merged.get(name, {}), **values}
+        return load_settings(**merged)
+
+
+# ============================================================================================ data
+
+
+@dataclass
+class BenchData:
+    """The bench's events: an evenly spaced sample of the bundled stream, as rows, values and tokens."""
+
+    rows: list[dict]
+    values: list[bytes]  # the Kafka message values
+    events: list[TokenizedEvent]  # tokenized as the consumer does; partition 0, offset = index
+    all_values: list[bytes]  # the whole stream, in its order (the consumer's rate)
+    all_tokens: list[np.ndarray]  # the whole stream's token ids (replay memory)
+    all_labels: list[int]
+
+
+def load_data(settings: Settings, n: int, tokenizer: Any) -> BenchData:
+    """``n`` events spread evenly over the bundled stream (its four domains in their proportions), in
+    stream order; more than the stream holds repeats it."""
+    rows = list(read_jsonl(bundled_path(STREAM)))
+    labels = LabelSet(settings.model.labels)
+    parsed = [LabeledEvent(text=r["text"], label=labels.index(r["label"])) for r in rows]
+    tokens = [ids for ids, _ in Tokenize(tokenizer, settings.model.max_length)(parsed)]
+    values = [encode_event(r["text"], r["label"], id=str(k)) for k, r in enumerate(rows)]
+    if n <= len(rows):
+        pick = np.linspace(0, len(rows) - 1, num=n).round().astype(int).tolist()
+    else:
+        pick = np.resize(np.arange(len(rows)), n).tolist()
+    events = [
+        TokenizedEvent(tokens[i], parsed[i].label, 0, partition=0, offset=k, timestamp_ms=0)
+        for k, i in enumerate(pick)
+    ]
+    return BenchData(
+        [rows[i] for i in pick],
+        [values[i] for i in pick],
+        events,
+        values,
+        tokens,
+        [e.label for e in parsed],
+    )
+
+
+# ===================================================================================== measurements
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (psutil, sampled every 20 ms)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._proc = psutil.Process()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def mib(self) -> float:
+        return self.peak / MiB
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops(
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 8
+) -> float:
+    """Measured FLOP/s of an ``n × n`` matmul on ``device`` (the best of ``reps``, after a warm-up)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    synchronize(device)
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def training_flops_per_example(model: torch.nn.Module, tokens: float) -> float:
+    """≈ 6 × (encoder parameters × ``tokens`` + pooler and head parameters): forward 2, backward 4 FLOPs
+    per parameter and token (Kaplan et al. 2020). Embedding lookups are not matmuls and are left out,
+    and so is attention over the sequence (≈ 12·layers·tokens²·hidden, < 5 % at 25 tokens)."""
+    per_token = per_sequence = 0
+    for name, p in model.named_parameters():
+        if ".encoder." in f".{name}":
+            per_token += p.numel()
+        elif "embeddings" not in name:
+            per_sequence += p.numel()
+    return 6.0 * (per_token * tokens + per_sequence)
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float | None]:
+    """p50 / p99 / max of ``values`` (None when empty)."""
+    if not len(values):
+        return {"p50": None, "p99": None, "max": None, "n": 0}
+    v = np.asarray(values, dtype=np.float64)
+    return {
+        "p50": float(np.percentile(v, 50)),
+        "p99": float(np.percentile(v, 99)),
+        "max": float(v.max()),
+        "n": len(v),
+    }
+
+
+def summarize_steps(records: Sequence[StepRecord], warmup_events: int) -> dict[str, Any]:
+    """Rates, busy fraction and padding of the steps after the first ``warmup_events`` fresh events.
+
+    The span runs from the first measured step's start to the last one's end, so what happens between
+    steps (waiting for events, snapshots) counts against the rates; ``busy`` is the share of the span
+    spent inside steps.
+    """
+    seen, measured = 0, []
+    for r in records:
+        if seen >= warmup_events:
+            measured.append(r)
+        seen += len(r.fresh)
+    if not measured:
+        raise ValueError(f"no step after the {warmup_events} warm-up events: measure more events")
+    span = measured[-1].ended - measured[0].started
+    fresh = sum(len(r.fresh) for r in measured)
+    examples = fresh + sum(r.replayed for r in measured)
+    return {
+        "steps": len(measured),
+        "fresh_events": fresh,
+        "examples": examples,
+        "seconds": span,
+        "events_per_second": fresh / span,
+        "examples_per_second": examples / span,
+        "busy_fraction": sum(r.ended - r.started for r in measured) / span,
+        "padding_efficiency": sum(r.real_tokens for r in measured) / sum(r.padded_tokens for r in measured),
+        "first_measured": measured[0].started,
+        "last_measured": measured[-1].ended,
+    }
+
+
+def rate_inside(
+    records: Sequence[StepRecord], intervals: Sequence[tuple[float, float]], span: tuple[float, float]
+) -> dict:
+    """Training throughput (examples/s) inside ``intervals`` and outside them, within ``span``.
+
+    Each step trains at ``examples / duration`` from its start to its end and nothing between steps;
+    the throughput over a set of times is the examples trained in it over its length.
+    """
+    lo, hi = span
+    clipped = [(max(a, lo), min(b, hi)) for a, b in intervals if min(b, hi) > max(a, lo)]
+    inside_time = sum(b - a for a, b in clipped)
+    inside = total = 0.0
+    for r in records:
+        if r.ended <= lo or r.started >= hi or r.ended <= r.started:
+            continue
+        rate = (len(r.fresh) + r.replayed) / (r.ended - r.started)
+        a, b = max(r.started, lo), min(r.ended, hi)
+        total += rate * (b - a)
+        inside += rate * sum(max(0.0, min(b, y) - max(a, x)) for x, y in clipped)
+    outside_time = (hi - lo) - inside_time
+    during = inside / inside_time if inside_time > 0 else None
+    between = (total - inside) / outside_time if outside_time > 0 else None
+    return {
+        "publishing_seconds": inside_time,
+        "between_seconds": outside_time,
+        "examples_per_second_publishing": during,
+        "examples_per_second_between": between,
+        "ratio": during / between if during is not None and between else None,
+    }
+
+
+# ========================================================================================== harnesses
+
+
+def build_trainer(settings: Settings, tokenizer: Any) -> Trainer:
+    """The service's trainer, wired as :class:`~stream_learner.app.Learner` wires it, fed from memory."""
+    return Trainer(
+        settings,
+        load_model(settings.model),
+        pad_id=tokenizer.pad_token_id or 0,
+        with_token_types="token_type_ids" in tokenizer.model_input_names,
+        vocab_size=len(tokenizer),
+        fresh_queue=queue.Queue(maxsize=settings.kafka.queue_max_batches),
+        publish_queue=queue.Queue(maxsize=1),
+        metrics=Metrics(),
+        stop=threading.Event(),
+        special_token_ids=tokenizer.all_special_ids,
+    )
+
+
+def plain_adamw(trainer: Trainer) -> None:
+    """Swap the trainer's fused AdamW for ``torch.optim.AdamW`` as constructed by default (ablation)."""
+    groups = [{k: g[k] for k in ("params", "lr", "weight_decay")} for g in trainer.optimizer.param_groups]
+    trainer.optimizer = torch.optim.AdamW(groups)
+
+
+def run_trainer_alone(
+    settings: Settings, tokenizer: Any, events: Sequence[TokenizedEvent], warmup: int, fused: bool = True
+) -> dict[str, Any]:
+    """The trainer thread (``Trainer.run``) on events fed from memory in consumer-sized batches."""
+    s = settings.model_copy(
+        update={
+            "publish": settings.publish.model_copy(
+                update={"every_steps": 10**9, "every_seconds": 1e12, "on_stop": False}
+            )
+        }
+    )
+    trainer = build_trainer(s, tokenizer)
+    if not fused:
+        plain_adamw(trainer)
+    records: list[StepRecord] = []
+    trainer.on_step = records.append
+    size = settings.kafka.poll_max_messages
+
+    def feed() -> None:
+        for i in range(0, len(events), size):
+            chunk = list(events[i : i + size])
+            trainer.fresh_queue.put(ConsumedBatch(chunk, {0: chunk[-1].offset + 1}))
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    runner = threading.Thread(target=trainer.run, daemon=True)
+    with PeakRSS() as rss:
+        feeder.start()
+        runner.start()
+        while trainer.counters.events_ingested < len(events) and runner.is_alive():
+            runner.join(0.05)
+        trainer.stop_event.set()
+        runner.join()
+    out = summarize_steps(records, warmup)
+    out["peak_rss_mib"] = rss.mib
+    out["optimizer"] = "fused AdamW" if fused else "torch.optim.AdamW()"
+    out["bucket_window"] = settings.training.bucket_window
+    return out
+
+
+def run_user_loop(
+    settings: Settings, tokenizer: Any, rows: Sequence[dict], pad_to: int | None
+) -> dict[str, Any]:
+    """The loop of a user or a tutorial: one event per step, tokenized on the spot, ``AdamW()``.
+
+    ``pad_to`` None: no padding (the hand-written loop); else every event padded to ``pad_to`` tokens.
+    The first two steps are a warm-up, not timed.
+    """
+    device = pick_device(settings.training.device)
+    labels = LabelSet(settings.model.labels)
+    model = load_model(settings.model).model.to(device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.training.learning_rate)
+    length = pad_to or settings.model.max_length
+    padding: dict[str, Any] = {"padding": "max_length"} if pad_to else {}
+    real = padded = 0
+    t0 = 0.0
+    for i, row in enumerate(rows):
+        if i == 2:
+            synchronize(device)
+            t0 = time.perf_counter()
+            real = padded = 0
+        enc = tokenizer(row["text"], truncation=True, max_length=length, return_tensors="pt", **padding)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        label = torch.tensor([labels.index(row["label"])], device=device)
+        loss = F.cross_entropy(model(**enc).logits, label)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        real += int(enc["attention_mask"].sum())
+        padded += int(enc["attention_mask"].numel())
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    n = len(rows) - 2
+    return {
+        "events": n,
+        "seconds": seconds,
+        "events_per_second": n / seconds,
+        "examples_per_second": n / seconds,
+        "padding_efficiency": real / padded,
+        "padded_to": pad_to,
+    }
+
+
+def measure_consumer(settings: Settings, tokenizer: Any, values: Sequence[bytes]) -> dict[str, Any]:
+    """Events/s of the consumer's own work on one core: parse + validate (``parse_event``), batched
+    tokenization (``Tokenize``) and the ``TokenizedEvent`` records, in batches of ``poll_max_messages``."""
+    labels = LabelSet(settings.model.labels)
+    tokenize = Tokenize(tokenizer, settings.model.max_length)
+    size, limit = settings.kafka.poll_max_messages, settings.events.max_text_bytes
+    t0 = time.process_time()
+    wall = time.perf_counter()
+    n = 0
+    for i in range(0, len(values), size):
+        parsed = [parse_event(v, labels, limit) for v in values[i : i + size]]
+        for k, (e, (ids, start)) in enumerate(zip(parsed, tokenize(parsed), strict=True)):
+            TokenizedEvent(ids, e.label, start, partition=0, offset=i + k, timestamp_ms=0)
+            n += 1
+    cpu, wall = time.process_time() - t0, time.perf_counter() - wall
+    return {"events": n, "cpu_seconds": cpu, "events_per_second": n / wall, "events_per_cpu_second": n / cpu}
+
+
+def measure_replay(
+    tokens: Sequence[np.ndarray], labels: Sequence[int], n: int, vocab_size: int, seed: int = 0
+) -> dict[str, Any]:
+    """A reservoir of capacity ``n`` filled with ``n`` events drawn from ``tokens``: bytes it holds
+    (``nbytes``) and the process's resident memory it added, measured."""
+    draws = np.random.default_rng(seed).integers(len(tokens), size=n)
+    gc.collect()
+    before = psutil.Process().memory_info().rss
+    buf = ReservoirBuffer(capacity=n, seed=seed, vocab_size=vocab_size)
+    for i in draws.tolist():
+        buf.add(tokens[i], labels[i])
+    gc.collect()
+    rss = psutil.Process().memory_info().rss - before
+    stored_tokens = int(sum(len(tokens[i]) for i in draws.tolist()))
+    nbytes = buf.nbytes()
+    bound = REPLAY_BYTES_PER_TOKEN * stored_tokens + REPLAY_BYTES_PER_EVENT * n + 64 * 1024
+    out = {
+        "events": n,
+        "stored_tokens": stored_tokens,
+        "nbytes": nbytes,
+        "bytes_per_event": nbytes / n,
+        "bytes_per_token": nbytes / stored_tokens,
+        "bound_bytes": bound,
+        "within_bound": nbytes <= bound,
+        "rss_added_mib": rss / MiB,
+    }
+    del buf
+    gc.collect()
+    return out
+
+
+# =========================================================================================== pipeline
+
+
+class VersionWatch:
+    """Polls the publisher for new versions every 20 ms: (time it was seen, version, its manifest)."""
+
+    def __init__(self, published: Callable[[], list[int]], manifest: Callable[[int], dict]) -> None:
+        self.published = published
+        self.manifest = manifest
+        self.seen: list[tuple[float, int, dict]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.check()
+            self._stop.wait(0.02)
+
+    def check(self) -> None:
+        known = {v for _, v, _ in self.seen}
+        now = time.time()
+        self.seen.extend((now, v, self.manifest(v)) for v in list(self.published()) if v not in known)
+
+    def covers(self, topic: str, offset: int) -> bool:
+        """Whether a version seen so far covers partition 0 up to ``offset`` (exclusive)."""
+        return any(m["offsets"][topic].get("0", 0) >= offset for _, _, m in list(self.seen))
+
+    def __enter__(self) -> VersionWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.check()
+
+
+def run_pipeline(cfg: BenchConfig, data: BenchData, console: Console) -> dict[str, Any]:
+    """Broker → consumer → queue → trainer → publisher: a backlog, then paced events (see module doc)."""
+    from stream_learner.app import Learner
+    from stream_learner.local_broker import LocalBroker
+    from stream_learner.producer import produce_lines
+    from stream_learner.publisher import read_manifest
+    from stream_learner.topics import ensure_topics
+
+    backlog = cfg.warmup_events + cfg.measured_events
+    total = backlog + cfg.paced_events
+    with tempfile.TemporaryDirectory(prefix="stream-learner-bench-") as tmp, LocalBroker() as broker:
+        topic = f"bench-{uuid.uuid4().hex[:8]}"
+        settings = cfg.run_settings(
+            kafka={
+                "bootstrap_servers": broker.bootstrap_servers,
+                "topic": topic,
+                "group_id": topic,
+                "session_timeout_ms": 6000,  # Tansu's first group join takes about half of it
+            },
+            publish={
+                "storage_url": Path(tmp, "versions").as_uri(),
+                "every_steps": cfg.publish_every_steps,
+                "every_seconds": cfg.publish_every_seconds,
+                "keep_versions": 0,
+            },
+        )
+        k = settings.kafka
+        client = k.librdkafka()
+        ensure_topics(client, {k.topic: 1, k.dead_letter_topic: 1})
+        produce_lines(client, k.topic, data.values[:backlog], partition=0)
+        learner = Learner(settings).start()
+        trainer = learner.trainer
+        records: list[StepRecord] = []
+        trainer.on_step = records.append  # the consumer's first group join takes seconds: no step yet
+        try:
+            watch = VersionWatch(
+                lambda: learner.publisher.published, lambda v: read_manifest(learner.store, v)
+            )
+            with PeakRSS() as rss, watch as versions:
+                learner.wait_until(lambda: trainer.counters.events_ingested >= backlog, timeout=7200)
+                backlog_steps = len(records)
+                throughput = summarize_steps(records[:backlog_steps], cfg.warmup_events)
+                rate = cfg.paced_share * throughput["events_per_second"]
+                console.print(
+                    f"  backlog: {throughput['events_per_second']:.1f} events/s; now {cfg.paced_events} "
+                    f"events at {rate:.1f}/s for freshness"
+                )
+                paced_from = time.time()
+                produce_lines(client, k.topic, data.values[backlog:total], rate=rate, partition=0)
+                learner.wait_until(lambda: trainer.counters.events_ingested >= total, timeout=3600)
+                # the first version containing the last event (publish.every_seconds at most), then stop
+                learner.wait_until(lambda: versions.covers(topic, total), timeout=600)
+        finally:
+            learner.stop()
+        if learner.error is not None:
+            raise RuntimeError(f"the learner failed: {learner.error}") from learner.error
+        publish_seconds = learner.metrics.publish_seconds.collect()[0].samples
+        durations = {s.name: s.value for s in publish_seconds if s.name.endswith(("_sum", "_count"))}
+
+    # publishes: from the end of the step before the snapshot to the moment the version was seen
+    ends = [r.ended for r in records]
+    intervals = []
+    for seen_at, _, manifest in versions.seen:
+        created = datetime.fromisoformat(manifest["created_at"]).timestamp()
+        before = [e for e in ends if e <= created]
+        intervals.append((before[-1] if before else created, seen_at))
+    span = (throughput["first_measured"], throughput["last_measured"])
+    during = rate_inside(records[:backlog_steps], intervals, span)
+    n_pub = durations.get("stream_learner_publish_seconds_count", 0)
+
+    # freshness of the paced events: produce time → the end of the step that learned it, and → the
+    # first published version whose offsets cover it
+    covered = sorted((seen_at, m["offsets"][topic].get("0", 0)) for seen_at, _, m in versions.seen)
+    learned, published = [], []
+    for r in records[backlog_steps:]:
+        for e in r.fresh:
+            if e.offset < backlog or e.timestamp_ms <= 0:
+                continue
+            produced = e.timestamp_ms / 1000
+            learned.append(r.ended - produced)
+            first = next((at for at, offset in covered if offset > e.offset), None)
+            if first is not None:
+                published.append(first - produced)
+    trained = sum(len(r.fresh) for r in records)
+    return {
+        **{k: v for k, v in throughput.items() if k not in ("first_measured", "last_measured")},
+        "events_trained": trained,
+        "records_complete": trained == total,
+        "peak_rss_mib": rss.mib,
+        "publish": {
+            "versions": len(versions.seen),
+            "mean_seconds": durations.get("stream_learner_publish_seconds_sum", 0) / n_pub if n_pub else None,
+            "interval_seconds": [b - a for a, b in intervals],
+            **during,
+        },
+        "freshness": {
+            "paced_events_per_second": rate,
+            "paced_since": paced_from,
+            "to_learned_s": percentiles(learned),
+            "to_published_s": percentiles(published),
+        },
+    }
+
+
+# ============================================================================================== run
+
+
+def machine() -> dict[str, Any]:
+    """The CPU, cores, torch and what else was running (the load average) when the bench ran."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / (1 << 30), 1),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+@contextlib.contextmanager
+def step_of(console: Console, what: str) -> Iterator[None]:
+    """Say what is being measured, and how long it took."""
+    console.print(f"[bold]{what}[/]…")
+    t0 = time.perf_counter()
+    yield
+    console.print(f"  done in {time.perf_counter() - t0:.1f}s")
+
+
+def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None = None) -> dict[str, Any]:
+    """Run every measurement of the module docstring; returns (and writes to ``out``) the results."""
+    console = console or Console(stderr=True, quiet=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    started = time.time()
+    settings = cfg.run_settings()
+    device = pick_device(settings.training.device)
+    bf16 = settings.training.precision == "bf16" or (
+        settings.training.precision == "auto" and device.type == "cuda"
+    )
+    tokenizer = load_tokenizer(settings.model)
+    n_events = cfg.warmup_events + cfg.measured_events + cfg.paced_events
+    data = load_data(settings, n_events, tokenizer)
+    events = data.events[: cfg.warmup_events + cfg.measured_events]
+    mean_tokens = float(np.mean([len(e.input_ids) for e in events]))
+    results: dict[str, Any] = {
+        "format": FORMAT,
+        "started_at": datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+        "config": dataclasses.asdict(cfg),
+        "machine": machine(),
+        "device": device.type,
+        "precision": "bf16 autocast" if bf16 else "fp32",
+        "training": settings.training.model_dump(),
+        "mean_tokens_per_event": mean_tokens,
+    }
+
+    with step_of(console, "roofline: matmul FLOP/s of this device"):
+        flops = matmul_flops(device, torch.bfloat16 if bf16 else torch.float32)
+        model = load_model(settings.model).model
+        per_example = training_flops_per_example(model, mean_tokens)
+        del model
+        results["roofline"] = {
+            "matmul_flops": flops,
+            "training_flops_per_example": per_example,
+            "examples_per_second": flops / per_example,
+            "events_per_second": flops / per_example,
+        }
+
+    with step_of(console, f"trainer alone: {len(events)} events from memory"):
+        results["trainer_alone"] = run_trainer_alone(settings, tokenizer, events, cfg.warmup_events)
+    if cfg.ablation:
+        results["ablation"] = []
+        for name, window, fused in (
+            ("plain micro-batches, torch.optim.AdamW()", 1, False),
+            ("plain micro-batches, fused AdamW", 1, True),
+            ("length-bucketed windows, torch.optim.AdamW()", settings.training.bucket_window, False),
+        ):
+            with step_of(console, f"ablation: {name}"):
+                s = cfg.run_settings(training={"bucket_window": window})
+                run = run_trainer_alone(s, tokenizer, events, cfg.warmup_events, fused=fused)
+                results["ablation"].append({"name": name, **run})
+
+    with step_of(console, f"pipeline: {len(events)} events from the broker, then {cfg.paced_events} paced"):
+        results["pipeline"] = run_pipeline(cfg, data, console)
+
+    with step_of(console, f"hand-written loop: {cfg.hand_written_events} events, one per step"):
+        results["hand_written"] = run_user_loop(
+            settings, tokenizer, data.rows[: cfg.hand_written_events + 2], pad_to=None
+        )
+    with step_of(console, f"tutorial loop: {cfg.tutorial_events} events padded to {TUTORIAL_LENGTH}"):
+        results["tutorial"] = run_user_loop(
+            settings, tokenizer, data.rows[: cfg.tutorial_events + 2], pad_to=TUTORIAL_LENGTH
+        )
+    with step_of(console, f"consumer alone: {cfg.consumer_events} events parsed and tokenized"):
+        results["consumer"] = measure_consumer(settings, tokenizer, data.all_values[: cfg.consumer_events])
+    with step_of(console, f"replay memory: {cfg.replay_events:,} events"):
+        results["replay"] = measure_replay(
+            data.all_tokens, data.all_labels, cfg.replay_events, len(tokenizer), settings.training.seed
+        )
+
+    results["peak_rss_mib"] = {
+        "process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "trainer_alone": results["trainer_alone"]["peak_rss_mib"],
+        "pipeline": results["pipeline"]["peak_rss_mib"],
+    }
+    results["events_per_second"] = {
+        name: results[name]["events_per_second"]
+        for name in ("roofline", "trainer_alone", "pipeline", "hand_written", "tutorial", "consumer")
+    }
+    results["examples_per_second"] = {
+        name: results[name]["examples_per_second"]
+        for name in ("roofline", "trainer_alone", "pipeline", "hand_written", "tutorial")
+    }
+    results["ratios"] = ratios(results)
+    results["targets"] = targets(results)
+    results["seconds"] = time.time() - started
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    return results
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float]:
+    """The issue's ratios. Work is counted in trained examples/s (a replayed example costs what a fresh
+    one does; the user loops train one example per event); ``*_fresh`` variants count fresh events."""
+    ex, ev = results["examples_per_second"], results["events_per_second"]
+    return {
+        "pipeline_over_trainer": ev["pipeline"] / ev["trainer_alone"],
+        "trainer_over_roofline": ex["trainer_alone"] / ex["roofline"],
+        "pipeline_over_roofline": ex["pipeline"] / ex["roofline"],
+        "pipeline_over_hand_written": ex["pipeline"] / ex["hand_written"],
+        "pipeline_over_tutorial": ex["pipeline"] / ex["tutorial"],
+        "pipeline_over_hand_written_fresh": ev["pipeline"] / ev["hand_written"],
+        "pipeline_over_tutorial_fresh": ev["pipeline"] / ev["tutorial"],
+        "consumer_over_trainer": ev["consumer"] / ev["trainer_alone"],
+    }
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each acceptance target of issue 9: the figure, the target, and whether it is met."""
+    r, p = results["ratios"], results["pipeline"]
+    replay = results["replay"]
+    one_million = replay["nbytes"] / replay["events"] * 1_000_000 / MiB
+    rows = [
+        (
+            "1. pipeline / trainer alone (events/s)",
+            r["pipeline_over_trainer"],
+            "≥",
+            TARGETS["pipeline_over_trainer"],
+        ),
+        (
+            "2. trainer alone / roofline (examples/s)",
+            r["trainer_over_roofline"],
+            "≥",
+            TARGETS["trainer_over_roofline"],
+        ),
+        (
+            "3a. pipeline / hand-written loop (examples/s)",
+            r["pipeline_over_hand_written"],
+            "≥",
+            TARGETS["pipeline_over_hand_written"],
+        ),
+        (
+            "3b. pipeline / tutorial loop (examples/s)",
+            r["pipeline_over_tutorial"],
+            "≥",
+            TARGETS["pipeline_over_tutorial"],
+        ),
+        (
+            "4. padding efficiency of the pipeline",
+            p["padding_efficiency"],
+            "≥",
+            TARGETS["padding_efficiency"],
+        ),
+        (
+            "5. throughput publishing / between publishes",
+            p["publish"]["ratio"],
+            "≥",
+            TARGETS["publishing_over_between"],
+        ),
+        (
+            "6a. replay bytes ≤ 2.5/token + 16/event + 64 KiB",
+            replay["nbytes"] / replay["bound_bytes"],
+            "≤",
+            1.0,
+        ),
+        ("6b. replay memory for 1M events (MiB, nbytes)", one_million, "<", TARGETS["replay_memory_1m_mib"]),
+        (
+            "7. consumer / trainer alone (events/s)",
+            r["consumer_over_trainer"],
+            "≥",
+            TARGETS["consumer_over_trainer"],
+        ),
+    ]
+    out = []
+    for name, value, op, target in rows:
+        met = (
+            None
+            if value is None
+            else value >= target
+            if op == "≥"
+            else value <= target
+            if op == "≤"
+            else value < target
+        )
+        out.append({"target": name, "measured": value, "op": op, "wanted": target, "met": met})
+    out.append(
+        {
+            "target": "8. CUDA path (bf16 autocast, fused AdamW, pinned memory) measured",
+            "measured": results["machine"]["cuda"],
+            "op": "",
+            "wanted": "a GPU",
+            "met": None if results["machine"]["cuda"] is None else True,
+        }
+    )
+    return out
+
+
+# ========================================================================================= reporting
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int | float):
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def figure_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(what, events/s, examples/s, notes) for each loop, then the other figures."""
+    ev, ex = results["events_per_second"], results["examples_per_second"]
+    t, p, tut = results["trainer_alone"], results["pipeline"], results["tutorial"]
+    roof, rep, rss = results["roofline"], results["replay"], results["peak_rss_mib"]
+    pub, fr = p["publish"], p["freshness"]
+    learned, published = fr["to_learned_s"], fr["to_published_s"]
+    gflops, per_example = roof["matmul_flops"] / 1e9, roof["training_flops_per_example"] / 1e9
+    rows = [
+        (
+            "roofline",
+            _fmt(ev["roofline"], 1),
+            _fmt(ex["roofline"], 1),
+            f"{gflops:.0f} GFLOP/s matmul ÷ {per_example:.2f} GFLOP per example "
+            f"({results['mean_tokens_per_event']:.1f} tokens)",
+        ),
+        (
+            "trainer alone",
+            _fmt(ev["trainer_alone"], 1),
+            _fmt(ex["trainer_alone"], 1),
+            f"busy {t['busy_fraction']:.2f}, padding efficiency {t['padding_efficiency']:.2f}",
+        ),
+        (
+            "pipeline from Kafka",
+            _fmt(ev["pipeline"], 1),
+            _fmt(ex["pipeline"], 1),
+            f"busy {p['busy_fraction']:.2f}, padding efficiency {p['padding_efficiency']:.2f}, "
+            f"{pub['versions']} versions",
+        ),
+        (
+            "hand-written loop",
+            _fmt(ev["hand_written"], 1),
+            _fmt(ex["hand_written"], 1),
+            "1 event per step, no padding, torch.optim.AdamW()",
+        ),
+        (
+            "tutorial loop",
+            _fmt(ev["tutorial"], 2),
+            _fmt(ex["tutorial"], 2),
+            f"1 event per step padded to {TUTORIAL_LENGTH} "
+            f"(padding efficiency {tut['padding_efficiency']:.3f})",
+        ),
+        (
+            "consumer alone",
+            _fmt(ev["consumer"], 0),
+            "",
+            f"parse + validate + tokenize, one core ({results['consumer']['events_per_cpu_second']:,.0f} "
+            "per CPU second)",
+        ),
+    ]
+    for a in results.get("ablation", []):
+        rows.append(
+            (
+                f"ablation: {a['name']}",
+                _fmt(a["events_per_second"], 1),
+                _fmt(a["examples_per_second"], 1),
+                f"padding efficiency {a['padding_efficiency']:.2f}",
+            )
+        )
+    during, between = pub["examples_per_second_publishing"], pub["examples_per_second_between"]
+    rows += [
+        (
+            "publishing",
+            "",
+            f"{_fmt(during, 1)} / {_fmt(between, 1)}",
+            f"examples/s while publishing / between; one publish takes {_fmt(pub['mean_seconds'], 1)} s",
+        ),
+        (
+            "freshness (s)",
+            "",
+            "",
+            f"produce → learned p50 {_fmt(learned['p50'])}, p99 {_fmt(learned['p99'])}; → published p50 "
+            f"{_fmt(published['p50'])}, p99 {_fmt(published['p99'])} "
+            f"(at {fr['paced_events_per_second']:.1f} events/s)",
+        ),
+        (
+            "replay memory",
+            "",
+            "",
+            f"{rep['bytes_per_event']:.1f} B/event, {rep['bytes_per_token']:.2f} B/token; "
+            f"{rep['events']:,} events: {rep['nbytes'] / MiB:.1f} MiB held, "
+            f"RSS +{rep['rss_added_mib']:.1f} MiB",
+        ),
+        (
+            "peak RSS (MiB)",
+            "",
+            "",
+            f"trainer alone {rss['trainer_alone']:,.0f}, pipeline {rss['pipeline']:,.0f}, "
+            f"whole bench {rss['process']:,.0f}",
+        ),
+    ]
+    return rows
+
+
+def table(results: dict[str, Any]) -> list[Table]:
+    """The figures and the targets, as rich tables."""
+    m = results["machine"]
+    figures = Table(
+        title=f"stream-learner bench — {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+        f"({m['torch_threads']} threads), {results['device']} {results['precision']}"
+    )
+    for col in ("", "events/s", "examples/s", ""):
+        figures.add_column(col)
+    for row in figure_rows(results):
+        figures.add_row(*row)
+    checks = Table(title="acceptance targets (issue 9)")
+    for col in ("target", "measured", "wanted", "met"):
+        checks.add_column(col)
+    for t in results["targets"]:
+        checks.add_row(t["target"], _fmt(t["measured"]), f"{t['op']} {_fmt(t['wanted'])}", _fmt(t["met"]))
+    return [figures, checks]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The figures and the targets as markdown tables (what ``docs/performance.md`` quotes)."""
+    m, tr = results["machine"], results["training"]
+    lines = [
+        f"Measured {results['started_at']} on {m['cpu']} ({m['cores']} cores, {m['memory_gib']} GiB), torch "
+        f"{m['torch']} with {m['torch_threads']} threads, {results['device']} {results['precision']}; "
+        f"load average at start {', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}; "
+        f"config {'quick' if results['config']['layers'] == 1 else 'full'}: "
+        f"{results['config']['layers'] or 6} layers, max_length {results['config']['max_length']}, "
+        f"{tr['fresh_per_step']} fresh + {tr['replay_per_step']} replayed per micro-batch, "
+        f"bucket_window {tr['bucket_window']}.",
+        "",
+        "| | events/s | examples/s | |",
+        "|---|---:|---:|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in figure_rows(results)]
+    lines += ["", "| target | measured | wanted | met |", "|---|---:|---|---|"]
+    for t in results["targets"]:
+        lines.append(
+            f"| {t['target']} | {_fmt(t['measured'])} | {t['op']} {_fmt(t['wanted'])} | {_fmt(t['met'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    """Write :func:`markdown` to ``path``, or between its bench markers when it has them."""
+    text = markdown(results)
+    if path.is_file():
+        doc = path.read_text()
+        if MARK_START in doc and MARK_END in doc:
+            head, rest = doc.split(MARK_START, 1)
+            _, tail = rest.split(MARK_END, 1)
+            path.write_text(f"{head}{MARK_START}\n{text}{MARK_END}{tail}")
+            return
+    path.write_text(text)

@@ -1,0 +1,157 @@
+"""``stream-learner bench --quick``: the JSON is complete and its numbers are sane and consistent.
+
+Speed itself is never asserted here (the bench measures it; CI machines vary): only what must hold on
+any machine — rates positive, fractions in (0, 1], ratios equal to the rates they come from, each event
+published no sooner than it was learned, the replay buffer within its bound.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from stream_learner.bench import (
+    MARK_END,
+    MARK_START,
+    BenchConfig,
+    markdown,
+    rate_inside,
+    run_bench,
+    summarize_steps,
+    write_markdown,
+)
+from stream_learner.trainer import StepRecord
+from tests.factories import small_settings, tiny_rows, tokenized
+
+LOOPS = ("roofline", "trainer_alone", "pipeline", "hand_written", "tutorial")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    returned = run_bench(BenchConfig.quick(), out)
+    written = json.loads(out.read_text())
+    assert written["ratios"] == pytest.approx(returned["ratios"])
+    return written
+
+
+def _positive(x: float) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+def test_every_figure_is_there_and_positive(results: dict) -> None:
+    for name in (*LOOPS, "consumer"):
+        assert _positive(results["events_per_second"][name]), name
+    for name in LOOPS:
+        assert _positive(results["examples_per_second"][name]), name
+    for key in ("pipeline_over_trainer", "trainer_over_roofline", "pipeline_over_hand_written"):
+        assert _positive(results["ratios"][key]), key
+    assert _positive(results["ratios"]["pipeline_over_tutorial"])
+    assert _positive(results["roofline"]["matmul_flops"])
+    assert all(_positive(v) for v in results["peak_rss_mib"].values())
+    assert results["machine"]["torch"] and results["machine"]["cores"] >= 1
+    assert results["pipeline"]["records_complete"]
+
+
+def test_ratios_are_the_rates_they_come_from(results: dict) -> None:
+    ev, ex, r = results["events_per_second"], results["examples_per_second"], results["ratios"]
+    assert r["pipeline_over_trainer"] == pytest.approx(ev["pipeline"] / ev["trainer_alone"])
+    assert r["trainer_over_roofline"] == pytest.approx(ex["trainer_alone"] / ex["roofline"])
+    assert r["pipeline_over_hand_written"] == pytest.approx(ex["pipeline"] / ex["hand_written"])
+    assert r["pipeline_over_tutorial"] == pytest.approx(ex["pipeline"] / ex["tutorial"])
+    assert r["consumer_over_trainer"] == pytest.approx(ev["consumer"] / ev["trainer_alone"])
+    # replay: every trained example is a fresh event or a replayed one, never fewer than the events
+    for name in ("trainer_alone", "pipeline"):
+        run = results[name]
+        assert run["examples"] >= run["fresh_events"] > 0
+        assert run["examples_per_second"] == pytest.approx(run["examples"] / run["seconds"])
+        assert run["events_per_second"] == pytest.approx(run["fresh_events"] / run["seconds"])
+    # the loops train one example per event
+    for name in ("hand_written", "tutorial"):
+        assert ex[name] == ev[name]
+    roof = results["roofline"]
+    assert roof["examples_per_second"] == pytest.approx(
+        roof["matmul_flops"] / roof["training_flops_per_example"]
+    )
+
+
+def test_fractions_are_fractions(results: dict) -> None:
+    for name in ("trainer_alone", "pipeline", "hand_written", "tutorial"):
+        assert 0 < results[name]["padding_efficiency"] <= 1, name
+    assert results["hand_written"]["padding_efficiency"] == 1.0  # no padding at all
+    # padded to 512: the real tokens of a short sentence are a small part
+    assert results["tutorial"]["padding_efficiency"] < results["pipeline"]["padding_efficiency"]
+    for name in ("trainer_alone", "pipeline"):
+        assert 0 < results[name]["busy_fraction"] <= 1 + 1e-9, name
+
+
+def test_publishing_and_freshness(results: dict) -> None:
+    pub = results["pipeline"]["publish"]
+    assert pub["versions"] >= 2 and _positive(pub["mean_seconds"])
+    assert pub["publishing_seconds"] > 0 and pub["between_seconds"] > 0
+    assert pub["ratio"] == pytest.approx(
+        pub["examples_per_second_publishing"] / pub["examples_per_second_between"]
+    )
+    fresh = results["pipeline"]["freshness"]
+    learned, published = fresh["to_learned_s"], fresh["to_published_s"]
+    assert learned["n"] == published["n"] == results["config"]["paced_events"]
+    assert 0 < learned["p50"] <= learned["p99"] <= learned["max"]
+    # a version holds an event only after the step that learned it
+    assert published["p50"] >= learned["p50"] and published["max"] >= learned["max"]
+
+
+def test_replay_and_consumer(results: dict) -> None:
+    replay = results["replay"]
+    assert replay["events"] == results["config"]["replay_events"]
+    assert replay["within_bound"] and replay["nbytes"] <= replay["bound_bytes"]
+    assert replay["bytes_per_event"] == pytest.approx(replay["nbytes"] / replay["events"])
+    assert results["consumer"]["events"] == results["config"]["consumer_events"]
+
+
+def test_targets_and_markdown(results: dict, tmp_path: Path) -> None:
+    targets = results["targets"]
+    assert len(targets) == 10 and all(t["met"] in (True, False, None) for t in targets)
+    assert [t["measured"] for t in targets[:2]] == [
+        results["ratios"]["pipeline_over_trainer"],
+        results["ratios"]["trainer_over_roofline"],
+    ]
+    text = markdown(results)
+    assert "| trainer alone |" in text and "| target | measured | wanted | met |" in text
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"# Performance\n\n{MARK_START}\nold figures\n{MARK_END}\n\nThe end.\n")
+    write_markdown(results, doc)
+    updated = doc.read_text()
+    assert "old figures" not in updated and text in updated
+    assert updated.startswith("# Performance\n") and updated.endswith("The end.\n")
+
+
+# ------------------------------------------------------------------------- the measuring functions
+def _record(started: float, ended: float, fresh: int, replayed: int, real: int = 10, padded: int = 10):
+    s = small_settings()
+    events = tokenized(tiny_rows(fresh), s) if fresh else []
+    return StepRecord(started, ended, events, replayed, real, padded, 0.5)
+
+
+def test_summarize_steps_skips_the_warm_up_and_counts_gaps():
+    records = [_record(0, 1, 4, 4), _record(1, 2, 4, 4, 8, 10), _record(3, 4, 4, 4, 6, 10)]
+    out = summarize_steps(records, warmup_events=4)
+    assert out["steps"] == 2 and out["fresh_events"] == 8 and out["examples"] == 16
+    assert out["seconds"] == 3  # from 1 to 4: the idle second between the steps counts
+    assert out["busy_fraction"] == pytest.approx(2 / 3)
+    assert out["padding_efficiency"] == pytest.approx(14 / 20)
+    with pytest.raises(ValueError, match="warm-up"):
+        summarize_steps(records, warmup_events=100)
+
+
+def test_rate_inside_and_outside_publishes():
+    # 10 examples/s from 0 to 2, then 5 examples/s from 2 to 4; a publish from 1 to 3
+    records = [_record(0, 2, 10, 10), _record(2, 4, 5, 5)]
+    out = rate_inside(records, [(1, 3)], span=(0, 4))
+    assert out["publishing_seconds"] == 2 and out["between_seconds"] == 2
+    assert out["examples_per_second_publishing"] == pytest.approx(7.5)
+    assert out["examples_per_second_between"] == pytest.approx(7.5)
+    assert out["ratio"] == pytest.approx(1.0)
+    assert rate_inside(records, [], span=(0, 4))["examples_per_second_publishing"] is None
