@@ -23,6 +23,11 @@ Strategies (:data:`STRATEGIES`), all with the same stream, model and number of g
 settings on the same events shuffled i.i.d.: the upper bound), and named variants such as
 ``default_cbrs``.
 
+With ``broker`` set (``stream-learner eval --broker local``, or the bootstrap servers of a running
+broker) each scenario's stream is produced to a topic and read back by the service's own consumer —
+parse, validate, tokenize — before it is trained; otherwise it is tokenized in process, which gives
+the same events (tested) without a broker.
+
 Everything is written to ``out``: ``results.json`` (every run, its checkpoints and per-event records,
 the summary), ``prequential_<scenario>.png`` and ``heldout_<scenario>.png``. :func:`run_benchmark` is
 the entry point; :func:`run_one` is the evaluation loop of one run, top to bottom.
@@ -30,6 +35,7 @@ the entry point; :func:`run_one` is the evaluation loop of one run, top to botto
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -37,6 +43,7 @@ import platform
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,6 +312,9 @@ class EvalConfig:
     rolling_window: int = 200  # of the prequential accuracy plot
     eval_batch_size: int = 128
     threads: int | None = None  # torch intra-op threads; None = torch's default (one per core)
+    # the stream through Kafka and the service's consumer: None = tokenized in process; "local" = a
+    # local broker started for the run; otherwise the bootstrap servers of a running one
+    broker: str | None = None
 
     @classmethod
     def quick(cls, **changes: Any) -> EvalConfig:
@@ -405,6 +415,68 @@ def tokenize_rows(rows: Sequence[Row], tokenize: Tokenize, labels: LabelSet) -> 
         TokenizedEvent(input_ids=ids, label=e.label, pair_start=start, partition=0, offset=i, timestamp_ms=0)
         for i, (e, (ids, start)) in enumerate(zip(events, tokenize(events), strict=True))
     ]
+
+
+def events_through_broker(
+    rows: Sequence[Row], settings: Settings, tokenizer: Any, bootstrap: str, timeout_s: float = 300.0
+) -> list[TokenizedEvent]:
+    """The stream as the learner receives it: produced to Kafka, read back by the service's consumer.
+
+    The rows are produced (as the events users send, :func:`~stream_learner.events.encode_event`) to a
+    fresh one-partition topic — one partition keeps the stream's order — and consumed by an
+    :class:`~stream_learner.consumer.EventConsumer` thread, which parses, validates and tokenizes them
+    exactly as in the service. Every row is valid, so every one must come back, in order; raises
+    :class:`RuntimeError` otherwise.
+    """
+    from stream_learner.consumer import EventConsumer
+    from stream_learner.events import encode_event
+    from stream_learner.producer import produce_lines
+    from stream_learner.topics import ensure_topics
+
+    topic = f"stream-learner-eval-{uuid.uuid4().hex[:12]}"
+    s = load_settings(
+        **_merge(
+            settings.model_dump(mode="json", include={"model", "events"}),
+            {
+                "kafka": {
+                    "bootstrap_servers": bootstrap,
+                    "topic": topic,
+                    "group_id": topic,
+                    "session_timeout_ms": 6000,
+                    "auto_offset_reset": "earliest",
+                },
+                "http": {"enabled": False},
+            },
+        )
+    )
+    ensure_topics(s.kafka.librdkafka(), {topic: 1, s.kafka.dead_letter_topic: 1})
+    produce_lines(
+        s.kafka.librdkafka(), topic, [encode_event(r["text"], r["label"]) for r in rows], partition=0
+    )
+
+    fresh: queue.Queue = queue.Queue(maxsize=s.kafka.queue_max_batches)
+    stop = threading.Event()
+    consumer = EventConsumer(s, tokenizer, fresh, queue.Queue(), Metrics(), stop)
+    thread = threading.Thread(target=consumer.run, name="eval-consumer", daemon=True)
+    thread.start()
+    events: list[TokenizedEvent] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(events) < len(rows) and time.monotonic() < deadline and thread.is_alive():
+            try:
+                events.extend(fresh.get(timeout=0.5).events)
+            except queue.Empty:
+                continue
+    finally:
+        stop.set()
+        consumer.close_event.set()
+        thread.join(timeout=30)
+    if [e.offset for e in events] != list(range(len(rows))):
+        raise RuntimeError(
+            f"{len(events)} of {len(rows)} events came back from topic {topic!r} within {timeout_s:.0f} s "
+            f"(or out of order): is the broker at {bootstrap} up?"
+        )
+    return events
 
 
 def build_heldout(
@@ -681,12 +753,21 @@ def _run_benchmark(cfg: EvalConfig, out: Path, console: Any, progress: bool) -> 
         with_types,
     )
     scenarios: dict[str, Scenario] = {}
-    for name in cfg.scenarios:
-        rows = make_stream(name, stream_rows, cfg, base.model.labels)
-        domains = np.array([DOMAINS.index(r["domain"]) for r in rows], dtype=np.int64)
-        scenarios[name] = Scenario(
-            name, tokenize_rows(rows, tokenize, labels), domains, boundaries_of(domains)
-        )
+    with contextlib.ExitStack() as stack:
+        bootstrap = cfg.broker
+        if bootstrap == "local":
+            from stream_learner.local_broker import LocalBroker
+
+            bootstrap = stack.enter_context(LocalBroker()).bootstrap_servers
+        for name in cfg.scenarios:
+            rows = make_stream(name, stream_rows, cfg, base.model.labels)
+            domains = np.array([DOMAINS.index(r["domain"]) for r in rows], dtype=np.int64)
+            events = (
+                tokenize_rows(rows, tokenize, labels)
+                if bootstrap is None
+                else events_through_broker(rows, base, tokenizer, bootstrap)
+            )
+            scenarios[name] = Scenario(name, events, domains, boundaries_of(domains))
 
     runs: list[dict[str, Any]] = []
     started = time.perf_counter()

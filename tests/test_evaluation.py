@@ -220,3 +220,22 @@ def test_docstring_examples_of_the_metrics():
     import doctest
 
     assert doctest.testmod(ev, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+def test_stream_through_the_broker_equals_the_in_process_stream(stream_rows, kafka_bootstrap):
+    """``--broker``: the events the service's consumer makes from the topic are those tokenized in process."""
+    from stream_learner.consumer import Tokenize
+    from stream_learner.events import LabelSet
+    from tests.factories import small_settings, tokenizer
+
+    cfg = ev.EvalConfig(per_domain=15)
+    rows = ev.make_stream("prior_shift", stream_rows, cfg, ["neg", "pos"])
+    settings = small_settings()
+    tok = tokenizer()
+    direct = ev.tokenize_rows(rows, Tokenize(tok, settings.model.max_length), LabelSet(settings.model.labels))
+    through = ev.events_through_broker(rows, settings, tok, kafka_bootstrap, timeout_s=60)
+    assert len(through) == len(rows) == 60
+    for a, b in zip(direct, through, strict=True):
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        assert (a.label, a.pair_start, a.offset, b.partition) == (b.label, b.pair_start, b.offset, 0)
+    assert all(e.timestamp_ms > 0 for e in through)  # they did cross the broker
