@@ -39,9 +39,11 @@ References
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import gc
 import math
+import multiprocessing
 import os
 import platform
 import queue
@@ -51,6 +53,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -69,7 +72,7 @@ from stream_learner.consumer import ConsumedBatch, Tokenize
 from stream_learner.datasets import STREAM, bundled_path, read_jsonl
 from stream_learner.events import LabeledEvent, LabelSet, TokenizedEvent, encode_event, parse_event
 from stream_learner.metrics import Metrics
-from stream_learner.model import load_model, load_tokenizer
+from stream_learner.model import L2SP, load_model, load_tokenizer
 from stream_learner.replay import ReservoirBuffer
 from stream_learner.trainer import StepRecord, Trainer, pick_device
 
@@ -114,6 +117,7 @@ class BenchConfig:
     publish_every_steps: int = 16
     publish_every_seconds: float = 10.0
     ablation: bool = True  # trainer alone with each speed change turned off in turn
+    bracket: bool = True  # trainer alone again after the pipeline: its rate is the mean of both runs
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # overrides on the defaults
 
     @classmethod
@@ -132,6 +136,7 @@ class BenchConfig:
             "replay_events": 20_000,
             "publish_every_steps": 4,
             "ablation": False,
+            "bracket": False,
             "publish_every_seconds": 1.0,
             "settings": {"training": {"fresh_per_step": 8, "replay_per_step": 8}},
         }
@@ -222,6 +227,14 @@ class PeakRSS:
         return self.peak / MiB
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc ``malloc_trim``), so that the
+    next phase's resident memory is its own."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -256,6 +269,46 @@ def training_flops_per_example(model: torch.nn.Module, tokens: float) -> float:
         elif "embeddings" not in name:
             per_sequence += p.numel()
     return 6.0 * (per_token * tokens + per_sequence)
+
+
+def _best_seconds(fn: Callable[[], object], reps: int = 3) -> float:
+    fn()
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_step_parts(settings: Settings) -> dict[str, float]:
+    """Seconds per step of the parts of a step that do not depend on the batch, on this model: AdamW as
+    constructed by default, with ``foreach`` and fused; the L2-SP gradient in place (as the trainer
+    does it) and through a ``θ − θ0`` temporary (as it did before); gradient clipping."""
+    model = load_model(settings.model).model
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    out: dict[str, float] = {}
+    for name, options in (
+        ("adamw_default", {}),
+        ("adamw_foreach", {"foreach": True}),
+        ("adamw_fused", {"fused": True}),
+    ):
+        optimizer = torch.optim.AdamW(params, lr=1e-5, **options)
+        out[f"{name}_s"] = _best_seconds(optimizer.step)
+        del optimizer
+    l2sp = L2SP(params, 0.01)
+
+    def with_temporary() -> None:
+        diffs = torch._foreach_sub([p.detach() for p in params], l2sp.theta0)
+        torch._foreach_add_([p.grad for p in params], diffs, alpha=2.0 * l2sp.lam)
+
+    out["l2sp_in_place_s"] = _best_seconds(l2sp.add_gradient_)
+    out["l2sp_temporary_s"] = _best_seconds(with_temporary)
+    out["clip_grad_norm_s"] = _best_seconds(lambda: torch.nn.utils.clip_grad_norm_(params, 1.0))
+    out["parameters"] = float(sum(p.numel() for p in params))
+    return out
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float | None]:
@@ -702,8 +755,27 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
             "events_per_second": flops / per_example,
         }
 
+    with step_of(console, "the fixed parts of a step: optimizer, L2-SP gradient, clipping"):
+        results["step_parts"] = measure_step_parts(settings)
+    release_memory()
+
+    # trainer alone right before the pipeline (and right after it: other load on the machine drifts)
     with step_of(console, f"trainer alone: {len(events)} events from memory"):
         results["trainer_alone"] = run_trainer_alone(settings, tokenizer, events, cfg.warmup_events)
+    release_memory()
+    with step_of(console, f"pipeline: {len(events)} events from the broker, then {cfg.paced_events} paced"):
+        results["pipeline"] = run_pipeline(cfg, data, console)
+    release_memory()
+    runs = [results["trainer_alone"]]
+    if cfg.bracket:
+        with step_of(console, "trainer alone again, after the pipeline"):
+            runs.append(run_trainer_alone(settings, tokenizer, events, cfg.warmup_events))
+            results["trainer_alone_after"] = runs[-1]
+        release_memory()
+    results["trainer_alone"]["runs"] = {
+        "events_per_second": [r["events_per_second"] for r in runs],
+        "examples_per_second": [r["examples_per_second"] for r in runs],
+    }
     if cfg.ablation:
         results["ablation"] = []
         for name, window, fused in (
@@ -715,9 +787,7 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
                 s = cfg.run_settings(training={"bucket_window": window})
                 run = run_trainer_alone(s, tokenizer, events, cfg.warmup_events, fused=fused)
                 results["ablation"].append({"name": name, **run})
-
-    with step_of(console, f"pipeline: {len(events)} events from the broker, then {cfg.paced_events} paced"):
-        results["pipeline"] = run_pipeline(cfg, data, console)
+            release_memory()
 
     with step_of(console, f"hand-written loop: {cfg.hand_written_events} events, one per step"):
         results["hand_written"] = run_user_loop(
@@ -729,10 +799,18 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
         )
     with step_of(console, f"consumer alone: {cfg.consumer_events} events parsed and tokenized"):
         results["consumer"] = measure_consumer(settings, tokenizer, data.all_values[: cfg.consumer_events])
-    with step_of(console, f"replay memory: {cfg.replay_events:,} events"):
-        results["replay"] = measure_replay(
-            data.all_tokens, data.all_labels, cfg.replay_events, len(tokenizer), settings.training.seed
-        )
+    with (
+        step_of(console, f"replay memory: {cfg.replay_events:,} events (in a process of its own)"),
+        ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool,
+    ):
+        results["replay"] = pool.submit(
+            measure_replay,
+            data.all_tokens,
+            data.all_labels,
+            cfg.replay_events,
+            len(tokenizer),
+            settings.training.seed,
+        ).result()
 
     results["peak_rss_mib"] = {
         "process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -741,12 +819,14 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
     }
     results["events_per_second"] = {
         name: results[name]["events_per_second"]
-        for name in ("roofline", "trainer_alone", "pipeline", "hand_written", "tutorial", "consumer")
+        for name in ("roofline", "pipeline", "hand_written", "tutorial", "consumer")
     }
     results["examples_per_second"] = {
         name: results[name]["examples_per_second"]
-        for name in ("roofline", "trainer_alone", "pipeline", "hand_written", "tutorial")
+        for name in ("roofline", "pipeline", "hand_written", "tutorial")
     }
+    for unit in ("events_per_second", "examples_per_second"):  # the mean of the bracketing runs
+        results[unit]["trainer_alone"] = float(np.mean(results["trainer_alone"]["runs"][unit]))
     results["ratios"] = ratios(results)
     results["targets"] = targets(results)
     results["seconds"] = time.time() - started
@@ -885,7 +965,8 @@ def figure_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             "trainer alone",
             _fmt(ev["trainer_alone"], 1),
             _fmt(ex["trainer_alone"], 1),
-            f"busy {t['busy_fraction']:.2f}, padding efficiency {t['padding_efficiency']:.2f}",
+            f"busy {t['busy_fraction']:.2f}, padding efficiency {t['padding_efficiency']:.2f}; mean of runs "
+            f"before and after the pipeline: {', '.join(f'{x:.1f}' for x in t['runs']['events_per_second'])}",
         ),
         (
             "pipeline from Kafka",
@@ -925,7 +1006,22 @@ def figure_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             )
         )
     during, between = pub["examples_per_second_publishing"], pub["examples_per_second_between"]
+    parts = results["step_parts"]
     rows += [
+        (
+            "AdamW step (s)",
+            "",
+            "",
+            f"default {parts['adamw_default_s']:.3f}, foreach {parts['adamw_foreach_s']:.3f}, "
+            f"fused {parts['adamw_fused_s']:.3f} ({parts['parameters'] / 1e6:.1f}M parameters)",
+        ),
+        (
+            "L2-SP gradient (s)",
+            "",
+            "",
+            f"in place {parts['l2sp_in_place_s']:.3f}, through θ − θ0 {parts['l2sp_temporary_s']:.3f}; "
+            f"clipping {parts['clip_grad_norm_s']:.3f}",
+        ),
         (
             "publishing",
             "",

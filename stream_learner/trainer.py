@@ -461,12 +461,12 @@ class Trainer:
         if replayed is None:
             replayed = self.replay.sample(self.settings.training.replay_per_step) if len(self.replay) else []
         examples = [*fresh, *replayed]
-        batch = {
-            k: v.to(self.device, non_blocking=True)
-            for k, v in collate(examples, self.pad_id, self.with_token_types).items()
-        }
-        padded_tokens = int(batch["attention_mask"].numel())
-        real_tokens = int(batch["attention_mask"].sum())
+        host = collate(examples, self.pad_id, self.with_token_types)
+        padded_tokens = int(host["attention_mask"].numel())
+        real_tokens = int(host["attention_mask"].sum())
+        if self.device.type == "cuda":  # page-locked memory: the copies below do not block the host
+            host = {k: v.pin_memory() for k, v in host.items()}
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
         labels = batch.pop("labels")
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with autocast:

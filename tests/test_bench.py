@@ -69,6 +69,13 @@ def test_ratios_are_the_rates_they_come_from(results: dict) -> None:
         assert run["examples"] >= run["fresh_events"] > 0
         assert run["examples_per_second"] == pytest.approx(run["examples"] / run["seconds"])
         assert run["events_per_second"] == pytest.approx(run["fresh_events"] / run["seconds"])
+    runs = results["trainer_alone"]["runs"]
+    assert ev["trainer_alone"] == pytest.approx(
+        sum(runs["events_per_second"]) / len(runs["events_per_second"])
+    )
+    assert ex["trainer_alone"] == pytest.approx(
+        sum(runs["examples_per_second"]) / len(runs["examples_per_second"])
+    )
     # the loops train one example per event
     for name in ("hand_written", "tutorial"):
         assert ex[name] == ev[name]
@@ -109,6 +116,9 @@ def test_replay_and_consumer(results: dict) -> None:
     assert replay["within_bound"] and replay["nbytes"] <= replay["bound_bytes"]
     assert replay["bytes_per_event"] == pytest.approx(replay["nbytes"] / replay["events"])
     assert results["consumer"]["events"] == results["config"]["consumer_events"]
+    assert replay["rss_added_mib"] >= 0
+    parts = results["step_parts"]
+    assert all(_positive(v) for v in parts.values())
 
 
 def test_targets_and_markdown(results: dict, tmp_path: Path) -> None:
