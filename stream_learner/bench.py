@@ -349,6 +349,9 @@ def summarize_steps(records: Sequence[StepRecord], warmup_events: int) -> dict[s
         "events_per_second": fresh / span,
         "examples_per_second": examples / span,
         "busy_fraction": sum(r.ended - r.started for r in measured) / span,
+        # with one torch thread, the share of the cores the trainer thread got while in its steps
+        "trainer_cpu_share": sum(r.cpu_seconds for r in measured)
+        / sum(r.ended - r.started for r in measured),
         "padding_efficiency": sum(r.real_tokens for r in measured) / sum(r.padded_tokens for r in measured),
         "first_measured": measured[0].started,
         "last_measured": measured[-1].ended,
@@ -965,14 +968,16 @@ def figure_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             "trainer alone",
             _fmt(ev["trainer_alone"], 1),
             _fmt(ex["trainer_alone"], 1),
-            f"busy {t['busy_fraction']:.2f}, padding efficiency {t['padding_efficiency']:.2f}; mean of runs "
+            f"busy {t['busy_fraction']:.2f}, CPU share {t['trainer_cpu_share']:.2f}, padding efficiency "
+            f"{t['padding_efficiency']:.2f}; mean of the runs "
             f"before and after the pipeline: {', '.join(f'{x:.1f}' for x in t['runs']['events_per_second'])}",
         ),
         (
             "pipeline from Kafka",
             _fmt(ev["pipeline"], 1),
             _fmt(ex["pipeline"], 1),
-            f"busy {p['busy_fraction']:.2f}, padding efficiency {p['padding_efficiency']:.2f}, "
+            f"busy {p['busy_fraction']:.2f}, CPU share {p['trainer_cpu_share']:.2f}, padding efficiency "
+            f"{p['padding_efficiency']:.2f}, "
             f"{pub['versions']} versions",
         ),
         (

@@ -3,8 +3,9 @@
 One iteration of :meth:`Trainer.run`, top to bottom:
 
 1. take a *window* of up to ``bucket_window × fresh_per_step`` fresh events from the consumer's
-   queue (waiting at most ``max_wait_s`` for a full window: freshness over batch size); the window
-   is worth ``ceil(n / fresh_per_step)`` steps;
+   queue (waiting at most ``max_wait_s`` for a full window: freshness over batch size; a smaller
+   window when a publish is due in fewer steps); the window is worth ``ceil(n / fresh_per_step)``
+   steps;
 2. draw ``replay_per_step`` examples from the reservoir for each of those steps (experience replay);
 3. sort the fresh and replayed examples of the window together by length and cut the sorted list
    into that many micro-batches so that the padded tokens are fewest (:func:`bucket_bounds`):
@@ -110,6 +111,7 @@ class StepRecord:
     real_tokens: int  # tokens of the examples
     padded_tokens: int  # examples × the longest of them: what the model computed on
     loss: float  # mean cross-entropy (NaN if the step was skipped)
+    cpu_seconds: float  # CPU time of the trainer thread in the step (its own share of the cores)
 
 
 @dataclass
@@ -377,7 +379,7 @@ class Trainer:
         log.info("trainer on %s (%s)", self.device, "bf16 autocast" if self.bf16 else "fp32")
         t = self.settings.training
         while not self.stop_event.is_set():
-            fresh = self._take_fresh(t.fresh_per_step * t.bucket_window)
+            fresh = self._take_fresh(t.fresh_per_step * self._window_steps())
             if fresh:
                 self.train_window(fresh)
             # only here, between windows, are the covered offsets exact (see the module docstring)
@@ -385,6 +387,13 @@ class Trainer:
             self.maybe_publish()
         if self.settings.publish.on_stop:
             self.maybe_publish(force=True)
+
+    def _window_steps(self) -> int:
+        """Micro-batches in the next window: ``bucket_window``, fewer when a publish falls due sooner
+        (so that ``publish.every_steps`` keeps its cadence although snapshots wait for a window's end)."""
+        window = self.settings.training.bucket_window
+        left = self.settings.publish.every_steps - (self.counters.steps - self._published_at[0])
+        return min(window, left) if left > 0 else window  # overdue: the publisher is busy, no hurry
 
     def _take_fresh(self, want: int | None = None) -> list[TokenizedEvent]:
         """Up to ``want`` events (default ``fresh_per_step``); wait at most ``max_wait_s`` for them all."""
@@ -457,7 +466,7 @@ class Trainer:
         ``replayed`` None draws ``replay_per_step`` examples from the reservoir (the plain micro-batch).
         """
         t0 = time.perf_counter()
-        started = time.time()
+        started, cpu0 = time.time(), time.thread_time()
         if replayed is None:
             replayed = self.replay.sample(self.settings.training.replay_per_step) if len(self.replay) else []
         examples = [*fresh, *replayed]
@@ -500,7 +509,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=False)
             log.warning("non-finite loss: step skipped (%d so far)", self.counters.nonfinite_skipped)
             self.metrics.events_trained.inc(n)
-            self._notify(started, fresh, len(replayed), real_tokens, padded_tokens, float("nan"))
+            self._notify(started, cpu0, fresh, len(replayed), real_tokens, padded_tokens, float("nan"))
             return float("nan")
 
         loss.backward()
@@ -514,12 +523,13 @@ class Trainer:
             self.replay.add(e.input_ids, e.label, e.pair_start)
         data_loss = loss.item()
         self._record(data_loss, n, len(replayed), time.perf_counter() - t0)
-        self._notify(started, fresh, len(replayed), real_tokens, padded_tokens, data_loss)
+        self._notify(started, cpu0, fresh, len(replayed), real_tokens, padded_tokens, data_loss)
         return data_loss
 
     def _notify(
         self,
         started: float,
+        cpu0: float,
         fresh: Sequence[TokenizedEvent],
         replayed: int,
         real_tokens: int,
@@ -527,7 +537,10 @@ class Trainer:
         loss: float,
     ) -> None:
         if self.on_step is not None:
-            self.on_step(StepRecord(started, time.time(), fresh, replayed, real_tokens, padded_tokens, loss))
+            cpu = time.thread_time() - cpu0
+            self.on_step(
+                StepRecord(started, time.time(), fresh, replayed, real_tokens, padded_tokens, loss, cpu)
+            )
 
     def _watch_drift(self, scores: FreshScores, replayed: list[StoredExample]) -> None:
         """Feed the drift signals: errors and losses, labels against the reservoir's mix, and input

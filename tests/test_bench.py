@@ -93,6 +93,7 @@ def test_fractions_are_fractions(results: dict) -> None:
     assert results["tutorial"]["padding_efficiency"] < results["pipeline"]["padding_efficiency"]
     for name in ("trainer_alone", "pipeline"):
         assert 0 < results[name]["busy_fraction"] <= 1 + 1e-9, name
+        assert 0 < results[name]["trainer_cpu_share"] <= 1 + 1e-3, name
 
 
 def test_publishing_and_freshness(results: dict) -> None:
@@ -142,7 +143,7 @@ def test_targets_and_markdown(results: dict, tmp_path: Path) -> None:
 def _record(started: float, ended: float, fresh: int, replayed: int, real: int = 10, padded: int = 10):
     s = small_settings()
     events = tokenized(tiny_rows(fresh), s) if fresh else []
-    return StepRecord(started, ended, events, replayed, real, padded, 0.5)
+    return StepRecord(started, ended, events, replayed, real, padded, 0.5, (ended - started) / 2)
 
 
 def test_summarize_steps_skips_the_warm_up_and_counts_gaps():
@@ -152,6 +153,7 @@ def test_summarize_steps_skips_the_warm_up_and_counts_gaps():
     assert out["seconds"] == 3  # from 1 to 4: the idle second between the steps counts
     assert out["busy_fraction"] == pytest.approx(2 / 3)
     assert out["padding_efficiency"] == pytest.approx(14 / 20)
+    assert out["trainer_cpu_share"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="warm-up"):
         summarize_steps(records, warmup_events=100)
 

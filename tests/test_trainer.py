@@ -198,7 +198,8 @@ def test_snapshots_between_windows_cover_exactly_the_events_trained():
 
     s = small_settings(
         training={"fresh_per_step": 4, "replay_per_step": 2, "bucket_window": 4, "max_wait_s": 0.05},
-        publish={"every_steps": 1},
+        # a snapshot is due after every step (by time): only the window boundaries may let it out
+        publish={"every_steps": 1000, "every_seconds": 0.001},
     )
     tr = make_trainer(s)
     events = tokenized(tiny_rows(48), s)
@@ -263,3 +264,16 @@ def test_bucketed_windows_pad_less_than_plain_micro_batches():
 
     plain, bucketed = padding_efficiency(1), padding_efficiency(4)
     assert 0 < plain < bucketed <= 1
+
+
+def test_a_window_ends_where_a_publish_falls_due():
+    """Snapshots wait for a window's end: windows shrink so that publish.every_steps keeps its cadence."""
+    s = small_settings(training={"bucket_window": 8}, publish={"every_steps": 5})
+    tr = make_trainer(s)
+    assert tr._window_steps() == 5
+    tr.counters.steps = 3
+    assert tr._window_steps() == 2
+    tr.counters.steps = 5  # due now; if the publisher is busy the snapshot waits, the windows do not
+    assert tr._window_steps() == 8
+    tr.maybe_publish()
+    assert tr._window_steps() == 5
