@@ -427,6 +427,12 @@ class Trainer:
         by :func:`bucket_bounds` (each micro-batch at least a quarter of the average size, and at most
         the padded tokens of a plain micro-batch of the window's longest example). Returns each step's
         loss. Snapshots are refused until the window is done (see the module docstring).
+
+        Parameters
+        ----------
+        fresh
+            The window's fresh events, in the order received (each partition's in offset order).
+
         """
         t = self.settings.training
         steps = math.ceil(len(fresh) / t.fresh_per_step)
@@ -463,7 +469,14 @@ class Trainer:
     def step(self, fresh: list[TokenizedEvent], replayed: list[StoredExample] | None = None) -> float:
         """One step on ``fresh`` + ``replayed``; returns the mean cross-entropy (NaN if skipped).
 
-        ``replayed`` None draws ``replay_per_step`` examples from the reservoir (the plain micro-batch).
+        Parameters
+        ----------
+        fresh
+            Fresh events: scored (prequentially) by the weights before this step, then learned.
+        replayed
+            The replayed examples of the micro-batch; None draws ``replay_per_step`` from the reservoir
+            (the plain micro-batch, as ``stream-learner eval`` steps).
+
         """
         t0 = time.perf_counter()
         started, cpu0 = time.time(), time.thread_time()
