@@ -367,7 +367,13 @@ def rate_inside(
     the throughput over a set of times is the examples trained in it over its length.
     """
     lo, hi = span
-    clipped = [(max(a, lo), min(b, hi)) for a, b in intervals if min(b, hi) > max(a, lo)]
+    # the union of the intervals: a snapshot may wait for the previous version's publish to end
+    clipped: list[tuple[float, float]] = []
+    for a, b in sorted((max(a, lo), min(b, hi)) for a, b in intervals if min(b, hi) > max(a, lo)):
+        if clipped and a <= clipped[-1][1]:
+            clipped[-1] = (clipped[-1][0], max(clipped[-1][1], b))
+        else:
+            clipped.append((a, b))
     inside_time = sum(b - a for a, b in clipped)
     inside = total = 0.0
     for r in records:

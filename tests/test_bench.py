@@ -167,3 +167,6 @@ def test_rate_inside_and_outside_publishes():
     assert out["examples_per_second_between"] == pytest.approx(7.5)
     assert out["ratio"] == pytest.approx(1.0)
     assert rate_inside(records, [], span=(0, 4))["examples_per_second_publishing"] is None
+    # overlapping publishes (a snapshot waiting for the previous version) count once
+    overlapping = rate_inside(records, [(1, 2.5), (2, 3), (3.5, 9)], span=(0, 4))
+    assert overlapping["publishing_seconds"] == 2.5 and overlapping["between_seconds"] == 1.5
