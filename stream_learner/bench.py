@@ -143,7 +143,7 @@ class BenchConfig:
         return cls(**{**base, **changes})
 
     def run_settings(self, **sections: dict[str, Any]) -> Settings:
-        """The defaults ← ``settings`` ← the model size ← ``sections``; no HTTP endpoint."""
+        """The defaults ← the model size ← ``settings`` ← ``sections``; no HTTP endpoint."""
         model: dict[str, Any] = {"max_length": self.max_length}
         if self.layers is not None:
             model["num_hidden_layers"] = self.layers
