@@ -1,6 +1,9 @@
 # The two commands of the README. Each sets everything up first (idempotent, fast when done).
 .PHONY: setup demo test test-fast test-slow lint
 
+# two workers (pytest-xdist): much of an end-to-end test waits on a broker, a child process or a timer
+PYTEST = .venv/bin/python -m pytest -q -n 2 --dist worksteal
+
 setup:
 	EXTRAS=dev ./scripts/setup.sh
 
@@ -10,13 +13,13 @@ demo: setup
 test: setup
 	.venv/bin/ruff check stream_learner tests
 	.venv/bin/ruff format --check stream_learner tests
-	.venv/bin/python -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	.venv/bin/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-slow: setup
-	.venv/bin/python -m pytest -q -m slow
+	$(PYTEST) -m slow
 
 lint: setup
 	.venv/bin/ruff check stream_learner tests

@@ -22,6 +22,14 @@ from tests.services import SeaweedS3
 
 BOOTSTRAP_ENV = "STREAM_LEARNER_TEST_BOOTSTRAP"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on a 2-core machine: one torch thread each (and in the learner
+    # processes they start), or four threads would spin against each other for two cores
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 
 def _docker_available() -> bool:
     """Whether a Docker engine answers, checked cheaply (no engine → no socket, no DOCKER_HOST)."""

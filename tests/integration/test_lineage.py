@@ -83,7 +83,7 @@ def test_sigterm_publishes_a_final_version_and_commits_before_exit(kafka_bootstr
         while learner.metric("stream_learner_events_trained_total") < 40 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert read_latest(open_store(url)) == (None, None)
-        assert learner.terminate(timeout=60) == 0, learner.log
+        assert learner.terminate(timeout=120) == 0, learner.log
     finally:
         learner.close()
     assert "SIGTERM: stopping gracefully" in learner.log
@@ -122,7 +122,7 @@ def test_a_second_learner_on_the_same_prefix_is_fenced_out(kafka_bootstrap, uniq
         # the winner goes on publishing; LATEST and its whole lineage are the winner's
         time.sleep(2)
         assert winner.proc.poll() is None
-        assert winner.terminate(timeout=60) == 0, winner.log
+        assert winner.terminate(timeout=120) == 0, winner.log
     finally:
         for lp in learners:
             lp.close()

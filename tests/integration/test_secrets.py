@@ -45,7 +45,7 @@ def test_secrets_stay_out_of_logs_metrics_manifests_and_storage(
         health = learner.get("/healthz")[1] + learner.get("/readyz")[1]
         for path in ("/", "/config", "/debug", "/metrics/../config"):
             assert learner.get(path)[0] == 404  # nothing but health and metrics is served
-        assert learner.terminate(timeout=60) == 0, learner.log
+        assert learner.terminate(timeout=120) == 0, learner.log
     finally:
         learner.close()
 
