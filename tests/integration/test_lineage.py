@@ -145,7 +145,9 @@ def test_chaos_sigkill_at_random_moments_keeps_the_lineage_exact(
         "s3_secret_access_key": s3_server.secret_access_key,
         "s3_region": s3_server.region,
     }
-    cfg = config(kafka_bootstrap, topic, storage, every_steps=4)
+    # a version every 4 steps, or 5 s after the last one if steps were taken since: once the stream
+    # ends, the last few steps are published without waiting for the default 300 s
+    cfg = config(kafka_bootstrap, topic, storage, every_steps=4, every_seconds=5)
     ensure_topics({"bootstrap.servers": kafka_bootstrap}, {topic: PARTITIONS, f"{topic}.dlq": PARTITIONS})
     store = open_store(storage["storage_url"], **s3_server.store_options())
 
@@ -195,6 +197,8 @@ def test_chaos_sigkill_at_random_moments_keeps_the_lineage_exact(
                 if offsets == ends:
                     break
             time.sleep(1)
+        else:
+            raise AssertionError(f"LATEST never covered the whole stream {ends} in the final run")
         assert learner.terminate(timeout=120) == 0, learner.log
     finally:
         stop_producing.set()
