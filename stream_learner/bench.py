@@ -46,7 +46,6 @@ import math
 import multiprocessing
 import os
 import platform
-import queue
 import resource
 import tempfile
 import threading
@@ -71,7 +70,6 @@ from stream_learner.config import Settings, load_settings
 from stream_learner.consumer import ConsumedBatch, Tokenize
 from stream_learner.datasets import STREAM, bundled_path, read_jsonl
 from stream_learner.events import LabeledEvent, LabelSet, TokenizedEvent, encode_event, parse_event
-from stream_learner.metrics import Metrics
 from stream_learner.model import L2SP, load_model, load_tokenizer
 from stream_learner.replay import ReservoirBuffer
 from stream_learner.trainer import StepRecord, Trainer, pick_device
@@ -399,19 +397,10 @@ def rate_inside(
 
 
 def build_trainer(settings: Settings, tokenizer: Any) -> Trainer:
-    """The service's trainer, wired as :class:`~stream_learner.app.Learner` wires it, fed from memory."""
-    return Trainer(
-        settings,
-        load_model(settings.model),
-        pad_id=tokenizer.pad_token_id or 0,
-        with_token_types="token_type_ids" in tokenizer.model_input_names,
-        vocab_size=len(tokenizer),
-        fresh_queue=queue.Queue(maxsize=settings.kafka.queue_max_batches),
-        publish_queue=queue.Queue(maxsize=1),
-        metrics=Metrics(),
-        stop=threading.Event(),
-        special_token_ids=tokenizer.all_special_ids,
-    )
+    """The service's trainer fed from memory, with the service's queue bound (see ``evaluation``)."""
+    from stream_learner.evaluation import build_trainer as wired
+
+    return wired(settings, tokenizer, fresh_queue_size=settings.kafka.queue_max_batches)
 
 
 def plain_adamw(trainer: Trainer) -> None:

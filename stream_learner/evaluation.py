@@ -526,15 +526,15 @@ def evaluate_heldout(model: torch.nn.Module, heldout: HeldOut) -> tuple[list[flo
     return accs, f1s
 
 
-def build_trainer(settings: Settings, tokenizer: Any) -> Trainer:
-    """A :class:`Trainer` wired as the service wires it, minus the threads (queues stay empty)."""
+def build_trainer(settings: Settings, tokenizer: Any, fresh_queue_size: int = 1) -> Trainer:
+    """A :class:`Trainer` wired as the service wires it, fed from memory (the bench uses it too)."""
     return Trainer(
         settings,
         load_model(settings.model),
         pad_id=tokenizer.pad_token_id or 0,
         with_token_types="token_type_ids" in tokenizer.model_input_names,
         vocab_size=len(tokenizer),
-        fresh_queue=queue.Queue(maxsize=1),
+        fresh_queue=queue.Queue(maxsize=fresh_queue_size),
         publish_queue=queue.Queue(maxsize=1),
         metrics=Metrics(),
         stop=threading.Event(),
