@@ -99,10 +99,15 @@ def test_fractions_are_fractions(results: dict) -> None:
 def test_publishing_and_freshness(results: dict) -> None:
     pub = results["pipeline"]["publish"]
     assert pub["versions"] >= 2 and _positive(pub["mean_seconds"])
-    assert pub["publishing_seconds"] > 0 and pub["between_seconds"] > 0
-    assert pub["ratio"] == pytest.approx(
-        pub["examples_per_second_publishing"] / pub["examples_per_second_between"]
-    )
+    # the measured span splits into time publishing and time between publishes
+    assert pub["publishing_seconds"] > 0 and pub["between_seconds"] >= 0
+    assert pub["publishing_seconds"] + pub["between_seconds"] == pytest.approx(results["pipeline"]["seconds"])
+    if pub["between_seconds"] > 0:
+        assert pub["ratio"] == pytest.approx(
+            pub["examples_per_second_publishing"] / pub["examples_per_second_between"]
+        )
+    else:  # publishes back to back (a loaded machine): no rate between them to compare with
+        assert pub["examples_per_second_between"] is None and pub["ratio"] is None
     fresh = results["pipeline"]["freshness"]
     learned, published = fresh["to_learned_s"], fresh["to_published_s"]
     assert learned["n"] == published["n"] == results["config"]["paced_events"]
