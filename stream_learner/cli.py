@@ -233,6 +233,9 @@ def eval_(
     eval_every: Annotated[int | None, typer.Option(help="events between held-out checkpoints")] = None,
     layers: Annotated[int | None, typer.Option(help="encoder layers kept (default: all)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: one per core)")] = None,
+    jobs: Annotated[
+        int | None, typer.Option(help="runs in parallel processes (their threads default to cores ÷ jobs)")
+    ] = None,
     quick: Annotated[bool, typer.Option(help="tiny smoke run: 1 layer, 32 events/domain, 1 seed")] = False,
     drift: Annotated[bool, typer.Option(help="run the drift signals on the default strategy")] = True,
     broker: Annotated[
@@ -257,6 +260,7 @@ def eval_(
         "eval_every": eval_every,
         "layers": layers,
         "threads": threads,
+        "jobs": jobs,
         "broker": broker,
     }.items():
         if value is not None:

@@ -312,6 +312,8 @@ class EvalConfig:
     rolling_window: int = 200  # of the prequential accuracy plot
     eval_batch_size: int = 128
     threads: int | None = None  # torch intra-op threads; None = torch's default (one per core)
+    # runs in parallel, each in its own process; its torch threads default to cores // jobs
+    jobs: int = 1
     # the stream through Kafka and the service's consumer: None = tokenized in process; "local" = a
     # local broker started for the run; otherwise the bootstrap servers of a running one
     broker: str | None = None
@@ -708,12 +710,94 @@ def summarize_drift(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def plan_runs(cfg: EvalConfig) -> list[tuple[str, Strategy, int]]:
+    """Every (scenario, strategy, seed) run of ``cfg``, in order; a bad name or count raises ValueError."""
+    if cfg.jobs < 1:
+        raise ValueError(f"jobs must be at least 1, not {cfg.jobs}")
     return [
         (scenario, cfg.strategy(name), seed)
         for scenario in cfg.scenarios
         for name in cfg.strategies
         for seed in range(cfg.n_seeds(name))
     ]
+
+
+def run_cost(strategy: Strategy, cfg: EvalConfig) -> float:
+    """A run's relative cost, for scheduling: examples per step, a frozen encoder's at about 0.4."""
+    training = run_settings(cfg, strategy, 0).training
+    examples = training.fresh_per_step + training.replay_per_step
+    return examples * (0.4 if strategy.freeze_encoder else 1.0)
+
+
+# the state of one worker process of run_in_processes, set once by its initializer
+_worker: dict[str, Any] = {}
+
+
+def _start_worker(
+    scenarios: dict[str, Scenario], heldout: HeldOut, cfg: EvalConfig, threads: int, steps: Any
+) -> None:
+    torch.set_num_threads(threads)
+    base = run_settings(cfg, STRATEGIES["default"], 0)
+    _worker.update(
+        scenarios=scenarios, heldout=heldout, cfg=cfg, steps=steps, tokenizer=load_tokenizer(base.model)
+    )
+
+
+def _run_in_worker(scenario: str, strategy: Strategy, seed: int) -> dict[str, Any]:
+    w = _worker
+    return run_one(
+        w["scenarios"][scenario], w["heldout"], strategy, seed, w["cfg"], w["tokenizer"], w["steps"].put
+    )
+
+
+def run_in_processes(
+    plan: Sequence[tuple[str, Strategy, int]],
+    scenarios: dict[str, Scenario],
+    heldout: HeldOut,
+    cfg: EvalConfig,
+    bar: Any,
+    task: Any,
+) -> list[dict[str, Any]]:
+    """The runs of ``plan`` on ``cfg.jobs`` worker processes; the results in ``plan``'s order.
+
+    Runs are independent, so on a machine with several cores whole runs in parallel use them better
+    than torch's intra-op threads do on a small model. Workers are spawned (not forked: the parent
+    holds torch's thread pools) and each gets the tokenized streams once; the costliest runs go first
+    so the last ones to finish are short. Each worker reports its steps through a queue, which feeds
+    the progress bar. A run's result does not depend on the process it ran in.
+    """
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    threads = cfg.threads or max(1, (torch.get_num_threads() or 1) // cfg.jobs)
+    order = sorted(range(len(plan)), key=lambda i: -run_cost(plan[i][1], cfg))
+    context = mp.get_context("spawn")
+    with context.Manager() as manager:
+        steps = manager.Queue()
+        with ProcessPoolExecutor(
+            cfg.jobs,
+            mp_context=context,
+            initializer=_start_worker,
+            initargs=(scenarios, heldout, cfg, threads, steps),
+        ) as pool:
+            futures = {pool.submit(_run_in_worker, *plan[i]): i for i in order}
+            pending, done = set(futures), 0
+            while pending:
+                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                done += len(finished)
+                for future in finished:
+                    if future.exception() is not None:  # fail fast: the queued runs are not started
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        raise future.exception()  # type: ignore[misc]
+                bar.update(task, description=f"{done}/{len(plan)} runs done, {cfg.jobs} at a time")
+                while True:
+                    try:
+                        bar.advance(task, steps.get_nowait())
+                    except queue.Empty:
+                        break
+            results: list[dict[str, Any]] = [{}] * len(plan)
+            for future, i in futures.items():
+                results[i] = future.result()
+    return results
 
 
 def run_benchmark(cfg: EvalConfig, out: Path, console: Any = None, progress: bool = True) -> dict[str, Any]:
@@ -769,19 +853,28 @@ def _run_benchmark(cfg: EvalConfig, out: Path, console: Any, progress: bool) -> 
             )
             scenarios[name] = Scenario(name, events, domains, boundaries_of(domains))
 
-    runs: list[dict[str, Any]] = []
     started = time.perf_counter()
     total = sum(len(scenarios[s].events) for s, _, _ in plan)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not progress) as bar:
         task = bar.add_task("eval", total=total)
-        for i, (name, strategy, seed) in enumerate(plan, 1):
-            bar.update(task, description=f"run {i}/{len(plan)} {name} · {strategy.name} · seed {seed}")
-            runs.append(
-                run_one(
-                    scenarios[name], heldout, strategy, seed, cfg, tokenizer, lambda k: bar.advance(task, k)
+        if cfg.jobs > 1:
+            runs = run_in_processes(plan, scenarios, heldout, cfg, bar, task)
+        else:
+            runs = []
+            for i, (name, strategy, seed) in enumerate(plan, 1):
+                bar.update(task, description=f"run {i}/{len(plan)} {name} · {strategy.name} · seed {seed}")
+                runs.append(
+                    run_one(
+                        scenarios[name],
+                        heldout,
+                        strategy,
+                        seed,
+                        cfg,
+                        tokenizer,
+                        lambda k: bar.advance(task, k),
+                    )
                 )
-            )
 
     results: dict[str, Any] = {
         "format": FORMAT,

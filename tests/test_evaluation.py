@@ -198,6 +198,21 @@ def test_quick_run_writes_png_plots(quick):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
+def test_runs_in_worker_processes_equal_the_runs_in_process(quick, tmp_path):
+    # the same three runs of the quick fixture, on two spawned workers (costliest first): same results
+    results, _ = quick
+    cfg = ev.EvalConfig.quick(scenarios=("covariate",), strategies=("frozen", "default", "offline"), jobs=2)
+    parallel = ev.run_benchmark(cfg, tmp_path, progress=False)
+    assert parallel["config"]["jobs"] == 2
+    assert [(r["strategy"], r["seed"]) for r in parallel["runs"]] == [
+        (r["strategy"], r["seed"]) for r in results["runs"]
+    ]
+    for mine, theirs in zip(parallel["runs"], results["runs"], strict=True):
+        assert mine["metrics"] == pytest.approx(theirs["metrics"], abs=1e-6)
+        assert mine["prequential"]["correct"] == theirs["prequential"]["correct"]
+        assert mine["param_distance"] == pytest.approx(theirs["param_distance"], rel=1e-5)
+
+
 def test_quick_tables_render(quick):
     results, _ = quick
     md = ev.markdown_table(results, "covariate")
@@ -213,6 +228,12 @@ def test_cli_rejects_unknown_strategy_before_training(tmp_path):
     assert result.exit_code == 1
     assert "unknown strategy" in result.output
     assert not (tmp_path / "results.json").exists()
+
+
+def test_cli_rejects_zero_jobs(tmp_path):
+    result = CliRunner().invoke(app, ["eval", "--quick", "--jobs", "0", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "jobs must be at least 1" in result.output
 
 
 def test_docstring_examples_of_the_metrics():
