@@ -6,6 +6,10 @@
           ▲                                                                              │
           └──────────────────────────── commit_queue (offsets of durable versions) ◀─────┘
 
+In a data-parallel group (started by ``torchrun``, see ``distributed.py``) every rank runs these
+threads on its share of the partitions, except the publisher: rank 0 alone publishes the group's
+snapshots and commits their offsets.
+
 Stopping (:meth:`Learner.stop`) runs in this order so that no event is lost or counted twice:
 close the intake (the consumer stops fetching) → the trainer finishes its step and hands over a final
 snapshot → the publisher publishes it and queues its offsets → the consumer commits them and closes.
@@ -27,14 +31,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from stream_learner.config import ConfigError, Settings
 from stream_learner.consumer import EventConsumer, Tokenize
+from stream_learner.distributed import Group, restored_for_rank
 from stream_learner.events import InvalidEvent, LabelSet, TokenizedEvent, parse_event
 from stream_learner.limits import MiB, memory_budget
 from stream_learner.metrics import Metrics
 from stream_learner.model import load_model, load_tokenizer
 from stream_learner.publisher import CorruptVersion, Publisher, load_newest_intact, read_latest
 from stream_learner.storage import ObjectStore, open_store
-from stream_learner.topics import ensure_topics
-from stream_learner.trainer import Restored, Trainer
+from stream_learner.topics import ensure_topics, partition_count
+from stream_learner.trainer import Restored, Trainer, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +122,7 @@ class Learner:
         self.stopped_cleanly = False  # the final stop finished within its grace period
         self._http: ThreadingHTTPServer | None = None
         self._workdir = tempfile.TemporaryDirectory(prefix="stream-learner-")
+        self.group = Group.from_env()  # a rank of a torchrun group, or None
 
     # ------------------------------------------------------------------------------------ start
     def start(self) -> Learner:
@@ -132,11 +138,20 @@ class Learner:
                     s.kafka.dead_letter_topic: s.kafka.topic_partitions,
                 },
             )
+        partitions = None
+        if self.group is not None:
+            self.group.start(s.distributed, self.group.device(pick_device(s.training.device)))
+            partitions = self.group.partitions(partition_count(s.kafka.librdkafka(), s.kafka.topic))
+            log.info(
+                "rank %d of %d consumes partitions %s", self.group.rank, self.group.world_size, partitions
+            )
         tokenizer = load_tokenizer(s.model)
         loaded = load_model(s.model)
         check_memory(s, loaded.model)
         probe = load_probe(s, tokenizer)
         restored = self._restore()
+        if restored is not None and self.group is not None:
+            restored = restored_for_rank(restored, self.group)
 
         self.fresh_queue: queue.Queue = queue.Queue(maxsize=s.kafka.queue_max_batches)
         self.publish_queue: queue.Queue = queue.Queue(maxsize=1)
@@ -160,7 +175,9 @@ class Learner:
             publish_failed=self.publish_failed,
             probe=probe,
             special_token_ids=tokenizer.all_special_ids,
+            group=self.group,
         )
+        publishes = self.group is None or self.group.is_root
         self.publisher = Publisher(
             s,
             self.store,
@@ -182,12 +199,14 @@ class Learner:
             self.metrics,
             self.intake_closed,
             start_offsets=restored.offsets if restored else None,
+            partitions=partitions,
         )
         if restored is not None:
             self.metrics.latest_version.set(restored.version)
         self._spawn("consumer", self.consumer.run)
         self._spawn("trainer", self.trainer.run)
-        self._spawn("publisher", self.publisher.run)
+        if publishes:
+            self._spawn("publisher", self.publisher.run)
         return self
 
     def _restore(self) -> Restored | None:
@@ -222,6 +241,9 @@ class Learner:
             except BaseException as err:
                 log.exception("%s thread failed", name)
                 self._fail(err)
+                return
+            if not self.intake_closed.is_set():  # the trainer left on its own: another rank stopped
+                threading.Thread(target=self.stop, name="stream-learner-stop", daemon=True).start()
 
         t = threading.Thread(target=guarded, name=f"stream-learner-{name}", daemon=True)
         self._threads[name] = t
@@ -257,8 +279,10 @@ class Learner:
             self.trainer_stop.set()
             self._threads["trainer"].join(left())
             self.publisher_stop.set()
-            self._threads["publisher"].join(left())
-            if self._threads["publisher"].is_alive():
+            publisher = self._threads.get("publisher")  # none on ranks other than 0 of a group
+            if publisher is not None:
+                publisher.join(left())
+            if publisher is not None and publisher.is_alive():
                 self.publisher.abort.set()  # stop retrying storage writes: the grace period is over
                 log.error(
                     "graceful stop took over %.0fs: the final version was not published; the next start "
@@ -340,6 +364,8 @@ class Learner:
                 pass
 
         h = self.settings.http
-        self._http = ThreadingHTTPServer((h.host, h.port), Handler)
+        # the ranks of one node side by side: each on the port after the previous one's
+        port = h.port + (self.group.local_rank if self.group is not None and h.port else 0)
+        self._http = ThreadingHTTPServer((h.host, port), Handler)
         self.http_port = self._http.server_address[1]
         threading.Thread(target=self._http.serve_forever, name="stream-learner-http", daemon=True).start()

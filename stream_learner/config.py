@@ -252,6 +252,20 @@ class DriftSettings(_Section):
         return self
 
 
+class DistributedSettings(_Section):
+    # data-parallel learning is on when torchrun starts the learner (WORLD_SIZE > 1): docs/distributed.md
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto",
+        description="torch.distributed backend of a torchrun group; 'auto' = nccl on CUDA, gloo on CPU",
+    )
+    timeout_s: float = Field(
+        300.0, gt=0, description="seconds a collective waits for the other ranks before the group fails"
+    )
+    check_every_steps: int = Field(
+        100, ge=0, description="steps between checks that every rank holds the same weights (0 = never)"
+    )
+
+
 class Settings(BaseSettings):
     """Every setting of a learner. Build with :func:`load_settings` to get one-line errors."""
 
@@ -269,6 +283,7 @@ class Settings(BaseSettings):
     probe: ProbeSettings = ProbeSettings()
     limits: LimitsSettings = LimitsSettings()
     drift: DriftSettings = DriftSettings()
+    distributed: DistributedSettings = DistributedSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -105,6 +105,9 @@ class EventConsumer:
     start_offsets
         partition → next offset, from the restored version; partitions not listed start at the
         configured ``auto_offset_reset``.
+    partitions
+        Consume exactly these partitions of the topic, assigned explicitly (a rank's share in a
+        data-parallel group, see ``distributed.py``); None subscribes with the consumer group.
     """
 
     def __init__(
@@ -116,8 +119,10 @@ class EventConsumer:
         metrics: Metrics,
         stop: threading.Event,
         start_offsets: dict[int, int] | None = None,
+        partitions: list[int] | None = None,
     ) -> None:
         self.settings = settings
+        self.partitions = partitions
         self.kafka = settings.kafka
         self.labels = LabelSet(settings.model.labels)
         self.tokenize = Tokenize(tokenizer, settings.model.max_length)
@@ -172,7 +177,10 @@ class EventConsumer:
     def run(self) -> None:
         """Thread target: consume until ``stop`` is set, commit until ``close_event`` is set."""
         consumer, producer = self._make_consumer(), self._make_producer()
-        consumer.subscribe([self.kafka.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        if self.partitions is None:
+            consumer.subscribe([self.kafka.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        else:  # no group membership, no rebalancing: this rank's static share
+            self._on_assign(consumer, [KafkaTopicPartition(self.kafka.topic, p) for p in self.partitions])
         try:
             while not self.close_event.is_set():
                 self._commit_published(consumer)

@@ -67,6 +67,11 @@ class Metrics:
         self.nonfinite_skipped = Counter(
             f"{PREFIX}_nonfinite_steps_skipped", "Steps skipped because the loss was not finite", registry=r
         )
+        self.weight_checks = Counter(
+            f"{PREFIX}_weight_checks",
+            "Checks that every rank of a data-parallel group holds the same weights, passed",
+            registry=r,
+        )
         self.step_seconds = Histogram(
             f"{PREFIX}_step_seconds",
             "Duration of one training step",

@@ -67,6 +67,7 @@ CLAIM = "claim"  # created first, conditionally: this version directory belongs 
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "trainer_state/optimizer.safetensors"
 REPLAY = "trainer_state/replay.safetensors"
+REPLAY_OF_RANK = "trainer_state/replay-rank{rank}.safetensors"  # ranks 1… of a data-parallel group
 RNG = "trainer_state/rng.safetensors"
 STATE = "trainer_state/state.json"
 MANIFEST_FORMAT = 1
@@ -130,6 +131,10 @@ def _write_trainer_state(snap: Snapshot, root: Path) -> None:
     safetensors.numpy.save_file(
         {k: np.ascontiguousarray(v) for k, v in snap.replay_arrays.items()}, root / REPLAY
     )
+    for rank, (arrays, _) in enumerate(snap.replay_shards, start=1):
+        safetensors.numpy.save_file(
+            {k: np.ascontiguousarray(v) for k, v in arrays.items()}, root / REPLAY_OF_RANK.format(rank=rank)
+        )
     safetensors.torch.save_file({"torch": snap.torch_rng}, root / RNG)
     state = {
         "counters": vars(snap.counters),
@@ -137,6 +142,7 @@ def _write_trainer_state(snap: Snapshot, root: Path) -> None:
         "optimizer_param_groups": snap.optimizer_state["param_groups"],
         "optimizer_scalars": scalars,
         "replay_meta": snap.replay_meta,
+        "replay_meta_of_ranks": [meta for _, meta in snap.replay_shards],
     }
     (root / STATE).write_text(json.dumps(state, indent=1))
 
@@ -153,6 +159,10 @@ def _read_trainer_state(root: Path, model_state: dict[str, torch.Tensor], versio
         optimizer_state={"state": opt_state, "param_groups": state["optimizer_param_groups"]},
         replay_arrays=safetensors.numpy.load_file(root / REPLAY),
         replay_meta=state["replay_meta"],
+        replay_shards=[
+            (safetensors.numpy.load_file(root / REPLAY_OF_RANK.format(rank=rank)), meta)
+            for rank, meta in enumerate(state.get("replay_meta_of_ranks", []), start=1)
+        ],
         torch_rng=safetensors.torch.load_file(root / RNG)["torch"],
         counters=Counters(**state["counters"]),
         offsets={int(p): int(o) for p, o in state["offsets"].items()},
@@ -370,6 +380,7 @@ class Publisher:
             "steps": snap.counters.steps,
             "examples_replayed": snap.counters.examples_replayed,
             "nonfinite_skipped": snap.counters.nonfinite_skipped,
+            "world_size": 1 + len(snap.replay_shards),  # ranks of the data-parallel group that trained it
             "metrics": snap.metrics,
             "files": files,
         }

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from stream_learner.config import Settings
 from stream_learner.consumer import ConsumedBatch
+from stream_learner.distributed import Group, merge_counters, merge_offsets
 from stream_learner.drift import DriftMonitor, static_embeddings
 from stream_learner.events import TokenizedEvent
 from stream_learner.metrics import Metrics
@@ -84,6 +85,8 @@ class Snapshot:
     offsets: dict[int, int]  # partition -> next offset covered by this snapshot
     metrics: dict[str, float]
     created_at: float = field(default_factory=time.time)
+    # the replay buffers of ranks 1… of a data-parallel group, as (arrays, meta): see distributed.py
+    replay_shards: list[tuple[dict[str, np.ndarray], dict]] = field(default_factory=list)
 
 
 @dataclass
@@ -126,6 +129,7 @@ class Restored:
     counters: Counters
     offsets: dict[int, int]
     version: int
+    replay_shards: list[tuple[dict[str, np.ndarray], dict]] = field(default_factory=list)
 
 
 class PrequentialWindow:
@@ -262,9 +266,9 @@ def bucket_bounds(
     return bounds[::-1]
 
 
-def make_replay_buffer(settings: Settings, vocab_size: int) -> ReservoirBuffer:
+def make_replay_buffer(settings: Settings, vocab_size: int, rank: int = 0) -> ReservoirBuffer:
     cls = ClassBalancedReservoir if settings.replay.class_balanced else ReservoirBuffer
-    return cls(settings.replay.capacity, seed=settings.training.seed, vocab_size=vocab_size)
+    return cls(settings.replay.capacity, seed=settings.training.seed + rank, vocab_size=vocab_size)
 
 
 class Trainer:
@@ -290,8 +294,10 @@ class Trainer:
         publish_failed: threading.Event | None = None,
         probe: Sequence[TokenizedEvent] = (),
         special_token_ids: Sequence[int] = (),
+        group: Group | None = None,
     ) -> None:
         t = settings.training
+        self.group = group
         self.settings = settings
         self.fresh_queue, self.publish_queue, self.metrics, self.stop_event = (
             fresh_queue,
@@ -304,6 +310,8 @@ class Trainer:
         # sorted by length: the probe is scored in batches with little padding
         self.probe = sorted(probe, key=lambda e: len(e.input_ids))
         self.device = pick_device(t.device)
+        if group is not None:
+            self.device = group.device(self.device)
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         torch.manual_seed(t.seed)
 
@@ -331,7 +339,7 @@ class Trainer:
             # tensors (CPU: 0.026 s against 0.22 s per step on one core, docs/performance.md)
             fused=self.device.type in FUSED_ADAMW_DEVICES,
         )
-        self.replay = make_replay_buffer(settings, vocab_size)
+        self.replay = make_replay_buffer(settings, vocab_size, group.rank if group else 0)
         # drift on inputs is measured in a fixed feature space: the pretrained token embeddings (θ0)
         table = self.model.get_input_embeddings().weight
         at = next((i for i, p in enumerate(pretrained) if p is table), None)
@@ -349,6 +357,17 @@ class Trainer:
         self.version = 0
         if restored is not None:
             self._restore(restored)
+        # what the forward pass goes through: the model, or DDP around it (gradients all-reduced in
+        # backward); state_dict, snapshots and the probe use the model itself
+        self.forward_model: torch.nn.Module = self.model
+        if group is not None:
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None
+            )
+        # a rank with nothing to train in a step still takes part in it with this, at weight 0
+        self._idle_example = StoredExample(
+            input_ids=np.array([pad_id], dtype=np.int64), label=0, pair_start=0
+        )
 
         self._pending: collections.deque[TokenizedEvent] = collections.deque()
         # (cumulative fresh-event count at the end of a consumed batch, the offsets it covers)
@@ -367,7 +386,8 @@ class Trainer:
     def _restore(self, r: Restored) -> None:
         self.model.load_state_dict(r.model_state)
         self.optimizer.load_state_dict(r.optimizer_state)
-        self.replay = ReservoirBuffer.from_state_dict(r.replay_arrays, r.replay_meta)
+        if r.replay_arrays:  # a rank new to the group has none
+            self.replay = ReservoirBuffer.from_state_dict(r.replay_arrays, r.replay_meta)
         torch.set_rng_state(r.torch_rng)
         self.counters = Counters(**vars(r.counters))
         self.covered = dict(r.offsets)
@@ -377,6 +397,8 @@ class Trainer:
     def run(self) -> None:
         """Thread target: train until ``stop`` is set, then hand over a final snapshot."""
         log.info("trainer on %s (%s)", self.device, "bf16 autocast" if self.bf16 else "fp32")
+        if self.group is not None:
+            return self._run_in_group()
         t = self.settings.training
         while not self.stop_event.is_set():
             fresh = self._take_fresh(t.fresh_per_step * self._window_steps())
@@ -387,6 +409,31 @@ class Trainer:
             self.maybe_publish()
         if self.settings.publish.on_stop:
             self.maybe_publish(force=True)
+
+    def _run_in_group(self) -> None:
+        """:meth:`run` in a data-parallel group: the lockstep of ``distributed.py``, steps 1 and 3."""
+        t, group = self.settings.training, self.group
+        assert group is not None
+        while True:
+            fresh = self._take_fresh(t.fresh_per_step * self._window_steps())
+            # 1. agree: the most steps any rank wants, stop if any rank stops, publish if rank 0 says so
+            steps, stop, publish = group.agree(
+                math.ceil(len(fresh) / t.fresh_per_step),
+                self.stop_event.is_set(),
+                group.is_root and self._publish_due() and not self.publish_queue.full(),
+            )
+            if steps:
+                self.train_window(fresh, steps)
+            self._advance_offsets()
+            if stop:
+                break
+            if publish:  # 3. every rank takes part in the snapshot; rank 0 hands it to its publisher
+                self._publish(self.snapshot(), final=False)
+        if not self.stop_event.is_set():
+            log.info("another rank stopped the group: stopping")
+            self.stop_event.set()
+        if self.settings.publish.on_stop:
+            self._publish(self.snapshot(), final=True)
 
     def _window_steps(self) -> int:
         """Micro-batches in the next window: ``bucket_window``, fewer when a publish falls due sooner
@@ -419,7 +466,7 @@ class Trainer:
         self._received += len(batch.events)
         self._watermarks.append((self._received, batch.next_offsets))
 
-    def train_window(self, fresh: list[TokenizedEvent]) -> list[float]:
+    def train_window(self, fresh: list[TokenizedEvent], steps: int | None = None) -> list[float]:
         """Train ``fresh`` (a prefix of what was received) as length-bucketed micro-batches.
 
         ``ceil(len(fresh) / fresh_per_step)`` steps, each with its ``replay_per_step`` replayed
@@ -432,10 +479,13 @@ class Trainer:
         ----------
         fresh
             The window's fresh events, in the order received (each partition's in offset order).
+        steps
+            How many steps (default: as many as ``fresh`` fills). In a data-parallel group, the number
+            the ranks agreed on: steps with no example of this rank train one of weight 0.
 
         """
         t = self.settings.training
-        steps = math.ceil(len(fresh) / t.fresh_per_step)
+        steps = steps or math.ceil(len(fresh) / t.fresh_per_step)
         if steps <= 1:
             return [self.step(fresh)]
         replayed: list[StoredExample] = []
@@ -445,13 +495,17 @@ class Trainer:
         examples: list[TokenizedEvent | StoredExample] = [*fresh, *replayed]
         lengths = np.fromiter((len(e.input_ids) for e in examples), dtype=np.int64, count=len(examples))
         order = np.argsort(lengths, kind="stable")
-        per_step = math.ceil(len(examples) / steps)
-        bounds = bucket_bounds(
-            lengths[order],
-            steps,
-            min_size=max(1, len(examples) // (4 * steps)),
-            max_tokens=per_step * int(lengths.max()),
-        )
+        filled = min(steps, len(examples))  # fewer examples than steps: the rest are idle steps
+        bounds = []
+        if filled:
+            per_step = math.ceil(len(examples) / filled)
+            bounds = bucket_bounds(
+                lengths[order],
+                filled,
+                min_size=max(1, len(examples) // (4 * filled)),
+                max_tokens=per_step * int(lengths.max()),
+            )
+        bounds += [(len(examples), len(examples))] * (steps - filled)
         losses = []
         self._in_window = True
         for a, b in bounds:
@@ -482,19 +536,28 @@ class Trainer:
         started, cpu0 = time.time(), time.thread_time()
         if replayed is None:
             replayed = self.replay.sample(self.settings.training.replay_per_step) if len(self.replay) else []
-        examples = [*fresh, *replayed]
+        examples: list[TokenizedEvent | StoredExample] = [*fresh, *replayed]
+        weight = 1.0
+        if not examples:  # only in a group: this rank has nothing, yet takes part in the step
+            examples, weight = [self._idle_example], 0.0
         host = collate(examples, self.pad_id, self.with_token_types)
-        padded_tokens = int(host["attention_mask"].numel())
-        real_tokens = int(host["attention_mask"].sum())
+        padded_tokens = int(host["attention_mask"].numel()) if weight else 0
+        real_tokens = int(host["attention_mask"].sum()) if weight else 0
         if self.device.type == "cuda":  # page-locked memory: the copies below do not block the host
             host = {k: v.pin_memory() for k, v in host.items()}
         batch = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
         labels = batch.pop("labels")
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with autocast:
-            logits = self.model(**batch).logits
+            logits = self.forward_model(**batch).logits
         per_example = F.cross_entropy(logits.float(), labels, reduction="none")
         loss = per_example.mean()
+        objective = loss  # what backward differentiates
+        nonfinite = not torch.isfinite(loss)
+        if self.group is not None:
+            # 2. of the lockstep: the loss scaled so that DDP's average over ranks is the group's mean
+            total, nonfinite = self.group.step_totals(len(examples) if weight else 0, nonfinite)
+            objective = per_example.sum() * (weight * self.group.world_size / max(total, 1))
 
         # prequential score of the fresh events: the weights before this step predicted them
         n = len(fresh)
@@ -516,21 +579,24 @@ class Trainer:
         # exactly those of the events counted so far (each partition's events arrive in offset order)
         for e in fresh:
             self.covered[e.partition] = max(self.covered.get(e.partition, 0), e.offset + 1)
-        if not torch.isfinite(loss):
+        if nonfinite:
             self.counters.nonfinite_skipped += 1
             self.metrics.nonfinite_skipped.inc()
+            if self.group is not None:  # DDP's reducer expects a backward on every rank: a zero one
+                sum(p.sum() for p in self.model.parameters() if p.requires_grad).mul(0).backward()
             self.optimizer.zero_grad(set_to_none=False)
             log.warning("non-finite loss: step skipped (%d so far)", self.counters.nonfinite_skipped)
             self.metrics.events_trained.inc(n)
             self._notify(started, cpu0, fresh, len(replayed), real_tokens, padded_tokens, float("nan"))
             return float("nan")
 
-        loss.backward()
+        objective.backward()
         self.l2sp.add_gradient_()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.training.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=False)
         self.counters.steps += 1
+        self._check_same_weights()
 
         for e in fresh:
             self.replay.add(e.input_ids, e.label, e.pair_start)
@@ -538,6 +604,18 @@ class Trainer:
         self._record(data_loss, n, len(replayed), time.perf_counter() - t0)
         self._notify(started, cpu0, fresh, len(replayed), real_tokens, padded_tokens, data_loss)
         return data_loss
+
+    def _check_same_weights(self) -> None:
+        """In a group, every ``distributed.check_every_steps`` steps: all ranks hold the same weights."""
+        every = self.settings.distributed.check_every_steps
+        if self.group is None or not every or self.counters.steps % every:
+            return
+        if not self.group.same_weights(list(self.model.parameters())):
+            raise RuntimeError(
+                f"the ranks' weights differ after step {self.counters.steps}: the group has diverged "
+                "(a non-deterministic kernel or a bug); it restarts from LATEST"
+            )
+        self.metrics.weight_checks.inc()
 
     def _notify(
         self,
@@ -612,24 +690,32 @@ class Trainer:
                 self.covered[partition] = max(self.covered.get(partition, 0), offset)
 
     # ----------------------------------------------------------------------------------- publishing
-    def maybe_publish(self, force: bool = False) -> bool:
-        """Hand a snapshot to the publisher when one is due and there is something new in it."""
+    def _publish_due(self, force: bool = False) -> bool:
+        """Whether there is something new since the last snapshot and a version is due (or forced)."""
         steps, covered, at = self._published_at
         dirty = self.counters.steps != steps or self.covered != covered
         p = self.settings.publish
         due = (
             force or self.counters.steps - steps >= p.every_steps or time.monotonic() - at >= p.every_seconds
         )
-        if not (dirty and due):
+        return dirty and due
+
+    def maybe_publish(self, force: bool = False) -> bool:
+        """Hand a snapshot to the publisher when one is due and there is something new in it."""
+        if not self._publish_due(force):
             return False
-        snap = self.snapshot()
-        try:
-            if force:
-                self._hand_over_final(snap)
-            else:
-                self.publish_queue.put_nowait(snap)
-        except queue.Full:
-            return False  # the publisher is busy with the previous one: try after the next step
+        return self._publish(self.snapshot(), final=force)
+
+    def _publish(self, snap: Snapshot | None, final: bool) -> bool:
+        """Queue ``snap`` for the publisher (None: a rank other than 0 of a group, which has none)."""
+        if snap is not None:
+            try:
+                if final:
+                    self._hand_over_final(snap)
+                else:
+                    self.publish_queue.put_nowait(snap)
+            except queue.Full:
+                return False  # the publisher is busy with the previous one: try after the next step
         self._published_at = (self.counters.steps, dict(self.covered), time.monotonic())
         return True
 
@@ -656,14 +742,35 @@ class Trainer:
                 continue
         raise queue.Full
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self) -> Snapshot | None:
         """A consistent copy (CPU tensors) of model, optimizer, replay, RNG, counters and offsets.
 
         Refused inside a bucketed window, where the covered offsets may run ahead of an untrained
-        event (see the module docstring).
+        event (see the module docstring). In a data-parallel group every rank must call it (a
+        collective): rank 0 gets the group's snapshot, the others None.
         """
         if self._in_window:
             raise RuntimeError("no snapshot inside a bucketed window: its covered offsets are not exact")
+        if self.group is not None:
+            return self._group_snapshot()
+        return self._local_snapshot()
+
+    def _group_snapshot(self) -> Snapshot | None:
+        """Step 3 of the lockstep: every rank's offsets, counters and replay buffer, merged on rank 0."""
+        assert self.group is not None
+        if self.group.is_root:
+            parts = self.group.gather(None)
+            assert parts is not None
+            snap = self._local_snapshot()
+            snap.offsets = merge_offsets([snap.offsets, *(p[0] for p in parts[1:])])
+            snap.counters = merge_counters([snap.counters, *(p[1] for p in parts[1:])])
+            snap.replay_shards = [(p[2], p[3]) for p in parts[1:]]
+            return snap
+        arrays, meta = self.replay.state_dict()
+        self.group.gather((dict(self.covered), Counters(**vars(self.counters)), arrays, meta))
+        return None
+
+    def _local_snapshot(self) -> Snapshot:
         model_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         opt = self.optimizer.state_dict()
         opt_state = {

@@ -9,6 +9,7 @@ import threading
 from stream_learner.config import Settings, load_settings
 from stream_learner.consumer import ConsumedBatch, Tokenize
 from stream_learner.datasets import TINY, bundled_path, read_jsonl
+from stream_learner.distributed import Group
 from stream_learner.events import LabeledEvent, LabelSet, TokenizedEvent
 from stream_learner.metrics import Metrics
 from stream_learner.model import load_model, load_tokenizer
@@ -63,7 +64,7 @@ def batch(events: list[TokenizedEvent], next_offsets: dict[int, int] | None = No
     return ConsumedBatch(events=events, next_offsets=next_offsets)
 
 
-def make_trainer(settings: Settings, restored: Restored | None = None) -> Trainer:
+def make_trainer(settings: Settings, restored: Restored | None = None, group: Group | None = None) -> Trainer:
     tok = tokenizer()
     return Trainer(
         settings,
@@ -76,4 +77,5 @@ def make_trainer(settings: Settings, restored: Restored | None = None) -> Traine
         metrics=Metrics(),
         stop=threading.Event(),
         restored=restored,
+        group=group,
     )
