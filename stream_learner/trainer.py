@@ -432,7 +432,9 @@ class Trainer:
         if not self.stop_event.is_set():
             log.info("another rank stopped the group: stopping")
             self.stop_event.set()
-        if self.settings.publish.on_stop:
+        # the final version, if any rank has something new since the last one
+        _, _, dirty = group.agree(0, True, self._publish_due(force=True))
+        if self.settings.publish.on_stop and dirty:
             self._publish(self.snapshot(), final=True)
 
     def _window_steps(self) -> int:

@@ -28,9 +28,16 @@ SMALL_TRAINING = {"fresh_per_step": 8, "replay_per_step": 8, "max_wait_s": 0.2, 
 
 
 class LearnerProcess:
-    """``stream-learner run --config <yaml>`` with ``config`` (nested settings), logging to a file."""
+    """``stream-learner run --config <yaml>`` with ``config`` (nested settings), logging to a file.
 
-    def __init__(self, config: dict, workdir: Path, name: str = "learner") -> None:
+    ``launcher``: a command that runs it, e.g. torchrun's (``torchrun … --no-python``): a data-parallel
+    group whose ranks all log here; ``http_port`` is then rank 0's.
+    """
+
+    def __init__(
+        self, config: dict, workdir: Path, name: str = "learner", launcher: list[str] | None = None
+    ) -> None:
+        self.launcher = launcher or []
         self.http_port = free_port()
         config = {**config, "http": {"enabled": True, "host": "127.0.0.1", "port": self.http_port}}
         self.config_path = workdir / f"{name}.yaml"
@@ -43,7 +50,7 @@ class LearnerProcess:
         exe = Path(sys.executable).parent / "stream-learner"
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [str(exe), "run", "--config", str(self.config_path)],
+                [*self.launcher, str(exe), "run", "--config", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
