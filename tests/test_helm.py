@@ -110,7 +110,18 @@ FULL_VALUES: dict[str, Any] = {
         },
     },
 }
-VALUE_SETS = {"default": {}, "full": FULL_VALUES}
+# The data-parallel mode: a StatefulSet of ranks and their headless Service, on an object store.
+DISTRIBUTED_VALUES: dict[str, Any] = {
+    "mode": "distributed",
+    "distributed": {"ranks": 4, "port": 29400},
+    "s3Credentials": {"existingSecret": "learner-s3"},
+    "config": {
+        "kafka": {"topic_partitions": 8},
+        "publish": {"storage_url": "s3://models/sentiment", "s3_endpoint_url": "http://minio.minio:9000"},
+        "distributed": {"timeout_s": 120.0},
+    },
+}
+VALUE_SETS = {"default": {}, "full": FULL_VALUES, "distributed": DISTRIBUTED_VALUES}
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -140,8 +151,14 @@ def only(docs: list[dict[str, Any]], kind: str, name: str = FULLNAME) -> dict[st
     return found[0]
 
 
+def workload(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The learner's Deployment, or its StatefulSet in the distributed mode."""
+    [found] = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    return found
+
+
 def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    (learner,) = only(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    (learner,) = workload(docs)["spec"]["template"]["spec"]["containers"]
     return learner
 
 
@@ -477,7 +494,8 @@ def test_grafana_dashboard_config_map_is_files_dashboard_json(chart: helm.Chart)
     ("bad", "where"),
     [
         ({"replicas": 2}, "/replicas"),
-        ({"mode": "distributed"}, "/mode"),  # room is left for issue 10, not the mode itself
+        ({"mode": "parallel"}, "/mode"),
+        ({"mode": "distributed", "distributed": {"ranks": 1}}, "/distributed/ranks"),  # a group has ≥ 2
         ({"resources": {"limits": {"cpu": "-1"}}}, "/resources/limits/cpu"),
         ({"resources": {"requests": {"memory": -5}}}, "/resources/requests/memory"),
         ({"gpu": {"count": -1}}, "/gpu/count"),
@@ -505,6 +523,33 @@ def test_schema_rejects_a_bad_value_at_render(chart: helm.Chart, bad: dict[str, 
     with pytest.raises(helm.HelmValuesError) as err:
         render(chart, bad)
     assert where in str(err.value)
+
+
+def test_distributed_mode_renders_one_rank_per_pod_with_a_rendezvous(chart: helm.Chart) -> None:
+    docs = manifests(render(chart, DISTRIBUTED_VALUES))
+    assert not [d for d in docs if d["kind"] == "Deployment"]
+    sts = only(docs, "StatefulSet")["spec"]
+    assert sts["replicas"] == 4 and sts["podManagementPolicy"] == "Parallel"
+    headless = only(docs, "Service", f"{FULLNAME}-ranks")["spec"]
+    assert sts["serviceName"] == f"{FULLNAME}-ranks" and headless["clusterIP"] == "None"
+    assert headless["publishNotReadyAddresses"] and headless["ports"][0]["port"] == 29400
+    env = {e["name"]: e for e in container(docs)["env"]}
+    assert env["WORLD_SIZE"]["value"] == "4" and env["MASTER_PORT"]["value"] == "29400"
+    assert (
+        env["RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+    )
+    assert env["MASTER_ADDR"]["value"] == f"{FULLNAME}-0.{FULLNAME}-ranks.{NAMESPACE}.svc"
+    assert {"name": "rendezvous", "containerPort": 29400, "protocol": "TCP"} in container(docs)["ports"]
+    # the single mode has none of it
+    single = manifests(render(chart, {}))
+    assert "WORLD_SIZE" not in {e["name"] for e in container(single)["env"]}
+    assert not [d for d in single if d["metadata"]["name"].endswith("-ranks")]
+
+
+def test_distributed_mode_on_a_file_store_fails_with_the_fix() -> None:
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError) as err:
+        render(chart, {"mode": "distributed"})
+    assert "must be an object store all pods reach (s3://bucket/prefix)" in str(err.value)
 
 
 def _violations(field: Any) -> list[Any]:
@@ -660,7 +705,7 @@ def test_secrets_reach_settings_through_env_and_never_the_config_map(
 # ------------------------------------------------------------------------------------ the Deployment
 def test_deployment_runs_one_learner_with_recreate(chart: helm.Chart) -> None:
     docs = manifests(render(chart, {}))
-    spec = only(docs, "Deployment")["spec"]
+    spec = workload(docs)["spec"]
     assert spec["replicas"] == 1
     assert spec["strategy"] == {"type": "Recreate"}
     learner = container(docs)
@@ -676,7 +721,10 @@ def test_probes_service_and_port_follow_http_settings(chart: helm.Chart, value_s
     values = merge(VALUE_SETS[value_set], {"config": {"http": {"port": 9200}}})
     docs = manifests(render(chart, values))
     learner = container(docs)
-    assert learner["ports"] == [{"name": "http", "containerPort": 9200, "protocol": "TCP"}]
+    assert learner["ports"][0] == {"name": "http", "containerPort": 9200, "protocol": "TCP"}
+    assert [p["name"] for p in learner["ports"]] == ["http"] + (
+        ["rendezvous"] if value_set == "distributed" else []
+    )
     assert learner["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert learner["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     service = only(docs, "Service")
@@ -684,14 +732,14 @@ def test_probes_service_and_port_follow_http_settings(chart: helm.Chart, value_s
         {"name": "http", "port": 9200, "targetPort": "http", "protocol": "TCP"}
     ]
     assert service["spec"]["publishNotReadyAddresses"] is True  # a degraded learner is still scraped
-    pod_labels = only(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    pod_labels = workload(docs)["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert only(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 
 
 def test_security_context_and_writable_paths(chart: helm.Chart) -> None:
     docs = manifests(render(chart, {}))
-    pod = only(docs, "Deployment")["spec"]["template"]["spec"]
+    pod = workload(docs)["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 10001
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -722,14 +770,14 @@ def test_termination_grace_period_fits_the_final_publish(
         "terminationGraceMarginSeconds": margin,
         "config": {"publish": {"stop_timeout_s": stop_timeout_s}},
     }
-    pod = only(manifests(render(chart, values)), "Deployment")["spec"]["template"]["spec"]
+    pod = workload(manifests(render(chart, values)))["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == grace == math.ceil(stop_timeout_s) + margin
 
 
 def test_config_checksum_restarts_the_pod_when_settings_change(chart: helm.Chart) -> None:
     def checksum_and_config(values: dict[str, Any]) -> tuple[str, str]:
         rendered = render(chart, values)
-        pod = only(manifests(rendered), "Deployment")["spec"]["template"]
+        pod = workload(manifests(rendered))["spec"]["template"]
         return pod["metadata"]["annotations"]["checksum/config"], rendered[
             "stream-learner/templates/configmap.yaml"
         ]
@@ -743,7 +791,7 @@ def test_config_checksum_restarts_the_pod_when_settings_change(chart: helm.Chart
 
 def test_full_values_wire_gpu_secrets_tls_and_scheduling(chart: helm.Chart) -> None:
     docs = manifests(render(chart, FULL_VALUES))
-    pod = only(docs, "Deployment")["spec"]["template"]["spec"]
+    pod = workload(docs)["spec"]["template"]["spec"]
     learner = container(docs)
     assert learner["image"] == "registry.example.com/ml/stream-learner:0.1.0-cuda"
     assert learner["resources"]["limits"] == {"memory": "24Gi", "nvidia.com/gpu": "1"}

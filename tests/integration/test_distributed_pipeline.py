@@ -111,10 +111,12 @@ def test_two_ranks_learn_one_model_from_disjoint_partitions(kafka_bootstrap, uni
     url = (tmp_path / "store").as_uri()
     ensure_topics({"bootstrap.servers": kafka_bootstrap}, {topic: PARTITIONS, f"{topic}.dlq": PARTITIONS})
     valid: dict[int, list[bool]] = {p: [] for p in range(PARTITIONS)}
-    produce(kafka_bootstrap, topic, events(150, bad_every=10), valid)
+    produce(kafka_bootstrap, topic, events(90, bad_every=10), valid)
     group = start_group(tmp_path, group_config(kafka_bootstrap, topic, url, every_steps=4), max_restarts=0)
     try:
         store = open_store(url)
+        wait_covered(store, topic, valid, group)
+        produce(kafka_bootstrap, topic, events(60, bad_every=10, start=90), valid)  # a second version
         wait_covered(store, topic, valid, group)
         rank1 = LearnerProcess.__new__(LearnerProcess)  # rank 1 serves /metrics on the next port
         rank1.http_port = group.http_port + 1
