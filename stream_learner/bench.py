@@ -69,6 +69,7 @@ from rich.table import Table
 from stream_learner.config import Settings, load_settings
 from stream_learner.consumer import ConsumedBatch, Tokenize
 from stream_learner.datasets import STREAM, bundled_path, read_jsonl
+from stream_learner.distributed import Group
 from stream_learner.events import LabeledEvent, LabelSet, TokenizedEvent, encode_event, parse_event
 from stream_learner.model import L2SP, load_model, load_tokenizer
 from stream_learner.replay import ReservoirBuffer
@@ -116,6 +117,10 @@ class BenchConfig:
     publish_every_seconds: float = 10.0
     ablation: bool = True  # trainer alone with each speed change turned off in turn
     bracket: bool = True  # trainer alone again after the pipeline: its rate is the mean of both runs
+    # data-parallel scaling (scaling.py): ranks × (cores ÷ ranks) threads against one rank; 0 = skip.
+    # On CUDA with several GPUs, one rank per GPU.
+    scaling_ranks: int = 2
+    scaling_events: int = 512  # shared by the ranks; the first quarter is the warm-up
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # overrides on the defaults
 
     @classmethod
@@ -138,6 +143,7 @@ class BenchConfig:
             "ablation": False,
             "bracket": False,
             "publish_every_seconds": 3.0,
+            "scaling_events": 48,
             "settings": {"training": {"fresh_per_step": 8, "replay_per_step": 8}},
         }
         return cls(**{**base, **changes})
@@ -400,11 +406,11 @@ def rate_inside(
 # ========================================================================================== harnesses
 
 
-def build_trainer(settings: Settings, tokenizer: Any) -> Trainer:
+def build_trainer(settings: Settings, tokenizer: Any, group: Group | None = None) -> Trainer:
     """The service's trainer fed from memory, with the service's queue bound (see ``evaluation``)."""
     from stream_learner.evaluation import build_trainer as wired
 
-    return wired(settings, tokenizer, fresh_queue_size=settings.kafka.queue_max_batches)
+    return wired(settings, tokenizer, fresh_queue_size=settings.kafka.queue_max_batches, group=group)
 
 
 def plain_adamw(trainer: Trainer) -> None:
@@ -414,9 +420,17 @@ def plain_adamw(trainer: Trainer) -> None:
 
 
 def run_trainer_alone(
-    settings: Settings, tokenizer: Any, events: Sequence[TokenizedEvent], warmup: int, fused: bool = True
+    settings: Settings,
+    tokenizer: Any,
+    events: Sequence[TokenizedEvent],
+    warmup: int,
+    fused: bool = True,
+    group: Group | None = None,
 ) -> dict[str, Any]:
-    """The trainer thread (``Trainer.run``) on events fed from memory in consumer-sized batches."""
+    """The trainer thread (``Trainer.run``) on events fed from memory in consumer-sized batches.
+
+    In a data-parallel ``group`` (``scaling.py``) each rank runs this on its share of the events.
+    """
     s = settings.model_copy(
         update={
             "publish": settings.publish.model_copy(
@@ -424,7 +438,7 @@ def run_trainer_alone(
             )
         }
     )
-    trainer = build_trainer(s, tokenizer)
+    trainer = build_trainer(s, tokenizer, group)
     if not fused:
         plain_adamw(trainer)
     records: list[StepRecord] = []
@@ -446,6 +460,7 @@ def run_trainer_alone(
         trainer.stop_event.set()
         runner.join()
     out = summarize_steps(records, warmup)
+    out["total_steps"], out["events_trained"] = trainer.counters.steps, trainer.counters.events_ingested
     out["peak_rss_mib"] = rss.mib
     out["optimizer"] = "fused AdamW" if fused else "torch.optim.AdamW()"
     out["bucket_window"] = settings.training.bucket_window
@@ -791,6 +806,19 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
                 results["ablation"].append({"name": name, **run})
             release_memory()
 
+    if cfg.scaling_ranks:
+        from stream_learner.scaling import measure_scaling
+
+        gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+        ranks = gpus if gpus >= 2 else cfg.scaling_ranks
+        threads = 1 if gpus >= 2 else max(1, (os.cpu_count() or 1) // ranks)
+        what = f"data-parallel scaling: {ranks} ranks × {threads} threads against 1 rank"
+        with step_of(console, f"{what}, {cfg.scaling_events} events"):
+            results["scaling"] = measure_scaling(
+                settings, cfg.scaling_events, cfg.scaling_events // 4, ranks=ranks, threads=threads
+            )
+        release_memory()
+
     with step_of(console, f"hand-written loop: {cfg.hand_written_events} events, one per step"):
         results["hand_written"] = run_user_loop(
             settings, tokenizer, data.rows[: cfg.hand_written_events + 2], pad_to=None
@@ -1048,6 +1076,7 @@ def figure_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             f"{rep['events']:,} events: {rep['nbytes'] / MiB:.1f} MiB held, "
             f"RSS +{rep['rss_added_mib']:.1f} MiB",
         ),
+        *_scaling_rows(results),
         (
             "peak RSS (MiB)",
             "",
@@ -1057,6 +1086,35 @@ def figure_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ),
     ]
     return rows
+
+
+def _scaling_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    sc = results.get("scaling")
+    if not sc:
+        return []
+    one, wide, group = sc["one_rank"], sc["one_rank_all_threads"], sc["group"]
+    n, k = sc["ranks"], sc["threads_per_rank"]
+    return [
+        (
+            f"1 rank × {k} thread(s)",
+            _fmt(one["events_per_second"], 1),
+            _fmt(one["examples_per_second"], 1),
+            "",
+        ),
+        (
+            f"1 rank × {n * k} threads",
+            _fmt(wide["events_per_second"], 1),
+            _fmt(wide["examples_per_second"], 1),
+            "one learner given all the group's cores",
+        ),
+        (
+            f"{n} ranks × {k} thread(s) ({sc['backend']})",
+            _fmt(group["events_per_second"], 1),
+            _fmt(group["examples_per_second"], 1),
+            f"scaling efficiency {sc['efficiency']:.2f} (÷ {n} × 1 rank); {sc['over_threads']:.2f} × "
+            f"1 rank with {n * k} threads",
+        ),
+    ]
 
 
 def table(results: dict[str, Any]) -> list[Table]:

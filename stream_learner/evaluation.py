@@ -55,6 +55,7 @@ import torch
 from stream_learner.config import Settings, load_settings
 from stream_learner.consumer import Tokenize
 from stream_learner.datasets import DOMAINS, HELDOUT, STREAM, bundled_path, read_jsonl
+from stream_learner.distributed import Group
 from stream_learner.events import LabeledEvent, LabelSet, TokenizedEvent
 from stream_learner.metrics import Metrics
 from stream_learner.model import load_model, load_tokenizer
@@ -528,7 +529,9 @@ def evaluate_heldout(model: torch.nn.Module, heldout: HeldOut) -> tuple[list[flo
     return accs, f1s
 
 
-def build_trainer(settings: Settings, tokenizer: Any, fresh_queue_size: int = 1) -> Trainer:
+def build_trainer(
+    settings: Settings, tokenizer: Any, fresh_queue_size: int = 1, group: Group | None = None
+) -> Trainer:
     """A :class:`Trainer` wired as the service wires it, fed from memory (the bench uses it too)."""
     return Trainer(
         settings,
@@ -541,6 +544,7 @@ def build_trainer(settings: Settings, tokenizer: Any, fresh_queue_size: int = 1)
         metrics=Metrics(),
         stop=threading.Event(),
         special_token_ids=tokenizer.all_special_ids,
+        group=group,
     )
 
 

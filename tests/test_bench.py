@@ -17,6 +17,7 @@ from stream_learner.bench import (
     MARK_END,
     MARK_START,
     BenchConfig,
+    figure_rows,
     markdown,
     rate_inside,
     run_bench,
@@ -114,6 +115,24 @@ def test_publishing_and_freshness(results: dict) -> None:
     assert 0 < learned["p50"] <= learned["p99"] <= learned["max"]
     # a version holds an event only after the step that learned it
     assert published["p50"] >= learned["p50"] and published["max"] >= learned["max"]
+
+
+def test_data_parallel_scaling(results: dict) -> None:
+    sc = results["scaling"]
+    one, wide, group = sc["one_rank"], sc["one_rank_all_threads"], sc["group"]
+    assert (one["ranks"], wide["ranks"], group["ranks"]) == (1, 1, sc["ranks"]) and sc["ranks"] >= 2
+    assert wide["threads_per_rank"] == sc["ranks"] * one["threads_per_rank"]
+    # the ranks stepped in lockstep, each on its share of the events
+    assert len({r["total_steps"] for r in group["per_rank"]}) == 1
+    assert sum(r["events_trained"] for r in group["per_rank"]) == one["per_rank"][0]["events_trained"]
+    assert group["examples_per_second"] == pytest.approx(
+        sum(r["examples_per_second"] for r in group["per_rank"])
+    )
+    assert sc["efficiency"] == pytest.approx(
+        group["examples_per_second"] / (sc["ranks"] * one["examples_per_second"])
+    )
+    assert sc["over_threads"] == pytest.approx(group["examples_per_second"] / wide["examples_per_second"])
+    assert any(row[0].startswith(f"{sc['ranks']} ranks") for row in figure_rows(results))
 
 
 def test_replay_and_consumer(results: dict) -> None:
