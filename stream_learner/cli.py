@@ -308,6 +308,9 @@ def bench(
     events: Annotated[int | None, typer.Option(help="fresh events measured after the warm-up")] = None,
     replay_events: Annotated[int | None, typer.Option(help="events in the replay-memory test")] = None,
     ablation: Annotated[bool, typer.Option(help="also run the trainer with each speed-up turned off")] = True,
+    scaling_ranks: Annotated[
+        int | None, typer.Option(help="ranks of the data-parallel scaling run (0 = skip it)")
+    ] = None,
     out: Annotated[Path, typer.Option(help="the results JSON")] = Path("stream-learner-bench.json"),
     markdown: Annotated[
         Path | None,
@@ -317,6 +320,7 @@ def bench(
 ) -> None:
     """Throughput side by side: roofline, trainer alone, pipeline from Kafka, hand-written, tutorial loop."""
     from stream_learner import bench as b
+    from stream_learner import bench_report as report
 
     changes: dict = {"ablation": ablation}
     for key, value in {
@@ -324,6 +328,7 @@ def bench(
         "layers": layers,
         "measured_events": events,
         "replay_events": replay_events,
+        "scaling_ranks": scaling_ranks,
     }.items():
         if value is not None:
             changes[key] = value
@@ -336,10 +341,10 @@ def bench(
         results = b.run_bench(cfg, out, console=console)
     except Exception as err:
         raise _fail("bench failed", err) from None
-    for table in b.table(results):
+    for table in report.table(results):
         Console().print(table)
     if markdown is not None:
-        b.write_markdown(results, markdown)
+        report.write_markdown(results, markdown)
     console.print(f"results: {out}" + (f"; markdown: {markdown}" if markdown else ""))
 
 

@@ -13,17 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from stream_learner.bench import (
-    MARK_END,
-    MARK_START,
-    BenchConfig,
-    figure_rows,
-    markdown,
-    rate_inside,
-    run_bench,
-    summarize_steps,
-    write_markdown,
-)
+from stream_learner.bench import BenchConfig, rate_inside, run_bench, summarize_steps
+from stream_learner.bench_report import MARK_END, MARK_START, figure_rows, markdown, write_markdown
 from stream_learner.trainer import StepRecord
 from tests.factories import small_settings, tiny_rows, tokenized
 

@@ -1,0 +1,334 @@
+"""What ``stream-learner bench`` reports: the issue's ratios, its targets met or missed, the table
+(rich) and its Markdown for ``docs/performance.md`` — all computed from the results dict of
+:func:`stream_learner.bench.run_bench`, so a saved results JSON can be reported again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from stream_learner.limits import MiB
+
+MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+# The acceptance targets of issue 9, each with the figure it is checked against (see :func:`targets`).
+TARGETS = {
+    "pipeline_over_trainer": 0.95,
+    "trainer_over_roofline": 0.75,
+    "pipeline_over_hand_written": 3.0,
+    "pipeline_over_tutorial": 30.0,
+    "padding_efficiency": 0.9,
+    "publishing_over_between": 0.9,
+    "replay_memory_1m_mib": 200.0,
+    "consumer_over_trainer": 10.0,
+}
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float]:
+    """The issue's ratios. Work is counted in trained examples/s (a replayed example costs what a fresh
+    one does; the user loops train one example per event); ``*_fresh`` variants count fresh events."""
+    ex, ev = results["examples_per_second"], results["events_per_second"]
+    return {
+        "pipeline_over_trainer": ev["pipeline"] / ev["trainer_alone"],
+        "trainer_over_roofline": ex["trainer_alone"] / ex["roofline"],
+        "pipeline_over_roofline": ex["pipeline"] / ex["roofline"],
+        "pipeline_over_hand_written": ex["pipeline"] / ex["hand_written"],
+        "pipeline_over_tutorial": ex["pipeline"] / ex["tutorial"],
+        "pipeline_over_hand_written_fresh": ev["pipeline"] / ev["hand_written"],
+        "pipeline_over_tutorial_fresh": ev["pipeline"] / ev["tutorial"],
+        "consumer_over_trainer": ev["consumer"] / ev["trainer_alone"],
+    }
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each acceptance target of issue 9: the figure, the target, and whether it is met."""
+    r, p = results["ratios"], results["pipeline"]
+    replay = results["replay"]
+    one_million = replay["nbytes"] / replay["events"] * 1_000_000 / MiB
+    rows = [
+        (
+            "1. pipeline / trainer alone (events/s)",
+            r["pipeline_over_trainer"],
+            "≥",
+            TARGETS["pipeline_over_trainer"],
+        ),
+        (
+            "2. trainer alone / roofline (examples/s)",
+            r["trainer_over_roofline"],
+            "≥",
+            TARGETS["trainer_over_roofline"],
+        ),
+        (
+            "3a. pipeline / hand-written loop (examples/s)",
+            r["pipeline_over_hand_written"],
+            "≥",
+            TARGETS["pipeline_over_hand_written"],
+        ),
+        (
+            "3b. pipeline / tutorial loop (examples/s)",
+            r["pipeline_over_tutorial"],
+            "≥",
+            TARGETS["pipeline_over_tutorial"],
+        ),
+        (
+            "4. padding efficiency of the pipeline",
+            p["padding_efficiency"],
+            "≥",
+            TARGETS["padding_efficiency"],
+        ),
+        (
+            "5. throughput publishing / between publishes",
+            p["publish"]["ratio"],
+            "≥",
+            TARGETS["publishing_over_between"],
+        ),
+        (
+            "6a. replay bytes ≤ 2.5/token + 16/event + 64 KiB",
+            replay["nbytes"] / replay["bound_bytes"],
+            "≤",
+            1.0,
+        ),
+        ("6b. replay memory for 1M events (MiB, nbytes)", one_million, "<", TARGETS["replay_memory_1m_mib"]),
+        (
+            "7. consumer / trainer alone (events/s)",
+            r["consumer_over_trainer"],
+            "≥",
+            TARGETS["consumer_over_trainer"],
+        ),
+    ]
+    out = []
+    for name, value, op, target in rows:
+        met = (
+            None
+            if value is None
+            else value >= target
+            if op == "≥"
+            else value <= target
+            if op == "≤"
+            else value < target
+        )
+        out.append({"target": name, "measured": value, "op": op, "wanted": target, "met": met})
+    out.append(
+        {
+            "target": "8. CUDA path (bf16 autocast, fused AdamW, pinned memory) measured",
+            "measured": results["machine"]["cuda"],
+            "op": "",
+            "wanted": "a GPU",
+            "met": None if results["machine"]["cuda"] is None else True,
+        }
+    )
+    return out
+
+
+# ========================================================================================= reporting
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int | float):
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def figure_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(what, events/s, examples/s, notes) for each loop, then the other figures."""
+    ev, ex = results["events_per_second"], results["examples_per_second"]
+    t, p, tut = results["trainer_alone"], results["pipeline"], results["tutorial"]
+    roof, rep, rss = results["roofline"], results["replay"], results["peak_rss_mib"]
+    pub, fr = p["publish"], p["freshness"]
+    learned, published = fr["to_learned_s"], fr["to_published_s"]
+    gflops, per_example = roof["matmul_flops"] / 1e9, roof["training_flops_per_example"] / 1e9
+    rows = [
+        (
+            "roofline",
+            _fmt(ev["roofline"], 1),
+            _fmt(ex["roofline"], 1),
+            f"{gflops:.0f} GFLOP/s matmul ÷ {per_example:.2f} GFLOP per example "
+            f"({results['mean_tokens_per_event']:.1f} tokens)",
+        ),
+        (
+            "trainer alone",
+            _fmt(ev["trainer_alone"], 1),
+            _fmt(ex["trainer_alone"], 1),
+            f"busy {t['busy_fraction']:.2f}, CPU share {t['trainer_cpu_share']:.2f}, padding efficiency "
+            f"{t['padding_efficiency']:.2f}; mean of the runs "
+            f"before and after the pipeline: {', '.join(f'{x:.1f}' for x in t['runs']['events_per_second'])}",
+        ),
+        (
+            "pipeline from Kafka",
+            _fmt(ev["pipeline"], 1),
+            _fmt(ex["pipeline"], 1),
+            f"busy {p['busy_fraction']:.2f}, CPU share {p['trainer_cpu_share']:.2f}, padding efficiency "
+            f"{p['padding_efficiency']:.2f}, "
+            f"{pub['versions']} versions",
+        ),
+        (
+            "hand-written loop",
+            _fmt(ev["hand_written"], 1),
+            _fmt(ex["hand_written"], 1),
+            "1 event per step, no padding, torch.optim.AdamW()",
+        ),
+        (
+            "tutorial loop",
+            _fmt(ev["tutorial"], 2),
+            _fmt(ex["tutorial"], 2),
+            f"1 event per step padded to {tut['padded_to']} "
+            f"(padding efficiency {tut['padding_efficiency']:.3f})",
+        ),
+        (
+            "consumer alone",
+            _fmt(ev["consumer"], 0),
+            "",
+            f"parse + validate + tokenize, one core ({results['consumer']['events_per_cpu_second']:,.0f} "
+            "per CPU second)",
+        ),
+    ]
+    for a in results.get("ablation", []):
+        rows.append(
+            (
+                f"ablation: {a['name']}",
+                _fmt(a["events_per_second"], 1),
+                _fmt(a["examples_per_second"], 1),
+                f"padding efficiency {a['padding_efficiency']:.2f}",
+            )
+        )
+    during, between = pub["examples_per_second_publishing"], pub["examples_per_second_between"]
+    parts = results["step_parts"]
+    rows += [
+        (
+            "AdamW step (s)",
+            "",
+            "",
+            f"default {parts['adamw_default_s']:.3f}, foreach {parts['adamw_foreach_s']:.3f}, "
+            f"fused {parts['adamw_fused_s']:.3f} ({parts['parameters'] / 1e6:.1f}M parameters)",
+        ),
+        (
+            "L2-SP gradient (s)",
+            "",
+            "",
+            f"in place {parts['l2sp_in_place_s']:.3f}, through θ − θ0 {parts['l2sp_temporary_s']:.3f}; "
+            f"clipping {parts['clip_grad_norm_s']:.3f}",
+        ),
+        (
+            "publishing",
+            "",
+            f"{_fmt(during, 1)} / {_fmt(between, 1)}",
+            f"examples/s while publishing / between; one publish takes {_fmt(pub['mean_seconds'], 1)} s",
+        ),
+        (
+            "freshness (s)",
+            "",
+            "",
+            f"produce → learned p50 {_fmt(learned['p50'])}, p99 {_fmt(learned['p99'])}; → published p50 "
+            f"{_fmt(published['p50'])}, p99 {_fmt(published['p99'])} "
+            f"(at {fr['paced_events_per_second']:.1f} events/s)",
+        ),
+        (
+            "replay memory",
+            "",
+            "",
+            f"{rep['bytes_per_event']:.1f} B/event, {rep['bytes_per_token']:.2f} B/token; "
+            f"{rep['events']:,} events: {rep['nbytes'] / MiB:.1f} MiB held, "
+            f"RSS +{rep['rss_added_mib']:.1f} MiB",
+        ),
+        *_scaling_rows(results),
+        (
+            "peak RSS (MiB)",
+            "",
+            "",
+            f"trainer alone {rss['trainer_alone']:,.0f}, pipeline {rss['pipeline']:,.0f}, "
+            f"whole bench {rss['process']:,.0f}",
+        ),
+    ]
+    return rows
+
+
+def _scaling_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    sc = results.get("scaling")
+    if not sc:
+        return []
+    one, wide, group = sc["one_rank"], sc["one_rank_all_threads"], sc["group"]
+    n, k = sc["ranks"], sc["threads_per_rank"]
+    return [
+        (
+            f"1 rank × {k} thread(s)",
+            _fmt(one["events_per_second"], 1),
+            _fmt(one["examples_per_second"], 1),
+            "",
+        ),
+        (
+            f"1 rank × {n * k} threads",
+            _fmt(wide["events_per_second"], 1),
+            _fmt(wide["examples_per_second"], 1),
+            "one learner given all the group's cores",
+        ),
+        (
+            f"{n} ranks × {k} thread(s) ({sc['backend']})",
+            _fmt(group["events_per_second"], 1),
+            _fmt(group["examples_per_second"], 1),
+            f"scaling efficiency {sc['efficiency']:.2f} (÷ {n} × 1 rank); {sc['over_threads']:.2f} × "
+            f"1 rank with {n * k} threads",
+        ),
+    ]
+
+
+def table(results: dict[str, Any]) -> list[Table]:
+    """The figures and the targets, as rich tables."""
+    m = results["machine"]
+    figures = Table(
+        title=f"stream-learner bench — {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+        f"({m['torch_threads']} threads), {results['device']} {results['precision']}"
+    )
+    for col in ("", "events/s", "examples/s", ""):
+        figures.add_column(col)
+    for row in figure_rows(results):
+        figures.add_row(*row)
+    checks = Table(title="acceptance targets (issue 9)")
+    for col in ("target", "measured", "wanted", "met"):
+        checks.add_column(col)
+    for t in results["targets"]:
+        checks.add_row(t["target"], _fmt(t["measured"]), f"{t['op']} {_fmt(t['wanted'])}", _fmt(t["met"]))
+    return [figures, checks]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The figures and the targets as markdown tables (what ``docs/performance.md`` quotes)."""
+    m, tr = results["machine"], results["training"]
+    lines = [
+        f"Measured {results['started_at']} on {m['cpu']} ({m['cores']} cores, {m['memory_gib']} GiB), torch "
+        f"{m['torch']} with {m['torch_threads']} threads, {results['device']} {results['precision']}; "
+        f"load average at start {', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}; "
+        f"config {'quick' if results['config']['layers'] == 1 else 'full'}: "
+        f"{results['config']['layers'] or 6} layers, max_length {results['config']['max_length']}, "
+        f"{tr['fresh_per_step']} fresh + {tr['replay_per_step']} replayed per micro-batch, "
+        f"bucket_window {tr['bucket_window']}.",
+        "",
+        "| | events/s | examples/s | |",
+        "|---|---:|---:|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in figure_rows(results)]
+    lines += ["", "| target | measured | wanted | met |", "|---|---:|---|---|"]
+    for t in results["targets"]:
+        lines.append(
+            f"| {t['target']} | {_fmt(t['measured'])} | {t['op']} {_fmt(t['wanted'])} | {_fmt(t['met'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    """Write :func:`markdown` to ``path``, or between its bench markers when it has them."""
+    text = markdown(results)
+    if path.is_file():
+        doc = path.read_text()
+        if MARK_START in doc and MARK_END in doc:
+            head, rest = doc.split(MARK_START, 1)
+            _, tail = rest.split(MARK_END, 1)
+            path.write_text(f"{head}{MARK_START}\n{text}{MARK_END}{tail}")
+            return
+    path.write_text(text)
