@@ -21,7 +21,9 @@ VADER stream, all four domains) and the same model (the bundled all-MiniLM-L6-v2
 plus the consumer's own rate (parse + validate + tokenize on one core), the replay buffer's bytes per
 stored event and the measured memory of a buffer of 1M events drawn from the stream, peak RSS, the
 trainer's busy fraction and padding efficiency, an ablation (each speed change of issue 9 turned
-off in turn), and data-parallel scaling (``scaling.py``: N ranks against one). Rates of the trainer and the pipeline are taken after a warm-up (the first
+off in turn), and data-parallel scaling (``scaling.py``: N ranks against one).
+
+Rates of the trainer and the pipeline are taken after a warm-up (the first
 ``warmup_events`` fresh events: the reservoir is filling, allocators are warming up), over the span from
 the first measured step's start to the last one's end, so waiting and publishing count against them.
 

@@ -249,6 +249,7 @@ def eval_(
 ) -> None:
     """The quality benchmark: strategies side by side on drifting streams, prequential and held out."""
     from stream_learner import evaluation as ev
+    from stream_learner import evaluation_report
 
     _settings(config)  # a bad settings file fails before anything heavy
     changes: dict = {"drift": drift}
@@ -288,7 +289,7 @@ def eval_(
         raise _fail("eval", err) from None
     _logging("WARNING")
     results = ev.run_benchmark(cfg, out, console=console)
-    for table in ev.tables(results):
+    for table in evaluation_report.tables(results):
         Console().print(table)
     for scenario_name, d in results["drift"].items():
         for s in d["per_seed"]:

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from stream_learner import evaluation as ev
+from stream_learner import evaluation_report as report
 from stream_learner.cli import app
 from stream_learner.datasets import DOMAINS, STREAM, bundled_path, read_jsonl
 
@@ -53,7 +54,7 @@ def test_backward_transfer_and_forgetting_on_a_hand_made_matrix():
 
 
 def test_rolling_mean_and_mean_std():
-    np.testing.assert_allclose(ev.rolling_mean(np.array([1, 0, 1, 1]), 2), [1, 0.5, 0.5, 1])
+    np.testing.assert_allclose(report.rolling_mean(np.array([1, 0, 1, 1]), 2), [1, 0.5, 0.5, 1])
     assert ev.mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
     assert ev.mean_std([0.5]) == {"mean": 0.5, "std": None, "n": 1}
 
@@ -215,9 +216,9 @@ def test_runs_in_worker_processes_equal_the_runs_in_process(quick, tmp_path):
 
 def test_quick_tables_render(quick):
     results, _ = quick
-    md = ev.markdown_table(results, "covariate")
+    md = report.markdown_table(results, "covariate")
     assert md.count("\n") == 2 + 3 - 1 and "| default | 1 |" in md
-    assert len(ev.tables(results)) == 1
+    assert len(report.tables(results)) == 1
 
 
 # ---------------------------------------------------------------------------------------------- CLI
