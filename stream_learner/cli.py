@@ -234,7 +234,10 @@ def eval_(
     layers: Annotated[int | None, typer.Option(help="encoder layers kept (default: all)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: one per core)")] = None,
     jobs: Annotated[
-        int | None, typer.Option(help="runs in parallel processes (their threads default to cores ÷ jobs)")
+        int | None,
+        typer.Option(
+            help="runs in parallel processes (default: one per core, at most 4; threads: cores ÷ jobs)"
+        ),
     ] = None,
     quick: Annotated[bool, typer.Option(help="tiny smoke run: 1 layer, 32 events/domain, 1 seed")] = False,
     drift: Annotated[bool, typer.Option(help="run the drift signals on the default strategy")] = True,
