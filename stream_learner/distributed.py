@@ -102,13 +102,34 @@ class Group:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if not dist.is_initialized():
+            timeout = timedelta(seconds=settings.timeout_s)
             dist.init_process_group(
                 backend,
+                store=self._rendezvous_store(timeout),
                 rank=self.rank,
                 world_size=self.world_size,
-                timeout=timedelta(seconds=settings.timeout_s),
+                timeout=timeout,
             )
         log.info("rank %d of %d joined the group (%s)", self.rank, self.world_size, backend)
+
+    def _rendezvous_store(self, timeout: timedelta, env: Mapping[str, str] = os.environ) -> dist.Store:
+        """The key-value store the ranks meet in, its keys private to this attempt of the group.
+
+        torchrun's agent keeps one store across the group's restarts (``TORCHELASTIC_USE_AGENT_STORE``):
+        without a prefix per restart, a rank of the new attempt can read the address a rank of the
+        dead one left there and fail to connect (seen: every restart after a SIGKILL failing so).
+        Without torchrun (one pod per rank), rank 0 hosts the store, new with every start.
+        """
+        agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(
+            env["MASTER_ADDR"],
+            int(env["MASTER_PORT"]),
+            self.world_size,
+            is_master=self.is_root and not agent_store,
+            timeout=timeout,
+            multi_tenant=True,
+        )
+        return dist.PrefixStore(f"stream-learner/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
     def close(self) -> None:
         if dist.is_initialized():
