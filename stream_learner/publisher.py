@@ -72,19 +72,6 @@ RNG = "trainer_state/rng.safetensors"
 STATE = "trainer_state/state.json"
 MANIFEST_FORMAT = 1
 RETRY_MAX_WAIT_S = 10.0  # backoff cap while storage is down: a recovered store is used within ~10 s
-# The publisher's seconds of serialising and hashing compete with the trainer for the cores; on a
-# busy machine the trainer should win (docs/performance.md, target 1). Linux niceness is per thread.
-PUBLISHER_NICENESS = 10
-
-
-def lower_thread_priority(increment: int) -> bool:
-    """Make the calling thread ``increment`` nicer (Linux: per thread); False where not possible."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
-    except (AttributeError, OSError):  # not Linux, or not allowed
-        return False
-    return True
 
 
 class FencedOut(RuntimeError):
@@ -292,7 +279,6 @@ class Publisher:
 
     def run(self) -> None:
         """Thread target: publish every snapshot handed over; after ``stop``, drain the queue and exit."""
-        lower_thread_priority(PUBLISHER_NICENESS)
         while True:
             try:
                 snap = self.publish_queue.get(timeout=0.2)

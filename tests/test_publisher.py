@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import queue
 import threading
 from pathlib import Path
@@ -271,22 +270,3 @@ def test_the_gate_holds_latest_and_numbers_every_rejected_candidate(tmp_path: Pa
     assert pub.publish_version(scored(0.76)) == 4  # within the margin again: LATEST moves, lineage intact
     assert read_latest(store)[0] == 4 and read_manifest(store, 4)["parent"] == 3
     assert "rejected" not in read_manifest(store, 4)
-
-
-def test_the_publisher_thread_runs_nicer_than_the_trainer() -> None:
-    # the publisher's serialising and hashing must not take the trainer's core on a busy machine
-    from stream_learner.publisher import PUBLISHER_NICENESS, lower_thread_priority
-
-    me = threading.get_native_id()
-    base = os.getpriority(os.PRIO_PROCESS, me)
-    seen: dict[str, int] = {}
-
-    def in_thread() -> None:
-        assert lower_thread_priority(PUBLISHER_NICENESS)
-        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    t = threading.Thread(target=in_thread)
-    t.start()
-    t.join()
-    assert seen["nice"] == min(base + PUBLISHER_NICENESS, 19)
-    assert os.getpriority(os.PRIO_PROCESS, me) == base  # the other threads keep theirs
