@@ -106,11 +106,15 @@ def stop_group(group: LearnerProcess) -> None:
     group.proc.wait(timeout=180)
 
 
+def new_topic(bootstrap: str, topic: str, tmp_path: Path) -> tuple[str, dict[int, list[bool]]]:
+    """The topic and its dead-letter topic created; the store's URL and an empty validity record."""
+    ensure_topics({"bootstrap.servers": bootstrap}, {topic: PARTITIONS, f"{topic}.dlq": PARTITIONS})
+    return (tmp_path / "store").as_uri(), {p: [] for p in range(PARTITIONS)}
+
+
 def test_two_ranks_learn_one_model_from_disjoint_partitions(kafka_bootstrap, unique_topic, tmp_path):
     topic = unique_topic("ddp")
-    url = (tmp_path / "store").as_uri()
-    ensure_topics({"bootstrap.servers": kafka_bootstrap}, {topic: PARTITIONS, f"{topic}.dlq": PARTITIONS})
-    valid: dict[int, list[bool]] = {p: [] for p in range(PARTITIONS)}
+    url, valid = new_topic(kafka_bootstrap, topic, tmp_path)
     produce(kafka_bootstrap, topic, events(90, bad_every=10), valid)
     group = start_group(tmp_path, group_config(kafka_bootstrap, topic, url, every_steps=4), max_restarts=0)
     try:
@@ -138,9 +142,7 @@ def test_two_ranks_learn_one_model_from_disjoint_partitions(kafka_bootstrap, uni
 @pytest.mark.slow
 def test_a_rank_killed_mid_run_restarts_the_group_from_latest(kafka_bootstrap, unique_topic, tmp_path):
     topic = unique_topic("ddp-kill")
-    url = (tmp_path / "store").as_uri()
-    ensure_topics({"bootstrap.servers": kafka_bootstrap}, {topic: PARTITIONS, f"{topic}.dlq": PARTITIONS})
-    valid: dict[int, list[bool]] = {p: [] for p in range(PARTITIONS)}
+    url, valid = new_topic(kafka_bootstrap, topic, tmp_path)
     produce(kafka_bootstrap, topic, events(240, bad_every=10), valid)
     group = start_group(tmp_path, group_config(kafka_bootstrap, topic, url, every_steps=2), max_restarts=2)
     try:
