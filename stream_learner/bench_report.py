@@ -136,6 +136,12 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
+def _runs(run: dict[str, Any]) -> str:
+    """'2 runs: 17.1, 16.6 events/s', in the order they ran (alternating with the other loop)."""
+    rates = run["runs"]["events_per_second"]
+    return f"{len(rates)} runs: {', '.join(f'{x:.1f}' for x in rates)} events/s"
+
+
 def figure_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(what, events/s, examples/s, notes) for each loop, then the other figures."""
     ev, ex = results["events_per_second"], results["examples_per_second"]
@@ -144,29 +150,29 @@ def figure_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     pub, fr = p["publish"], p["freshness"]
     learned, published = fr["to_learned_s"], fr["to_published_s"]
     gflops, per_example = roof["matmul_flops"] / 1e9, roof["training_flops_per_example"] / 1e9
+    model_shape_gflops = roof["model_shape_matmul_flops"] / 1e9
     rows = [
         (
             "roofline",
             _fmt(ev["roofline"], 1),
             _fmt(ex["roofline"], 1),
-            f"{gflops:.0f} GFLOP/s matmul ÷ {per_example:.2f} GFLOP per example "
-            f"({results['mean_tokens_per_event']:.1f} tokens)",
+            f"{gflops:.0f} GFLOP/s matmul (best of 1024², 2048²) ÷ {per_example:.2f} GFLOP per example "
+            f"({results['mean_tokens_per_event']:.1f} tokens); at the model's "
+            f"{' × '.join(map(str, roof['model_shape']))}: {model_shape_gflops:.0f} GFLOP/s",
         ),
         (
             "trainer alone",
             _fmt(ev["trainer_alone"], 1),
             _fmt(ex["trainer_alone"], 1),
             f"busy {t['busy_fraction']:.2f}, CPU share {t['trainer_cpu_share']:.2f}, padding efficiency "
-            f"{t['padding_efficiency']:.2f}; mean of the runs "
-            f"before and after the pipeline: {', '.join(f'{x:.1f}' for x in t['runs']['events_per_second'])}",
+            f"{t['padding_efficiency']:.2f}; fastest of {_runs(t)}",
         ),
         (
             "pipeline from Kafka",
             _fmt(ev["pipeline"], 1),
             _fmt(ex["pipeline"], 1),
             f"busy {p['busy_fraction']:.2f}, CPU share {p['trainer_cpu_share']:.2f}, padding efficiency "
-            f"{p['padding_efficiency']:.2f}, "
-            f"{pub['versions']} versions",
+            f"{p['padding_efficiency']:.2f}, {pub['versions']} versions; fastest of {_runs(p)}",
         ),
         (
             "hand-written loop",
