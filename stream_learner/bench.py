@@ -82,7 +82,7 @@ from stream_learner.events import LabeledEvent, LabelSet, TokenizedEvent, encode
 from stream_learner.limits import MiB
 from stream_learner.model import L2SP, load_model, load_tokenizer
 from stream_learner.replay import ReservoirBuffer
-from stream_learner.trainer import StepRecord, Trainer, pick_device
+from stream_learner.trainer import StepRecord, Trainer, collate, pick_device
 
 FORMAT = 2  # 2: repeated runs (the fastest counts), the roofline's square and model-shape matmuls
 TUTORIAL_LENGTH = 512  # what the common fine-tuning tutorials pad every example to
@@ -339,6 +339,49 @@ def measure_step_parts(settings: Settings) -> dict[str, float]:
     return out
 
 
+def measure_forward_backward(
+    settings: Settings, tokenizer: Any, events: Sequence[TokenizedEvent]
+) -> dict[str, float]:
+    """The model alone: forward, cross-entropy and backward — no optimizer, L2-SP, clipping, scoring
+    or Python around them — on micro-batches of the trainer's size cut from ``events`` sorted by length
+    (about the padding of bucketed windows). Between the roofline and the trainer alone, it splits the
+    gap into what the model's own kernels reach and what the rest of a step costs."""
+    t = settings.training
+    size = t.fresh_per_step + t.replay_per_step
+    model = load_model(settings.model).model.to(pick_device(t.device))
+    model.eval()  # as the trainer: no dropout
+    device = next(model.parameters()).device
+    ordered = sorted(events, key=lambda e: len(e.input_ids))
+    pad_id, with_token_types = tokenizer.pad_token_id or 0, "token_type_ids" in tokenizer.model_input_names
+    batches = [
+        collate(ordered[i : i + size], pad_id, with_token_types)
+        for i in range(0, len(ordered) - size + 1, size)
+    ]
+
+    def step(batch: dict[str, torch.Tensor]) -> None:
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        F.cross_entropy(model(**inputs).logits, batch["labels"].to(device)).backward()
+        model.zero_grad(set_to_none=False)
+
+    step(batches[0])  # warm-up: allocations, the first kernels
+    synchronize(device)
+    t0 = time.perf_counter()
+    for batch in batches:
+        step(batch)
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    examples = sum(len(b["labels"]) for b in batches)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    padded = sum(b["attention_mask"].numel() for b in batches)
+    return {
+        "examples": examples,
+        "seconds": seconds,
+        "examples_per_second": examples / seconds,
+        "events_per_second": examples / seconds,
+        "padding_efficiency": real / padded,
+    }
+
+
 def percentiles(values: Sequence[float]) -> dict[str, float | None]:
     """p50 / p99 / max of ``values`` (None when empty)."""
     if not len(values):
@@ -381,6 +424,8 @@ def summarize_steps(records: Sequence[StepRecord], warmup_events: int) -> dict[s
         "trainer_cpu_share": sum(r.cpu_seconds for r in measured)
         / sum(r.ended - r.started for r in measured),
         "padding_efficiency": sum(r.real_tokens for r in measured) / sum(r.padded_tokens for r in measured),
+        # the warm-up's steps, first step's start to the first measured one's (compiling, if any)
+        "warmup_seconds": measured[0].started - records[0].started,
         "first_measured": measured[0].started,
         "last_measured": measured[-1].ended,
     }
@@ -462,6 +507,7 @@ def run_trainer_alone(
     """The trainer thread (``Trainer.run``) on events fed from memory in consumer-sized batches.
 
     In a data-parallel ``group`` (``scaling.py``) each rank runs this on its share of the events.
+    ``fused`` False swaps in ``torch.optim.AdamW()`` (ablation).
     """
     s = settings.model_copy(
         update={
@@ -812,6 +858,9 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
     with step_of(console, "the fixed parts of a step: optimizer, L2-SP gradient, clipping"):
         results["step_parts"] = measure_step_parts(settings)
     release_memory()
+    with step_of(console, f"the model alone: forward + backward of {len(events)} examples"):
+        results["forward_backward"] = measure_forward_backward(settings, tokenizer, events)
+    release_memory()
 
     # trainer alone and the pipeline alternate (A P A P … A): other load on the machine drifts over
     # minutes, so neither side gets all the quiet minutes; each rate is the fastest of its runs
@@ -889,7 +938,7 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
     }
     results["examples_per_second"] = {
         name: results[name]["examples_per_second"]
-        for name in ("roofline", "trainer_alone", "pipeline", "hand_written", "tutorial")
+        for name in ("roofline", "forward_backward", "trainer_alone", "pipeline", "hand_written", "tutorial")
     }
     results["ratios"] = ratios(results)
     results["targets"] = targets(results)

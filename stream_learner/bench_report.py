@@ -34,6 +34,8 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
     return {
         "pipeline_over_trainer": ev["pipeline"] / ev["trainer_alone"],
         "trainer_over_roofline": ex["trainer_alone"] / ex["roofline"],
+        "forward_backward_over_roofline": ex["forward_backward"] / ex["roofline"],
+        "trainer_over_forward_backward": ex["trainer_alone"] / ex["forward_backward"],
         "pipeline_over_roofline": ex["pipeline"] / ex["roofline"],
         "pipeline_over_hand_written": ex["pipeline"] / ex["hand_written"],
         "pipeline_over_tutorial": ex["pipeline"] / ex["tutorial"],
@@ -159,6 +161,14 @@ def figure_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             f"{gflops:.0f} GFLOP/s matmul (best of 1024², 2048²) ÷ {per_example:.2f} GFLOP per example "
             f"({results['mean_tokens_per_event']:.1f} tokens); at the model's "
             f"{' × '.join(map(str, roof['model_shape']))}: {model_shape_gflops:.0f} GFLOP/s",
+        ),
+        (
+            "model alone: forward + backward",
+            "",
+            _fmt(ex["forward_backward"], 1),
+            f"micro-batches of the events sorted by length (padding efficiency "
+            f"{results['forward_backward']['padding_efficiency']:.2f}); no optimizer, L2-SP, clipping, "
+            f"scoring: {ex['forward_backward'] / ex['roofline']:.2f} of the roofline",
         ),
         (
             "trainer alone",

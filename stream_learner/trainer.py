@@ -364,6 +364,8 @@ class Trainer:
             self.forward_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None
             )
+        if t.compile:  # sequence lengths and micro-batch sizes vary from step to step: dynamic shapes
+            self.forward_model = torch.compile(self.forward_model, dynamic=True)
         # a rank with nothing to train in a step still takes part in it with this, at weight 0
         self._idle_example = StoredExample(
             input_ids=np.array([pad_id], dtype=np.int64), label=0, pair_start=0

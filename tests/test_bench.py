@@ -52,6 +52,11 @@ def test_ratios_are_the_rates_they_come_from(results: dict) -> None:
     ev, ex, r = results["events_per_second"], results["examples_per_second"], results["ratios"]
     assert r["pipeline_over_trainer"] == pytest.approx(ev["pipeline"] / ev["trainer_alone"])
     assert r["trainer_over_roofline"] == pytest.approx(ex["trainer_alone"] / ex["roofline"])
+    assert r["forward_backward_over_roofline"] == pytest.approx(ex["forward_backward"] / ex["roofline"])
+    assert r["trainer_over_forward_backward"] == pytest.approx(ex["trainer_alone"] / ex["forward_backward"])
+    fb = results["forward_backward"]
+    assert fb["examples_per_second"] == pytest.approx(fb["examples"] / fb["seconds"])
+    assert 0 < fb["padding_efficiency"] <= 1
     assert r["pipeline_over_hand_written"] == pytest.approx(ex["pipeline"] / ex["hand_written"])
     assert r["pipeline_over_tutorial"] == pytest.approx(ex["pipeline"] / ex["tutorial"])
     assert r["consumer_over_trainer"] == pytest.approx(ev["consumer"] / ev["trainer_alone"])

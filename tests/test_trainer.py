@@ -123,6 +123,31 @@ def test_bf16_autocast_path_runs_on_cpu():
     assert np.isfinite(tr.step(tokenized(tiny_rows(8), s)))
 
 
+@pytest.mark.slow  # compiling even a one-layer model's forward and backward takes ≈ 45 s
+def test_compiled_forward_trains_like_eager(tmp_path, monkeypatch):
+    """``training.compile``: the same steps give the same losses and weights as eager, up to the
+    rounding of inductor's fused kernels (its cache in a fresh directory: a cold compile, as at start)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    s = small_settings()
+    eager = make_trainer(s)
+    compiled = _restored_twin(eager, small_settings(training={"compile": True}))  # the same head
+    assert compiled.forward_model is not compiled.model and eager.forward_model is eager.model
+    rows = tiny_rows(24)
+    for part in (rows[:8], rows[8:14], rows[14:]):  # three lengths and batch sizes: dynamic shapes
+        events = tokenized(part, s)
+        losses = [tr.step(events, replayed=[]) for tr in (eager, compiled)]
+        assert np.isfinite(losses[0]) and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    # Adam turns a gradient of pure rounding noise into a whole step of ±lr, so a few of the weights
+    # whose gradient is ≈ 0 differ by up to lr — and all of the key biases, whose gradient is exactly 0
+    # (a bias on every key shifts a query's scores equally: softmax ignores it); all else matches
+    lr = s.training.learning_rate
+    for k, v in eager.model.state_dict().items():
+        diff = (compiled.model.state_dict()[k] - v).abs()
+        assert float(diff.max()) <= 3 * lr, k
+        if not k.endswith("attention.self.key.bias"):
+            assert float((diff > 1e-6).float().mean()) < 1e-3, k
+
+
 def test_collate_pads_and_sets_token_types():
     s = small_settings()
     events = tokenized(tiny_rows(3), s)
