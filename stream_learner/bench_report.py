@@ -153,12 +153,14 @@ def figure_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     learned, published = fr["to_learned_s"], fr["to_published_s"]
     gflops, per_example = roof["matmul_flops"] / 1e9, roof["training_flops_per_example"] / 1e9
     model_shape_gflops = roof["model_shape_matmul_flops"] / 1e9
+    measured = ", ".join(f"{f / 1e9:.0f}" for f in roof["measurements"])
     rows = [
         (
             "roofline",
             _fmt(ev["roofline"], 1),
             _fmt(ex["roofline"], 1),
-            f"{gflops:.0f} GFLOP/s matmul (best of 1024², 2048²) ÷ {per_example:.2f} GFLOP per example "
+            f"{gflops:.0f} GFLOP/s matmul (best of 1024², 2048², measured {len(roof['measurements'])} times: "
+            f"{measured}) ÷ {per_example:.2f} GFLOP per example "
             f"({results['mean_tokens_per_event']:.1f} tokens); at the model's "
             f"{' × '.join(map(str, roof['model_shape']))}: {model_shape_gflops:.0f} GFLOP/s",
         ),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -139,9 +140,9 @@ class TrainingSettings(_Section):
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     compile: bool = Field(
         False,
-        description="run the forward pass through torch.compile (dynamic shapes): on a 2-core CPU 5 % more "
-        "examples/s after ≈ 95 s of compiling at start, so it pays in runs longer than ≈ 30 min "
-        "(docs/performance.md)",
+        description="run the forward pass through torch.compile (dynamic shapes; needs a C++ compiler): on "
+        "a 2-core CPU 4–5 % more examples/s after ≈ 100 s of compiling at start, so it pays in runs "
+        "longer than ≈ 40 min (docs/performance.md)",
     )
     max_wait_s: float = Field(
         0.5,
@@ -151,6 +152,19 @@ class TrainingSettings(_Section):
     )
     seed: int = Field(0, description="seed of every random generator (replay, torch)")
     metrics_window: int = Field(1_000, ge=10, description="fresh events in the prequential metrics window")
+
+    @field_validator("compile")
+    @classmethod
+    def _compiler_present(cls, v: bool) -> bool:
+        # inductor writes C++ (CPU) or Triton launchers (CUDA) and builds them with the system's compiler:
+        # without one the first step would fail, long after start-up
+        compilers = (os.environ.get("CXX"), "g++", "c++", "clang++")
+        if v and not any(c and shutil.which(c) for c in compilers):
+            raise ValueError(
+                "torch.compile needs a C++ compiler and none is on PATH (g++, c++, clang++ or $CXX): "
+                "install one (Debian: apt-get install g++) or set it to false"
+            )
+        return v
 
 
 class ReplaySettings(_Section):

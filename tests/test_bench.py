@@ -81,6 +81,9 @@ def test_ratios_are_the_rates_they_come_from(results: dict) -> None:
     )
     # the peak is the best of the square matmuls; the model's own shape is reported beside it
     assert roof["matmul_flops"] == max(roof["square_matmul_flops"].values())
+    # measured at the start and before every trainer-alone run; the best of them counts
+    assert len(roof["measurements"]) == 1 + len(results["trainer_alone"]["runs"]["events_per_second"])
+    assert roof["matmul_flops"] == pytest.approx(max(roof["measurements"]))
     assert _positive(roof["model_shape_matmul_flops"]) and len(roof["model_shape"]) == 3
 
 

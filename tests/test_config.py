@@ -121,3 +121,14 @@ def test_a_lineage_of_another_model_or_label_set_is_not_resumed():
     check_lineage_matches(s, {"base_model": "bundled", "labels": ["neg", "pos"]}, "file:///m")
     with pytest.raises(ConfigError, match=r"model\.name_or_path / model\.labels: file:///m holds versions"):
         check_lineage_matches(s, {"base_model": "bundled", "labels": ["neg", "neu", "pos"]}, "file:///m")
+
+
+def test_compile_without_a_compiler_fails_at_start_with_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("STREAM_LEARNER_TRAINING__COMPILE", "true")
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
+    fix = r"training\.compile.*needs a C\+\+ compiler.*apt-get install g\+\+"
+    with pytest.raises(ConfigError, match=fix):
+        load_settings()
+    monkeypatch.setenv("CXX", "/usr/bin/g++")  # a compiler named by $CXX is enough
+    assert load_settings().training.compile
