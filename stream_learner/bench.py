@@ -28,7 +28,10 @@ off in turn), and data-parallel scaling (``scaling.py``: N ranks against one).
 
 The trainer alone and the pipeline run alternately, ``repeats`` times each (then the trainer once
 more): other load on the machine (a shared VM's neighbours) drifts over minutes and only ever slows a
-run down, so each rate is the fastest of its runs, and neither side gets all the quiet minutes.
+run down, so each rate is the fastest of its runs, and neither side gets all the quiet minutes; the
+pipeline / trainer ratio pairs each pipeline run with the trainer runs right before and after it. The
+ceilings — the matmul peak and the model alone (forward + backward, nothing else) — are measured right
+before every trainer-alone run, the best of each counting.
 Rates of the trainer and the pipeline are taken after a warm-up (the first
 ``warmup_events`` fresh events: the reservoir is filling, allocators are warming up), over the span from
 the first measured step's start to the last one's end, so waiting and publishing count against them.
@@ -113,6 +116,7 @@ class BenchConfig:
     publish_every_seconds: float = 10.0
     ablation: bool = True  # trainer alone with each speed change turned off in turn
     roofline_seconds: float = 1.0  # matmuls timed per shape; the fastest counts
+    model_alone_events: int = 512  # examples of each "model alone" (forward + backward) measurement
     # trainer alone and pipeline alternate `repeats` times (then trainer alone once more if `bracket`):
     # each rate is the fastest of its runs (other load only ever slows a run down)
     repeats: int = 2
@@ -144,6 +148,7 @@ class BenchConfig:
             "bracket": False,
             "repeats": 1,
             "roofline_seconds": 0.2,
+            "model_alone_events": 64,
             "publish_every_seconds": 3.0,
             "scaling_events": 48,
             "settings": {"training": {"fresh_per_step": 8, "replay_per_step": 8}},
@@ -499,7 +504,8 @@ def fastest(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     the least disturbed one (Python's ``timeit`` takes its minimum time for the same reason)."""
     best = dict(max(runs, key=lambda r: r["events_per_second"]))
     best["runs"] = {unit: [r[unit] for r in runs] for unit in ("events_per_second", "examples_per_second")}
-    best["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    if all("peak_rss_mib" in r for r in runs):
+        best["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
     return best
 
 
@@ -864,32 +870,29 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
     tokens = (t.fresh_per_step + t.replay_per_step) * round(mean_tokens)
     shape = (tokens, model.config.hidden_size, model.config.intermediate_size)
     del model
-    # the matmul peak of a shared machine moves by a fifth over minutes: it is measured again before
-    # every trainer-alone run, and the roofline is the best of all the measurements
+    # the ceilings — the matmul peak and the model alone — are measured right before every trainer-alone
+    # run (a shared machine's speed moves over minutes); the best of each counts
     peaks: list[dict[str, Any]] = []
+    model_runs: list[dict[str, Any]] = []
 
-    def measure_peak() -> None:
+    def measure_ceilings() -> None:
         dtype = torch.bfloat16 if bf16 else torch.float32
         peaks.append(measure_roofline(device, dtype, shape, cfg.roofline_seconds))
-
-    with step_of(console, "roofline: matmul FLOP/s of this device"):
-        measure_peak()
+        model_runs.append(measure_forward_backward(settings, tokenizer, events[: cfg.model_alone_events]))
+        release_memory()
 
     with step_of(console, "the fixed parts of a step: optimizer, L2-SP gradient, clipping"):
         results["step_parts"] = measure_step_parts(settings)
     release_memory()
-    with step_of(console, f"the model alone: forward + backward of {len(events)} examples"):
-        results["forward_backward"] = measure_forward_backward(settings, tokenizer, events)
-    release_memory()
 
     # trainer alone and the pipeline alternate (A P A P … A): other load on the machine drifts over
-    # minutes, so neither side gets all the quiet minutes; each rate is the fastest of its runs
+    # minutes, so neither side gets all the quiet minutes; the pipeline's ratio pairs each of its runs
+    # with the trainer runs around it (bench_report.pipeline_over_trainer)
     alone_runs, pipeline_runs = [], []
+    ceilings = "matmul peak and model alone"
     for i in range(1, cfg.repeats + 1):
-        with step_of(
-            console, f"matmul peak again, then trainer alone ({i}): {len(events)} events from memory"
-        ):
-            measure_peak()
+        with step_of(console, f"{ceilings}, then trainer alone ({i}): {len(events)} events from memory"):
+            measure_ceilings()
             alone_runs.append(run_trainer_alone(settings, tokenizer, events, cfg.warmup_events))
         release_memory()
         paced = f"then {cfg.paced_events} paced"
@@ -897,14 +900,13 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
             pipeline_runs.append(run_pipeline(cfg, data, console))
         release_memory()
     if cfg.bracket:
-        with step_of(
-            console, f"matmul peak again, then trainer alone ({cfg.repeats + 1}), after the last pipeline run"
-        ):
-            measure_peak()
+        with step_of(console, f"{ceilings}, then trainer alone ({cfg.repeats + 1}), after the last pipeline"):
+            measure_ceilings()
             alone_runs.append(run_trainer_alone(settings, tokenizer, events, cfg.warmup_events))
         release_memory()
     results["trainer_alone"], results["pipeline"] = fastest(alone_runs), fastest(pipeline_runs)
     results["roofline"] = roofline_of(peaks, per_example)
+    results["forward_backward"] = fastest(model_runs)
     if cfg.ablation:
         results["ablation"] = []
         for name, window, fused in (

@@ -32,7 +32,7 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
     one does; the user loops train one example per event); ``*_fresh`` variants count fresh events."""
     ex, ev = results["examples_per_second"], results["events_per_second"]
     return {
-        "pipeline_over_trainer": ev["pipeline"] / ev["trainer_alone"],
+        "pipeline_over_trainer": pipeline_over_trainer(results),
         "trainer_over_roofline": ex["trainer_alone"] / ex["roofline"],
         "forward_backward_over_roofline": ex["forward_backward"] / ex["roofline"],
         "trainer_over_forward_backward": ex["trainer_alone"] / ex["forward_backward"],
@@ -45,6 +45,17 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def pipeline_over_trainer(results: dict[str, Any]) -> float:
+    """Each pipeline run against the trainer-alone runs right before and after it (they alternate:
+    A P A P A), in fresh events/s, averaged over the pipeline runs. Pairing neighbours cancels the slow
+    drift of a shared machine's speed; comparing the fastest of 3 trainer runs with the fastest of 2
+    pipeline runs would favour the side with more runs."""
+    alone = results["trainer_alone"]["runs"]["events_per_second"]
+    pipeline = results["pipeline"]["runs"]["events_per_second"]
+    paired = [p / (sum(alone[i : i + 2]) / len(alone[i : i + 2])) for i, p in enumerate(pipeline)]
+    return sum(paired) / len(paired)
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each acceptance target of issue 9: the figure, the target, and whether it is met."""
     r, p = results["ratios"], results["pipeline"]
@@ -52,7 +63,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     one_million = replay["nbytes"] / replay["events"] * 1_000_000 / MiB
     rows = [
         (
-            "1. pipeline / trainer alone (events/s)",
+            "1. pipeline / trainer alone (events/s, each pipeline run against its neighbours)",
             r["pipeline_over_trainer"],
             "≥",
             TARGETS["pipeline_over_trainer"],

@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from stream_learner.bench import BenchConfig, fastest, rate_inside, run_bench, summarize_steps
-from stream_learner.bench_report import MARK_END, MARK_START, figure_rows, markdown, write_markdown
+from stream_learner.bench_report import (
+    MARK_END,
+    MARK_START,
+    figure_rows,
+    markdown,
+    pipeline_over_trainer,
+    write_markdown,
+)
 from stream_learner.trainer import StepRecord
 from tests.factories import small_settings, tiny_rows, tokenized
 
@@ -50,6 +57,7 @@ def test_every_figure_is_there_and_positive(results: dict) -> None:
 
 def test_ratios_are_the_rates_they_come_from(results: dict) -> None:
     ev, ex, r = results["events_per_second"], results["examples_per_second"], results["ratios"]
+    # the quick run: one trainer-alone run then one pipeline run, so the pair is the two rates
     assert r["pipeline_over_trainer"] == pytest.approx(ev["pipeline"] / ev["trainer_alone"])
     assert r["trainer_over_roofline"] == pytest.approx(ex["trainer_alone"] / ex["roofline"])
     assert r["forward_backward_over_roofline"] == pytest.approx(ex["forward_backward"] / ex["roofline"])
@@ -81,8 +89,8 @@ def test_ratios_are_the_rates_they_come_from(results: dict) -> None:
     )
     # the peak is the best of the square matmuls; the model's own shape is reported beside it
     assert roof["matmul_flops"] == max(roof["square_matmul_flops"].values())
-    # measured at the start and before every trainer-alone run; the best of them counts
-    assert len(roof["measurements"]) == 1 + len(results["trainer_alone"]["runs"]["events_per_second"])
+    # measured before every trainer-alone run; the best of them counts
+    assert len(roof["measurements"]) == len(results["trainer_alone"]["runs"]["events_per_second"])
     assert roof["matmul_flops"] == pytest.approx(max(roof["measurements"]))
     assert _positive(roof["model_shape_matmul_flops"]) and len(roof["model_shape"]) == 3
 
@@ -211,3 +219,16 @@ def test_fastest_of_repeated_runs_keeps_every_rate_and_the_highest_peak() -> Non
     }
     assert best["peak_rss_mib"] == 900.0
     assert runs[1]["peak_rss_mib"] == 700.0  # the runs themselves are left as they were
+
+
+def test_pipeline_runs_are_compared_with_the_trainer_runs_around_them() -> None:
+    """A P A P A: each pipeline run against the mean of its neighbours, then the mean over pipeline runs."""
+    results = {
+        "trainer_alone": {"runs": {"events_per_second": [19.0, 17.8, 18.2]}},
+        "pipeline": {"runs": {"events_per_second": [17.5, 17.2]}},
+    }
+    paired = [17.5 / ((19.0 + 17.8) / 2), 17.2 / ((17.8 + 18.2) / 2)]
+    assert pipeline_over_trainer(results) == pytest.approx(sum(paired) / 2)
+    # without the closing trainer run (A P A P) the last pipeline run has one neighbour
+    results["trainer_alone"]["runs"]["events_per_second"] = [19.0, 17.8]
+    assert pipeline_over_trainer(results) == pytest.approx((17.5 / 18.4 + 17.2 / 17.8) / 2)
