@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The full throughput bench on this machine (≈ 15 min on 2 cores): the results JSON goes to
+# The full throughput bench on this machine (≈ 14 min on 2 cores): the results JSON goes to
 # benchmarks/results/, and its tables replace those between the bench markers of docs/performance.md.
 # Extra arguments go to `stream-learner bench` (e.g. --threads 1 while another job holds a core).
 set -euo pipefail
