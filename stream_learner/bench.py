@@ -54,7 +54,6 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
-import math
 import multiprocessing
 import os
 import platform
@@ -78,15 +77,23 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from stream_learner.bench_report import ratios, targets
+from stream_learner.ceilings import (
+    measure_forward_backward,
+    measure_roofline,
+    measure_step_parts,
+    roofline_of,
+    synchronize,
+    training_flops_per_example,
+)
 from stream_learner.config import Settings, load_settings
 from stream_learner.consumer import ConsumedBatch, Tokenize
 from stream_learner.datasets import STREAM, bundled_path, read_jsonl
 from stream_learner.distributed import Group
 from stream_learner.events import LabeledEvent, LabelSet, TokenizedEvent, encode_event, parse_event
 from stream_learner.limits import MiB
-from stream_learner.model import L2SP, load_model, load_tokenizer
+from stream_learner.model import load_model, load_tokenizer
 from stream_learner.replay import ReservoirBuffer
-from stream_learner.trainer import StepRecord, Trainer, collate, pick_device
+from stream_learner.trainer import StepRecord, Trainer, pick_device
 
 FORMAT = 2  # 2: repeated runs (the fastest counts), the roofline's square and model-shape matmuls
 TUTORIAL_LENGTH = 512  # what the common fine-tuning tutorials pad every example to
@@ -246,165 +253,6 @@ def release_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_flops(
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-    shape: tuple[int, int, int] = (1024, 1024, 1024),
-    seconds: float = 1.0,
-) -> float:
-    """Measured FLOP/s of an ``(m × k) @ (k × n)`` matmul on ``device``: the fastest of as many
-    matmuls as fit in ``seconds``, after a warm-up. Other load on the machine only ever slows a matmul
-    down, so the fastest is the least disturbed measurement (the rule of Python's ``timeit``)."""
-    m, k, n = shape
-    a = torch.randn(m, k, device=device, dtype=dtype)
-    b = torch.randn(k, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    best, until = math.inf, time.perf_counter() + seconds
-    while time.perf_counter() < until:
-        t0 = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * m * k * n / best
-
-
-def measure_roofline(
-    device: torch.device, dtype: torch.dtype, model_shape: tuple[int, int, int], seconds: float
-) -> dict[str, Any]:
-    """The device's matmul peak — the best of square matmuls of 1024² and 2048², ``seconds`` each — and,
-    for comparison, the rate at ``model_shape`` (a micro-batch's tokens × hidden × intermediate: the
-    model's largest matmul)."""
-    square = {size: matmul_flops(device, dtype, (size, size, size), seconds) for size in (1024, 2048)}
-    return {
-        "matmul_flops": max(square.values()),
-        "square_matmul_flops": {str(size): f for size, f in square.items()},
-        "model_shape": list(model_shape),
-        "model_shape_matmul_flops": matmul_flops(device, dtype, model_shape, seconds),
-    }
-
-
-def roofline_of(peaks: Sequence[dict[str, Any]], per_example: float) -> dict[str, Any]:
-    """The roofline from repeated :func:`measure_roofline` results: the best of them (each size's and
-    the model shape's), every measurement's peak kept under ``measurements``."""
-    square = {
-        size: max(p["square_matmul_flops"][size] for p in peaks) for size in peaks[0]["square_matmul_flops"]
-    }
-    flops = max(square.values())
-    return {
-        "matmul_flops": flops,
-        "square_matmul_flops": square,
-        "model_shape": peaks[0]["model_shape"],
-        "model_shape_matmul_flops": max(p["model_shape_matmul_flops"] for p in peaks),
-        "measurements": [p["matmul_flops"] for p in peaks],
-        "training_flops_per_example": per_example,
-        "examples_per_second": flops / per_example,
-        "events_per_second": flops / per_example,
-    }
-
-
-def training_flops_per_example(model: torch.nn.Module, tokens: float) -> float:
-    """≈ 6 × (encoder parameters × ``tokens`` + pooler and head parameters): forward 2, backward 4 FLOPs
-    per parameter and token (Kaplan et al. 2020). Embedding lookups are not matmuls and are left out,
-    and so is attention over the sequence (≈ 12·layers·tokens²·hidden, < 5 % at 25 tokens)."""
-    per_token = per_sequence = 0
-    for name, p in model.named_parameters():
-        if ".encoder." in f".{name}":
-            per_token += p.numel()
-        elif "embeddings" not in name:
-            per_sequence += p.numel()
-    return 6.0 * (per_token * tokens + per_sequence)
-
-
-def _best_seconds(fn: Callable[[], object], reps: int = 3) -> float:
-    fn()
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def measure_step_parts(settings: Settings) -> dict[str, float]:
-    """Seconds per step of the parts of a step that do not depend on the batch, on this model: AdamW as
-    constructed by default, with ``foreach`` and fused; the L2-SP gradient in place (as the trainer
-    does it) and through a ``θ − θ0`` temporary (as it did before); gradient clipping."""
-    model = load_model(settings.model).model
-    params = [p for p in model.parameters()]
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
-    out: dict[str, float] = {}
-    for name, options in (
-        ("adamw_default", {}),
-        ("adamw_foreach", {"foreach": True}),
-        ("adamw_fused", {"fused": True}),
-    ):
-        optimizer = torch.optim.AdamW(params, lr=1e-5, **options)
-        out[f"{name}_s"] = _best_seconds(optimizer.step)
-        del optimizer
-    l2sp = L2SP(params, 0.01)
-
-    def with_temporary() -> None:
-        diffs = torch._foreach_sub([p.detach() for p in params], l2sp.theta0)
-        torch._foreach_add_([p.grad for p in params], diffs, alpha=2.0 * l2sp.lam)
-
-    out["l2sp_in_place_s"] = _best_seconds(l2sp.add_gradient_)
-    out["l2sp_temporary_s"] = _best_seconds(with_temporary)
-    out["clip_grad_norm_s"] = _best_seconds(lambda: torch.nn.utils.clip_grad_norm_(params, 1.0))
-    out["parameters"] = float(sum(p.numel() for p in params))
-    return out
-
-
-def measure_forward_backward(
-    settings: Settings, tokenizer: Any, events: Sequence[TokenizedEvent]
-) -> dict[str, float]:
-    """The model alone: forward, cross-entropy and backward — no optimizer, L2-SP, clipping, scoring
-    or Python around them — on micro-batches of the trainer's size cut from ``events`` sorted by length
-    (about the padding of bucketed windows). Between the roofline and the trainer alone, it splits the
-    gap into what the model's own kernels reach and what the rest of a step costs."""
-    t = settings.training
-    size = t.fresh_per_step + t.replay_per_step
-    model = load_model(settings.model).model.to(pick_device(t.device))
-    model.eval()  # as the trainer: no dropout
-    device = next(model.parameters()).device
-    ordered = sorted(events, key=lambda e: len(e.input_ids))
-    pad_id, with_token_types = tokenizer.pad_token_id or 0, "token_type_ids" in tokenizer.model_input_names
-    batches = [
-        collate(ordered[i : i + size], pad_id, with_token_types)
-        for i in range(0, len(ordered) - size + 1, size)
-    ]
-
-    def step(batch: dict[str, torch.Tensor]) -> None:
-        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        F.cross_entropy(model(**inputs).logits, batch["labels"].to(device)).backward()
-        model.zero_grad(set_to_none=False)
-
-    step(batches[0])  # warm-up: allocations, the first kernels
-    synchronize(device)
-    t0 = time.perf_counter()
-    for batch in batches:
-        step(batch)
-    synchronize(device)
-    seconds = time.perf_counter() - t0
-    examples = sum(len(b["labels"]) for b in batches)
-    real = sum(int(b["attention_mask"].sum()) for b in batches)
-    padded = sum(b["attention_mask"].numel() for b in batches)
-    return {
-        "examples": examples,
-        "seconds": seconds,
-        "examples_per_second": examples / seconds,
-        "events_per_second": examples / seconds,
-        "padding_efficiency": real / padded,
-    }
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float | None]:

@@ -1,0 +1,191 @@
+"""The ceilings ``stream-learner bench`` measures a learner against: what this device and the model
+can do without the learner around them.
+
+* :func:`measure_roofline` — the device's matmul peak (the fastest of 1024² and 2048² matmuls, and the
+  rate at the model's own largest matmul); :func:`roofline_of` combines repeated measurements (the best
+  counts: other load on a machine only ever slows a matmul down); ÷ :func:`training_flops_per_example`
+  (≈ 6 FLOPs per parameter and token, Kaplan et al. 2020) it is the roofline in examples/s;
+* :func:`measure_forward_backward` — the model alone: forward and backward, nothing else;
+* :func:`measure_step_parts` — the parts of a step that pass over every parameter whatever the batch
+  (AdamW variants, the L2-SP gradient, clipping).
+
+References
+----------
+[^1]: Kaplan, J. et al. (2020). Scaling Laws for Neural Language Models. arXiv:2001.08361.
+[^2]: Williams, S., Waterman, A. and Patterson, D. (2009). Roofline: an insightful visual performance
+      model for multicore architectures. Communications of the ACM 52(4).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from stream_learner.config import Settings
+from stream_learner.events import TokenizedEvent
+from stream_learner.model import L2SP, load_model
+from stream_learner.trainer import collate, pick_device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops(
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    shape: tuple[int, int, int] = (1024, 1024, 1024),
+    seconds: float = 1.0,
+) -> float:
+    """Measured FLOP/s of an ``(m × k) @ (k × n)`` matmul on ``device``: the fastest of as many
+    matmuls as fit in ``seconds``, after a warm-up. Other load on the machine only ever slows a matmul
+    down, so the fastest is the least disturbed measurement (the rule of Python's ``timeit``)."""
+    m, k, n = shape
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    best, until = math.inf, time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * m * k * n / best
+
+
+def measure_roofline(
+    device: torch.device, dtype: torch.dtype, model_shape: tuple[int, int, int], seconds: float
+) -> dict[str, Any]:
+    """The device's matmul peak — the best of square matmuls of 1024² and 2048², ``seconds`` each — and,
+    for comparison, the rate at ``model_shape`` (a micro-batch's tokens × hidden × intermediate: the
+    model's largest matmul)."""
+    square = {size: matmul_flops(device, dtype, (size, size, size), seconds) for size in (1024, 2048)}
+    return {
+        "matmul_flops": max(square.values()),
+        "square_matmul_flops": {str(size): f for size, f in square.items()},
+        "model_shape": list(model_shape),
+        "model_shape_matmul_flops": matmul_flops(device, dtype, model_shape, seconds),
+    }
+
+
+def roofline_of(peaks: Sequence[dict[str, Any]], per_example: float) -> dict[str, Any]:
+    """The roofline from repeated :func:`measure_roofline` results: the best of them (each size's and
+    the model shape's), every measurement's peak kept under ``measurements``."""
+    square = {
+        size: max(p["square_matmul_flops"][size] for p in peaks) for size in peaks[0]["square_matmul_flops"]
+    }
+    flops = max(square.values())
+    return {
+        "matmul_flops": flops,
+        "square_matmul_flops": square,
+        "model_shape": peaks[0]["model_shape"],
+        "model_shape_matmul_flops": max(p["model_shape_matmul_flops"] for p in peaks),
+        "measurements": [p["matmul_flops"] for p in peaks],
+        "training_flops_per_example": per_example,
+        "examples_per_second": flops / per_example,
+        "events_per_second": flops / per_example,
+    }
+
+
+def training_flops_per_example(model: torch.nn.Module, tokens: float) -> float:
+    """≈ 6 × (encoder parameters × ``tokens`` + pooler and head parameters): forward 2, backward 4 FLOPs
+    per parameter and token (Kaplan et al. 2020). Embedding lookups are not matmuls and are left out,
+    and so is attention over the sequence (≈ 12·layers·tokens²·hidden, < 5 % at 25 tokens)."""
+    per_token = per_sequence = 0
+    for name, p in model.named_parameters():
+        if ".encoder." in f".{name}":
+            per_token += p.numel()
+        elif "embeddings" not in name:
+            per_sequence += p.numel()
+    return 6.0 * (per_token * tokens + per_sequence)
+
+
+def _best_seconds(fn: Callable[[], object], reps: int = 3) -> float:
+    fn()
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_step_parts(settings: Settings) -> dict[str, float]:
+    """Seconds per step of the parts of a step that do not depend on the batch, on this model: AdamW as
+    constructed by default, with ``foreach`` and fused; the L2-SP gradient in place (as the trainer
+    does it) and through a ``θ − θ0`` temporary (as it did before); gradient clipping."""
+    model = load_model(settings.model).model
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    out: dict[str, float] = {}
+    for name, options in (
+        ("adamw_default", {}),
+        ("adamw_foreach", {"foreach": True}),
+        ("adamw_fused", {"fused": True}),
+    ):
+        optimizer = torch.optim.AdamW(params, lr=1e-5, **options)
+        out[f"{name}_s"] = _best_seconds(optimizer.step)
+        del optimizer
+    l2sp = L2SP(params, 0.01)
+
+    def with_temporary() -> None:
+        diffs = torch._foreach_sub([p.detach() for p in params], l2sp.theta0)
+        torch._foreach_add_([p.grad for p in params], diffs, alpha=2.0 * l2sp.lam)
+
+    out["l2sp_in_place_s"] = _best_seconds(l2sp.add_gradient_)
+    out["l2sp_temporary_s"] = _best_seconds(with_temporary)
+    out["clip_grad_norm_s"] = _best_seconds(lambda: torch.nn.utils.clip_grad_norm_(params, 1.0))
+    out["parameters"] = float(sum(p.numel() for p in params))
+    return out
+
+
+def measure_forward_backward(
+    settings: Settings, tokenizer: Any, events: Sequence[TokenizedEvent]
+) -> dict[str, float]:
+    """The model alone: forward, cross-entropy and backward — no optimizer, L2-SP, clipping, scoring
+    or Python around them — on micro-batches of the trainer's size cut from ``events`` sorted by length
+    (about the padding of bucketed windows). Between the roofline and the trainer alone, it splits the
+    gap into what the model's own kernels reach and what the rest of a step costs."""
+    t = settings.training
+    size = t.fresh_per_step + t.replay_per_step
+    model = load_model(settings.model).model.to(pick_device(t.device))
+    model.eval()  # as the trainer: no dropout
+    device = next(model.parameters()).device
+    ordered = sorted(events, key=lambda e: len(e.input_ids))
+    pad_id, with_token_types = tokenizer.pad_token_id or 0, "token_type_ids" in tokenizer.model_input_names
+    batches = [
+        collate(ordered[i : i + size], pad_id, with_token_types)
+        for i in range(0, len(ordered) - size + 1, size)
+    ]
+
+    def step(batch: dict[str, torch.Tensor]) -> None:
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        F.cross_entropy(model(**inputs).logits, batch["labels"].to(device)).backward()
+        model.zero_grad(set_to_none=False)
+
+    step(batches[0])  # warm-up: allocations, the first kernels
+    synchronize(device)
+    t0 = time.perf_counter()
+    for batch in batches:
+        step(batch)
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    examples = sum(len(b["labels"]) for b in batches)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    padded = sum(b["attention_mask"].numel() for b in batches)
+    return {
+        "examples": examples,
+        "seconds": seconds,
+        "examples_per_second": examples / seconds,
+        "events_per_second": examples / seconds,
+        "padding_efficiency": real / padded,
+    }
