@@ -6,8 +6,8 @@ VADER stream, all four domains) and the same model (the bundled all-MiniLM-L6-v2
 ``layers`` says otherwise):
 
 1. **roofline** — this device's measured matmul FLOP/s (the fastest of 1024² and 2048² fp32 matmuls
-   timed for a second each, measured at the start and again before each trainer-alone run: the best
-   of all) divided by the training FLOPs of one example,
+   timed for a second each, measured before each trainer-alone run: the best of all) divided by the
+   training FLOPs of one example,
    ``6 × (encoder parameters × real tokens + head parameters)`` (the usual 2 forward + 4 backward FLOPs
    per parameter and token, Kaplan et al. 2020, §2.1; embeddings cost no matmul); the rate at the
    model's own largest matmul is reported beside it;
@@ -718,15 +718,21 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
     tokens = (t.fresh_per_step + t.replay_per_step) * round(mean_tokens)
     shape = (tokens, model.config.hidden_size, model.config.intermediate_size)
     del model
-    # the ceilings — the matmul peak and the model alone — are measured right before every trainer-alone
-    # run (a shared machine's speed moves over minutes); the best of each counts
+    # a shared machine's speed moves over minutes: every ceiling and run is measured repeatedly
     peaks: list[dict[str, Any]] = []
     model_runs: list[dict[str, Any]] = []
+    alone_runs: list[dict[str, Any]] = []
+    pipeline_runs: list[dict[str, Any]] = []
 
-    def measure_ceilings() -> None:
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        peaks.append(measure_roofline(device, dtype, shape, cfg.roofline_seconds))
-        model_runs.append(measure_forward_backward(settings, tokenizer, events[: cfg.model_alone_events]))
+    def trainer_alone(what: str) -> None:
+        """The ceilings first — measured right before every trainer-alone run, the best of each counts —
+        then the trainer alone."""
+        with step_of(console, f"matmul peak and model alone, then trainer alone ({what})"):
+            dtype = torch.bfloat16 if bf16 else torch.float32
+            peaks.append(measure_roofline(device, dtype, shape, cfg.roofline_seconds))
+            model_runs.append(measure_forward_backward(settings, tokenizer, events[: cfg.model_alone_events]))
+            release_memory()
+            alone_runs.append(run_trainer_alone(settings, tokenizer, events, cfg.warmup_events))
         release_memory()
 
     with step_of(console, "the fixed parts of a step: optimizer, L2-SP gradient, clipping"):
@@ -736,22 +742,14 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
     # trainer alone and the pipeline alternate (A P A P … A): other load on the machine drifts over
     # minutes, so neither side gets all the quiet minutes; the pipeline's ratio pairs each of its runs
     # with the trainer runs around it (bench_report.pipeline_over_trainer)
-    alone_runs, pipeline_runs = [], []
-    ceilings = "matmul peak and model alone"
     for i in range(1, cfg.repeats + 1):
-        with step_of(console, f"{ceilings}, then trainer alone ({i}): {len(events)} events from memory"):
-            measure_ceilings()
-            alone_runs.append(run_trainer_alone(settings, tokenizer, events, cfg.warmup_events))
-        release_memory()
+        trainer_alone(f"{i}: {len(events)} events from memory")
         paced = f"then {cfg.paced_events} paced"
         with step_of(console, f"pipeline ({i}): {len(events)} events from the broker, {paced}"):
             pipeline_runs.append(run_pipeline(cfg, data, console))
         release_memory()
     if cfg.bracket:
-        with step_of(console, f"{ceilings}, then trainer alone ({cfg.repeats + 1}), after the last pipeline"):
-            measure_ceilings()
-            alone_runs.append(run_trainer_alone(settings, tokenizer, events, cfg.warmup_events))
-        release_memory()
+        trainer_alone(f"{cfg.repeats + 1}, after the last pipeline")
     results["trainer_alone"], results["pipeline"] = fastest(alone_runs), fastest(pipeline_runs)
     results["roofline"] = roofline_of(peaks, per_example)
     results["forward_backward"] = fastest(model_runs)
