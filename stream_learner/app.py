@@ -146,7 +146,7 @@ class Learner:
                 "rank %d of %d consumes partitions %s", self.group.rank, self.group.world_size, partitions
             )
         tokenizer = load_tokenizer(s.model)
-        loaded = load_model(s.model)
+        loaded = load_model(s.model, s.training.seed)
         check_memory(s, loaded.model)
         probe = load_probe(s, tokenizer)
         restored = self._restore()

@@ -429,7 +429,7 @@ def run_user_loop(
     """
     device = pick_device(settings.training.device)
     labels = LabelSet(settings.model.labels)
-    model = load_model(settings.model).model.to(device)
+    model = load_model(settings.model, settings.training.seed).model.to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.training.learning_rate)
     length = pad_to or settings.model.max_length

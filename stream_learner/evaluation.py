@@ -531,7 +531,7 @@ def build_trainer(
     """A :class:`Trainer` wired as the service wires it, fed from memory (the bench uses it too)."""
     return Trainer(
         settings,
-        load_model(settings.model),
+        load_model(settings.model, settings.training.seed),
         pad_id=tokenizer.pad_token_id or 0,
         with_token_types="token_type_ids" in tokenizer.model_input_names,
         vocab_size=len(tokenizer),

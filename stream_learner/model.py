@@ -60,26 +60,30 @@ class LoadedModel:
     head: list[str]  # names of the newly initialised parameters
 
 
-def load_model(settings: ModelSettings) -> LoadedModel:
+def load_model(settings: ModelSettings, seed: int = 0) -> LoadedModel:
     """Load ``settings.name_or_path`` as a sequence classifier over ``settings.labels``.
 
     The label set comes from the settings, so the head is new (not in S) unless the checkpoint already
-    has a head of the right shape.
+    has a head of the right shape. A new head's initial weights are drawn from ``seed`` (the trainer's
+    ``training.seed``), whatever drew from torch's global generator before; that generator is left as
+    it was.
     """
     from transformers import AutoModelForSequenceClassification
 
     _quiet_transformers()
     path = resolve_model_path(settings.name_or_path)
     extra = {} if settings.num_hidden_layers is None else {"num_hidden_layers": settings.num_hidden_layers}
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        path,
-        num_labels=len(settings.labels),
-        id2label=dict(enumerate(settings.labels)),
-        label2id={name: i for i, name in enumerate(settings.labels)},
-        output_loading_info=True,
-        local_files_only=Path(path).is_dir(),
-        **extra,
-    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(settings.labels),
+            id2label=dict(enumerate(settings.labels)),
+            label2id={name: i for i, name in enumerate(settings.labels)},
+            output_loading_info=True,
+            local_files_only=Path(path).is_dir(),
+            **extra,
+        )
     missing = set(info["missing_keys"]) | {k for k, _, _ in info.get("mismatched_keys", ())}
     prefix = model.base_model_prefix + "."
     names = [n for n, _ in model.named_parameters()]

@@ -68,7 +68,7 @@ def make_trainer(settings: Settings, restored: Restored | None = None, group: Gr
     tok = tokenizer()
     return Trainer(
         settings,
-        load_model(settings.model),
+        load_model(settings.model, settings.training.seed),
         pad_id=tok.pad_token_id,
         with_token_types=True,
         vocab_size=len(tok),

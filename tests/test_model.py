@@ -19,6 +19,24 @@ def test_head_is_new_and_excluded(loaded):
     assert len(loaded.pretrained) + len(loaded.head) == len(list(loaded.model.parameters()))
 
 
+def test_new_head_is_drawn_from_the_seed_alone():
+    """Before, the head took whatever torch's global generator held: a learner's first weights depended
+    on what ran before it in the process (a test worker's earlier tests)."""
+
+    def head(seed: int) -> torch.Tensor:
+        return dict(load_model(ModelSettings(num_hidden_layers=1), seed=seed).model.named_parameters())[
+            "classifier.weight"
+        ]
+
+    first = head(0)
+    torch.manual_seed(12345)
+    torch.rand(1000)  # the global generator elsewhere than it was for the first load
+    state = torch.get_rng_state()
+    assert torch.equal(head(0), first)
+    assert torch.equal(torch.get_rng_state(), state)  # left as it was
+    assert not torch.equal(head(1), first)
+
+
 def test_l2sp_zero_at_start_then_equals_naive(loaded):
     params = dict(loaded.model.named_parameters())
     lam = 0.37

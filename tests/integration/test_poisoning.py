@@ -39,7 +39,9 @@ def test_label_flipped_burst_is_held_back_by_the_gate(kafka_bootstrap, unique_to
         }
     )
     ensure_topics(s.kafka.librdkafka(), {topic: PARTITIONS, s.kafka.dead_letter_topic: PARTITIONS})
-    clean = tiny_rows() * 2
+    # three passes: the 1-layer model predicts one class for its first 300–600 events, then learns; by 800
+    # it sits at 0.63–0.78 on the probe (over seeds and window cuts), by 1200 at 0.66–0.71 (the margin)
+    clean = tiny_rows() * 3
     flip = {"pos": "neg", "neg": "pos"}
 
     learner = Learner(s).start()
@@ -59,7 +61,7 @@ def test_label_flipped_burst_is_held_back_by_the_gate(kafka_bootstrap, unique_to
         good_probe = learner.publisher.latest_probe_accuracy
         assert good_probe is not None and good_probe > 0.6, good_probe  # it learned something to lose
 
-        poison = [encode_event(r["text"], flip[r["label"]]) for r in clean]
+        poison = [encode_event(r["text"], flip[r["label"]]) for r in tiny_rows() * 2]
         produce_events(s, {p: poison[p::2] for p in (0, 1)})
         assert learner.wait_until(lambda: handled(learner) >= len(clean) + len(poison), timeout=300)
         assert learner.wait_until(
