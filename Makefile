@@ -2,7 +2,7 @@
 .PHONY: setup demo test test-fast test-slow lint
 
 # two workers (pytest-xdist): much of an end-to-end test waits on a broker, a child process or a timer
-PYTEST = .venv/bin/python -m pytest -q -n 2 --dist worksteal
+PYTEST = .venv/bin/python -m pytest -q -n 2 --dist worksteal --durations=15
 
 setup:
 	EXTRAS=dev ./scripts/setup.sh

@@ -150,7 +150,7 @@ class TrainingSettings(_Section):
         description="longest wait for a full window of fresh events (bucket_window micro-batches) "
         "before stepping",
     )
-    seed: int = Field(0, description="seed of every random generator (replay, torch)")
+    seed: int = Field(0, description="seed of every random generator (a new head's weights, replay, torch)")
     metrics_window: int = Field(1_000, ge=10, description="fresh events in the prequential metrics window")
 
     @field_validator("compile")
