@@ -366,6 +366,13 @@ class Learner:
         h = self.settings.http
         # the ranks of one node side by side: each on the port after the previous one's
         port = h.port + (self.group.local_rank if self.group is not None and h.port else 0)
-        self._http = ThreadingHTTPServer((h.host, port), Handler)
+        try:
+            self._http = ThreadingHTTPServer((h.host, port), Handler)
+        except OSError as err:
+            rank = f" (http.port + local rank {self.group.local_rank})" if port != h.port else ""
+            raise ConfigError(
+                f"http: cannot listen on {h.host}:{port}{rank}: {err.strerror}; set http.port to a free "
+                "port (0: any), or stop what listens there"
+            ) from None
         self.http_port = self._http.server_address[1]
         threading.Thread(target=self._http.serve_forever, name="stream-learner-http", daemon=True).start()

@@ -9,6 +9,7 @@ started once per test session (``tests/conftest.py``). It checks request signatu
 from __future__ import annotations
 
 import json
+import random
 import secrets
 import shutil
 import socket
@@ -31,19 +32,42 @@ _READY_BUCKET = "ready-probe"
 
 
 def free_port() -> int:
-    """A TCP port free right now on 127.0.0.1."""
+    """A TCP port free right now on 127.0.0.1 (see :func:`free_ports`)."""
     return free_ports(1)[0]
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports: all sockets stay bound until every port is picked."""
-    with ExitStack() as stack:
-        ports = []
-        for _ in range(n):
-            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-        return ports
+def free_ports(n: int, consecutive: bool = False) -> list[int]:
+    """``n`` distinct TCP ports free right now on 127.0.0.1 (``consecutive``: a run ``p, p+1, …``).
+
+    They are drawn below the kernel's ephemeral range, where no outgoing connection can take one between
+    the pick and a server's bind — minutes later for a data-parallel group's restarted ranks (which
+    listen on ``port + local_rank``: rank 1's port was once held by a client socket and the group never
+    came back).
+    """
+    low = _ephemeral_ports()[0]
+    draw = random.Random()  # not the global generator, which tests seed
+    for _ in range(1000):
+        first = draw.randrange(10_000, low - n)
+        candidates = range(first, first + n) if consecutive else sorted(draw.sample(range(10_000, low), n))
+        with ExitStack() as stack:  # all stay bound until every one is known free
+            try:
+                for port in candidates:
+                    stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)).bind(
+                        ("127.0.0.1", port)
+                    )
+            except OSError:
+                continue
+        return list(candidates)
+    raise RuntimeError(f"no {n} free ports below {low} on 127.0.0.1")
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux; its default elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except OSError:
+        return 32768, 60999
 
 
 def weed_binary() -> Path:

@@ -132,3 +132,19 @@ def test_compile_without_a_compiler_fails_at_start_with_the_fix(monkeypatch, tmp
         load_settings()
     monkeypatch.setenv("CXX", "/usr/bin/g++")  # a compiler named by $CXX is enough
     assert load_settings().training.compile
+
+
+def test_an_http_port_in_use_fails_at_start_with_the_fix():
+    import socket
+
+    from stream_learner.app import Learner
+    from tests.factories import small_settings
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        learner = Learner(small_settings(http={"enabled": True, "host": "127.0.0.1", "port": port}))
+        fix = rf"http: cannot listen on 127\.0\.0\.1:{port}: .*set http\.port"
+        with pytest.raises(ConfigError, match=fix):
+            learner.start()

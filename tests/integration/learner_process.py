@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, TopicPartition
 from stream_learner.local_broker import log_tail, parent_death_preexec, terminate_process
 from stream_learner.publisher import read_latest, read_manifest
 from stream_learner.storage import ObjectStore
-from tests.services import free_port
+from tests.services import free_ports
 
 SMALL_MODEL = {"num_hidden_layers": 1, "max_length": 32}
 SMALL_TRAINING = {"fresh_per_step": 8, "replay_per_step": 8, "max_wait_s": 0.2, "learning_rate": 1e-4}
@@ -31,14 +31,20 @@ class LearnerProcess:
     """``stream-learner run --config <yaml>`` with ``config`` (nested settings), logging to a file.
 
     ``launcher``: a command that runs it, e.g. torchrun's (``torchrun … --no-python``): a data-parallel
-    group whose ranks all log here; ``http_port`` is then rank 0's.
+    group of ``ranks`` whose ranks all log here; ``http_port`` is then rank 0's (rank r listens on
+    ``http_port + r``).
     """
 
     def __init__(
-        self, config: dict, workdir: Path, name: str = "learner", launcher: list[str] | None = None
+        self,
+        config: dict,
+        workdir: Path,
+        name: str = "learner",
+        launcher: list[str] | None = None,
+        ranks: int = 1,
     ) -> None:
         self.launcher = launcher or []
-        self.http_port = free_port()
+        self.http_port = free_ports(ranks, consecutive=True)[0]
         config = {**config, "http": {"enabled": True, "host": "127.0.0.1", "port": self.http_port}}
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))

@@ -95,7 +95,7 @@ def worker_pid(group: LearnerProcess, rank: int) -> int:
 
 
 def start_group(tmp_path: Path, cfg: dict, max_restarts: int) -> LearnerProcess:
-    group = LearnerProcess(cfg, tmp_path, name="group", launcher=torchrun(max_restarts))
+    group = LearnerProcess(cfg, tmp_path, name="group", launcher=torchrun(max_restarts), ranks=RANKS)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     return group.start()
 
