@@ -37,6 +37,7 @@ from stream_learner.limits import MiB, memory_budget
 from stream_learner.metrics import Metrics
 from stream_learner.model import load_model, load_tokenizer
 from stream_learner.publisher import CorruptVersion, Publisher, load_newest_intact, read_latest
+from stream_learner.staging import remove_stale_staging_dirs, staging_dir
 from stream_learner.storage import ObjectStore, open_store
 from stream_learner.topics import ensure_topics, partition_count
 from stream_learner.trainer import Restored, Trainer, pick_device
@@ -121,7 +122,7 @@ class Learner:
         self._stop_lock = threading.Lock()
         self.stopped_cleanly = False  # the final stop finished within its grace period
         self._http: ThreadingHTTPServer | None = None
-        self._workdir = tempfile.TemporaryDirectory(prefix="stream-learner-")
+        self._workdir = staging_dir("work")  # a version downloaded to resume from
         self.group = Group.from_env()  # a rank of a torchrun group, or None
 
     # ------------------------------------------------------------------------------------ start
@@ -129,6 +130,7 @@ class Learner:
         s = self.settings
         if s.http.enabled:
             self._start_http()
+        remove_stale_staging_dirs()  # a killed learner's staged version: ≈ 3 × the model each
         self.store = open_settings_store(s)
         if s.kafka.create_topics:
             ensure_topics(

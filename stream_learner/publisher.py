@@ -40,7 +40,6 @@ import logging
 import os
 import queue
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -56,6 +55,7 @@ from tenacity import Retrying, retry_if_not_exception_type, stop_when_event_set,
 
 from stream_learner.config import Settings
 from stream_learner.metrics import Metrics
+from stream_learner.staging import staging_dir
 from stream_learner.storage import ObjectStore, PreconditionFailed
 from stream_learner.trainer import Counters, Restored, Snapshot
 
@@ -300,7 +300,7 @@ class Publisher:
         version = self._claim_version()
         prefix = version_dir(version)
         log.info("publishing version %d", version)
-        with tempfile.TemporaryDirectory(prefix="stream-learner-publish-") as tmp:
+        with staging_dir("publish") as tmp:
             root = Path(tmp)
             safetensors.torch.save_file(
                 {k: v.contiguous() for k, v in snap.model_state.items()},

@@ -28,20 +28,27 @@ from tests.factories import small_settings, tiny_rows, tokenized
 LOOPS = ("roofline", "trainer_alone", "pipeline", "hand_written", "tutorial")
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("bench") / "bench.json"
+def test_quick_run_is_complete_and_consistent(tmp_path: Path) -> None:
+    """One ``--quick`` run, every check below on it: in one test, so that the two xdist workers do not
+    each run the bench (≈ 2 min of CPU apiece, competing) as a module-scoped fixture did."""
+    out = tmp_path / "bench.json"
     returned = run_bench(BenchConfig.quick(), out)
-    written = json.loads(out.read_text())
-    assert written["ratios"] == pytest.approx(returned["ratios"])
-    return written
+    results = json.loads(out.read_text())
+    assert results["ratios"] == pytest.approx(returned["ratios"])
+    check_every_figure_is_there_and_positive(results)
+    check_ratios_are_the_rates_they_come_from(results)
+    check_fractions_are_fractions(results)
+    check_publishing_and_freshness(results)
+    check_data_parallel_scaling(results)
+    check_replay_and_consumer(results)
+    check_targets_and_markdown(results, tmp_path)
 
 
 def _positive(x: float) -> bool:
     return isinstance(x, int | float) and math.isfinite(x) and x > 0
 
 
-def test_every_figure_is_there_and_positive(results: dict) -> None:
+def check_every_figure_is_there_and_positive(results: dict) -> None:
     for name in (*LOOPS, "consumer"):
         assert _positive(results["events_per_second"][name]), name
     for name in LOOPS:
@@ -55,7 +62,7 @@ def test_every_figure_is_there_and_positive(results: dict) -> None:
     assert results["pipeline"]["records_complete"]
 
 
-def test_ratios_are_the_rates_they_come_from(results: dict) -> None:
+def check_ratios_are_the_rates_they_come_from(results: dict) -> None:
     ev, ex, r = results["events_per_second"], results["examples_per_second"], results["ratios"]
     # the quick run: one trainer-alone run then one pipeline run, so the pair is the two rates
     assert r["pipeline_over_trainer"] == pytest.approx(ev["pipeline"] / ev["trainer_alone"])
@@ -95,7 +102,7 @@ def test_ratios_are_the_rates_they_come_from(results: dict) -> None:
     assert _positive(roof["model_shape_matmul_flops"]) and len(roof["model_shape"]) == 3
 
 
-def test_fractions_are_fractions(results: dict) -> None:
+def check_fractions_are_fractions(results: dict) -> None:
     for name in ("trainer_alone", "pipeline", "hand_written", "tutorial"):
         assert 0 < results[name]["padding_efficiency"] <= 1, name
     assert results["hand_written"]["padding_efficiency"] == 1.0  # no padding at all
@@ -106,7 +113,7 @@ def test_fractions_are_fractions(results: dict) -> None:
         assert 0 < results[name]["trainer_cpu_share"] <= 1 + 1e-3, name
 
 
-def test_publishing_and_freshness(results: dict) -> None:
+def check_publishing_and_freshness(results: dict) -> None:
     pub = results["pipeline"]["publish"]
     assert pub["versions"] >= 2 and _positive(pub["mean_seconds"])
     # the measured span splits into time publishing and time between publishes
@@ -126,7 +133,7 @@ def test_publishing_and_freshness(results: dict) -> None:
     assert published["p50"] >= learned["p50"] and published["max"] >= learned["max"]
 
 
-def test_data_parallel_scaling(results: dict) -> None:
+def check_data_parallel_scaling(results: dict) -> None:
     sc = results["scaling"]
     one, wide, group = sc["one_rank"], sc["one_rank_all_threads"], sc["group"]
     assert (one["ranks"], wide["ranks"], group["ranks"]) == (1, 1, sc["ranks"]) and sc["ranks"] >= 2
@@ -144,7 +151,7 @@ def test_data_parallel_scaling(results: dict) -> None:
     assert any(row[0].startswith(f"{sc['ranks']} ranks") for row in figure_rows(results))
 
 
-def test_replay_and_consumer(results: dict) -> None:
+def check_replay_and_consumer(results: dict) -> None:
     replay = results["replay"]
     assert replay["events"] == results["config"]["replay_events"]
     assert replay["within_bound"] and replay["nbytes"] <= replay["bound_bytes"]
@@ -155,7 +162,7 @@ def test_replay_and_consumer(results: dict) -> None:
     assert all(_positive(v) for v in parts.values())
 
 
-def test_targets_and_markdown(results: dict, tmp_path: Path) -> None:
+def check_targets_and_markdown(results: dict, tmp_path: Path) -> None:
     targets = results["targets"]
     assert len(targets) == 10 and all(t["met"] in (True, False, None) for t in targets)
     assert [t["measured"] for t in targets[:2]] == [

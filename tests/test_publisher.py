@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import queue
 import threading
 from pathlib import Path
@@ -270,3 +271,38 @@ def test_the_gate_holds_latest_and_numbers_every_rejected_candidate(tmp_path: Pa
     assert pub.publish_version(scored(0.76)) == 4  # within the margin again: LATEST moves, lineage intact
     assert read_latest(store)[0] == 4 and read_manifest(store, 4)["parent"] == 3
     assert "rejected" not in read_manifest(store, 4)
+
+
+def test_a_killed_learners_staging_dir_is_removed_at_the_next_start(tmp_path):
+    """SIGKILL mid-publish leaves the staged version behind (no ``finally`` runs); the next learner on
+    the machine removes it, and leaves a live learner's alone."""
+    import signal
+    import subprocess
+    import sys
+
+    from stream_learner.staging import remove_stale_staging_dirs, staging_dir
+
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import pathlib, sys, time; from stream_learner.staging import staging_dir\n"
+            "d = staging_dir('publish'); pathlib.Path(d.name, 'model.safetensors').write_bytes(b'0' * 4096)\n"
+            "print(d.name, flush=True); time.sleep(60)",
+        ],
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    killed = Path(child.stdout.readline().strip())
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert (killed / "model.safetensors").is_file()  # what SIGKILL leaves
+    live = tmp_path / f"stream-learner-publish-{os.getpid()}-live"  # as staging_dir names this process's
+    live.mkdir()
+    other = tmp_path / "stream-learner-scaling-abc"  # not a staging directory's name
+    other.mkdir()
+    assert remove_stale_staging_dirs(tmp_path) == 1
+    assert not killed.exists() and live.is_dir() and other.is_dir()
+    with staging_dir("publish") as path:
+        assert Path(path).name.startswith(f"stream-learner-publish-{os.getpid()}-")

@@ -49,6 +49,8 @@ class LearnerProcess:
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / f"{name}.log"
+        self.tmpdir = workdir / f"{name}.tmp"
+        self.tmpdir.mkdir(exist_ok=True)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> LearnerProcess:
@@ -59,7 +61,8 @@ class LearnerProcess:
                 [*self.launcher, str(exe), "run", "--config", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                # its staging directories here: a SIGKILLed learner's stay with the test, not in /tmp
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(self.tmpdir)},
                 preexec_fn=parent_death_preexec(),
             )
         return self
