@@ -44,11 +44,14 @@ def free_ports(n: int, consecutive: bool = False) -> list[int]:
     listen on ``port + local_rank``: rank 1's port was once held by a client socket and the group never
     came back).
     """
-    low = _ephemeral_ports()[0]
+    low = _first_ephemeral_port()
     draw = random.Random()  # not the global generator, which tests seed
     for _ in range(1000):
-        first = draw.randrange(10_000, low - n)
-        candidates = range(first, first + n) if consecutive else sorted(draw.sample(range(10_000, low), n))
+        if consecutive:
+            first = draw.randrange(10_000, low - n)
+            candidates = list(range(first, first + n))
+        else:
+            candidates = draw.sample(range(10_000, low), n)
         with ExitStack() as stack:  # all stay bound until every one is known free
             try:
                 for port in candidates:
@@ -57,17 +60,16 @@ def free_ports(n: int, consecutive: bool = False) -> list[int]:
                     )
             except OSError:
                 continue
-        return list(candidates)
+        return candidates
     raise RuntimeError(f"no {n} free ports below {low} on 127.0.0.1")
 
 
-def _ephemeral_ports() -> tuple[int, int]:
-    """The kernel's range for outgoing connections' local ports (Linux; its default elsewhere)."""
+def _first_ephemeral_port() -> int:
+    """Where the kernel's range for outgoing connections' local ports starts (Linux; its default)."""
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except OSError:
-        return 32768, 60999
+        return 32768
 
 
 def weed_binary() -> Path:
