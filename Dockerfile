@@ -3,7 +3,8 @@
 #   CUDA:  docker build --build-arg VARIANT=cuda -t stream-learner:0.1.0-cuda .
 # VARIANT picks the base image and the torch wheel index; TORCH_SPEC / TORCH_INDEX_URL / CPU_BASE /
 # CUDA_BASE override them (e.g. another CUDA version). The install step is scripts/setup.sh, the
-# same script `make setup` (the README's set-up) and CI run, so CI exercises it.
+# same script `make setup` (the README's set-up) and CI run, so CI exercises it; it installs every
+# package at the version of the lock, constraints.txt, the versions the test suite passed with.
 ARG VARIANT=cpu
 ARG CPU_BASE=python:3.11-slim-bookworm
 ARG CUDA_BASE=nvidia/cuda:12.8.1-base-ubuntu24.04
@@ -25,7 +26,8 @@ ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX_URL=""
 ENV PIP_NO_CACHE_DIR=1
 WORKDIR /app
-COPY pyproject.toml README.md NOTICE ./
+# constraints.txt: the lock, which setup.sh installs from
+COPY pyproject.toml README.md NOTICE constraints.txt ./
 COPY scripts ./scripts
 COPY stream_learner ./stream_learner
 # Runtime extras only: no test servers in the image. The bundled model (all-MiniLM-L6-v2) is a

@@ -1,5 +1,5 @@
 # The two commands of the README. Each sets everything up first (idempotent, fast when done).
-.PHONY: setup demo test test-fast test-slow lint
+.PHONY: setup demo test test-fast test-slow lint lock
 
 # two workers (pytest-xdist): much of an end-to-end test waits on a broker, a child process or a timer
 PYTEST = .venv/bin/python -m pytest -q -n 2 --dist worksteal --durations=15
@@ -24,3 +24,8 @@ test-slow: setup
 lint: setup
 	.venv/bin/ruff check stream_learner tests
 	.venv/bin/ruff format --check stream_learner tests
+
+# constraints.txt, the lock, anew: the newest versions pyproject.toml allows, resolved in a fresh venv;
+# `make test` then installs it into .venv and checks it (commit it only if that passes)
+lock:
+	./scripts/lock.sh

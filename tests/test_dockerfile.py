@@ -2,9 +2,9 @@
 
 What can be checked textually is: its shape (multi-stage, CPU or CUDA base by build arg, non-root),
 that its install step is scripts/setup.sh, the script the README's set-up and CI run (so CI
-exercises it), that what it copies exists and is what setup.sh needs, that the bundled model is a
-runtime dependency and the offline check it runs at build time passes here, and that its entrypoint,
-user and port are the ones the Helm chart relies on.
+exercises it), that both install from the lock (constraints.txt), that what it copies exists and is
+what setup.sh needs, that the bundled model is a runtime dependency and the offline check it runs at
+build time passes here, and that its entrypoint, user and port are the ones the Helm chart relies on.
 """
 
 from __future__ import annotations
@@ -164,6 +164,43 @@ def test_install_step_is_the_readme_setup_script(dockerfile: tuple[dict[str, str
     assert extras
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert extras[1] in pyproject["project"]["optional-dependencies"]
+
+
+def test_the_image_and_ci_install_from_the_lock(dockerfile: tuple[dict[str, str], dict[str, Stage]]) -> None:
+    """constraints.txt pins every package (tests/test_lock.py checks it against what is installed):
+    setup.sh installs from it, so the image's build and `make setup` (CI's `make test`) do alike."""
+    _, stages = dockerfile
+    build = stages["build"]
+    # the build copies the lock next to pyproject.toml before it runs setup.sh there
+    steps = [(i.keyword, i.args) for i in build.instructions]
+    copy_at = [
+        n
+        for n, (kw, args) in enumerate(steps)
+        if kw == "COPY" and "constraints.txt" in shlex.split(args)[:-1]
+    ]
+    (setup_at,) = [n for n, (kw, args) in enumerate(steps) if kw == "RUN" and "./scripts/setup.sh" in args]
+    assert len(copy_at) == 1 and copy_at[0] < setup_at, "the build stage copies constraints.txt before setup"
+    copied_with = shlex.split(steps[copy_at[0]][1])
+    assert "pyproject.toml" in copied_with and copied_with[-1] in ("./", ".")
+    # setup.sh installs the package with the lock as its constraints, and nothing else without them
+    script = (ROOT / "scripts" / "setup.sh").read_text()
+    assert re.search(r"^LOCK=constraints\.txt$", script, flags=re.M)
+    assert re.search(r"^constraints=\$LOCK$", script, flags=re.M)
+    package_installs = [line.strip() for line in script.splitlines() if re.search(r"\binstall\b.* -e ", line)]
+    assert package_installs == ['"${PIP[@]}" install -c "$constraints" -e ".[$EXTRAS]"']
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "setup.sh")]).returncode == 0
+    # CI runs `make test`, which runs `make setup` first (test_install_step_is_the_readme_setup_script)
+    assert re.search(r"^make test$", (ROOT / ".ci" / "run").read_text(), flags=re.M)
+    # one torch: the lock's is setup.sh's default and the image's
+    locked = re.search(r"^torch==(\S+)$", (ROOT / "constraints.txt").read_text(), flags=re.M)
+    assert locked, "constraints.txt pins torch"
+    assert f"TORCH_SPEC=${{TORCH_SPEC:-torch=={locked[1]}}}" in script.splitlines()
+    assert f"TORCH_SPEC=torch=={locked[1]}" in build.all("ARG")
+    # `make lock` regenerates it
+    makefile = (ROOT / "Makefile").read_text()
+    lock_recipe = re.search(r"^lock:.*\n((?:\t.*\n)+)", makefile, flags=re.M)
+    assert lock_recipe and "./scripts/lock.sh" in lock_recipe[1]
+    assert "constraints.txt" in (ROOT / "scripts" / "lock.sh").read_text()
 
 
 def test_copied_sources_exist_and_cover_the_package_install(
