@@ -86,10 +86,10 @@ from stream_learner.ceilings import (
     training_flops_per_example,
 )
 from stream_learner.config import Settings, load_settings
-from stream_learner.consumer import ConsumedBatch, Tokenize
 from stream_learner.datasets import STREAM, bundled_path, read_jsonl
 from stream_learner.distributed import Group
 from stream_learner.events import LabeledEvent, LabelSet, TokenizedEvent, encode_event, parse_event
+from stream_learner.intake import ConsumedBatch, Tokenize
 from stream_learner.limits import MiB
 from stream_learner.model import load_model, load_tokenizer
 from stream_learner.replay import ReservoirBuffer

@@ -1,23 +1,30 @@
-"""The consumer thread: Kafka → parse → validate → tokenize → a bounded queue to the trainer.
+"""The consumer thread: Kafka → parse → validate → tokenize → per-partition buffers → a bounded queue
+to the trainer.
 
 Offsets are never auto-committed. The published manifest is the source of truth for where each
 partition resumes (:meth:`EventConsumer._on_assign` seeks there); Kafka commits only follow a durable
 version (they arrive on ``commit_queue`` from the publisher) so that monitoring sees real progress.
 
-Backpressure: when the queue to the trainer is full the consumer pauses all its partitions and keeps
-polling (librdkafka drops what it had prefetched for them), and resumes once the queue is half empty.
-Memory is bounded by ``queue_max_batches × poll_max_messages`` events plus one held batch.
+Every record passes the per-record barrier (``intake.validate_record``, ``intake.tokenize_records``):
+one bad record is dead-lettered with its reason, never a crash. A failure that is not about one record
+raises :class:`IntakeFailed` naming the topic, partitions and offsets being processed.
+
+Backpressure and fairness (``intake.PartitionBuffers``): records are buffered per partition and handed
+to the trainer in turns; a partition whose buffer is full is paused (librdkafka drops what it had
+prefetched for it) and resumed once its buffer has drained to half. When the trainer is slow every
+buffer fills and every partition pauses; under a backlog the fetcher must serve the partitions that are
+not paused, so none is starved. Memory is bounded by ``queue_max_batches + 3`` polls of events
+(``stream_learner.limits``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 
-import numpy as np
 from confluent_kafka import (
     OFFSET_BEGINNING,
     OFFSET_END,
@@ -39,7 +46,13 @@ from stream_learner.events import (
     LabelSet,
     TokenizedEvent,
     dead_letter_headers,
-    parse_event,
+)
+from stream_learner.intake import (
+    DeadLetterWatch,
+    PartitionBuffers,
+    Tokenize,
+    tokenize_records,
+    validate_record,
 )
 from stream_learner.limits import PREFETCH_KBYTES
 from stream_learner.metrics import Metrics
@@ -47,54 +60,29 @@ from stream_learner.metrics import Metrics
 log = logging.getLogger(__name__)
 
 LAG_INTERVAL_S = 5.0
+FLUSH_SLICE_S = 0.5  # the dead-letter wait checks for a stop this often
+# a partition that delivered nothing for this long while it could fetch is taken to have no backlog:
+# the others no longer wait for it (intake.PartitionBuffers)
+PARTITION_IDLE_S = 2.0
 
 
-@dataclass
-class ConsumedBatch:
-    """One consume() call's worth of work for the trainer.
-
-    ``next_offsets`` covers every message of the batch, the dead-lettered ones included: once the
-    trainer has stepped over ``events``, these offsets are done.
-    """
-
-    events: list[TokenizedEvent]
-    next_offsets: dict[int, int]
-    dead_lettered: int = 0
-    consumed_at: float = field(default_factory=time.time)
+class IntakeFailed(RuntimeError):
+    """The consumer loop failed on something that is not one record's fault; the message says where."""
 
 
-def token_dtype(vocab_size: int) -> type[np.integer]:
-    """uint16 holds every id of a vocabulary up to 65,536 entries: half the memory of int32."""
-    return np.uint16 if vocab_size <= 65_536 else np.int32
-
-
-class Tokenize:
-    """Batched fast-tokenizer tokenization of valid events into compact token-id arrays."""
-
-    def __init__(self, tokenizer, max_length: int) -> None:
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.dtype = token_dtype(len(tokenizer))
-
-    def __call__(self, events: list[LabeledEvent]) -> list[tuple[np.ndarray, int]]:
-        """(input ids, pair start) for each event, in order."""
-        out: list[tuple[np.ndarray, int]] = [(np.empty(0, self.dtype), 0)] * len(events)
-        singles = [i for i, e in enumerate(events) if e.text_pair is None]
-        pairs = [i for i, e in enumerate(events) if e.text_pair is not None]
-        common = {"truncation": True, "max_length": self.max_length, "return_attention_mask": False}
-        if singles:
-            enc = self.tokenizer([events[i].text for i in singles], return_token_type_ids=False, **common)
-            for i, ids in zip(singles, enc["input_ids"], strict=True):
-                out[i] = (np.asarray(ids, dtype=self.dtype), 0)
-        if pairs:
-            enc = self.tokenizer(
-                [events[i].text for i in pairs], [events[i].text_pair for i in pairs], **common
-            )
-            for j, i in enumerate(pairs):
-                seq = enc.sequence_ids(j)
-                start = seq.index(1) if 1 in seq else 0
-                out[i] = (np.asarray(enc["input_ids"][j], dtype=self.dtype), start)
-        return out
+def describe_messages(msgs: list[Message]) -> str:
+    """'topic partition 2 offsets 10–265, partition 0 offset 7' for a list of messages."""
+    spans: dict[tuple[str, int], list[int]] = {}
+    for m in msgs:
+        spans.setdefault((m.topic() or "?", m.partition() or 0), []).append(m.offset() or 0)
+    parts = []
+    for (topic, partition), offsets in sorted(spans.items()):
+        lo, hi = min(offsets), max(offsets)
+        parts.append(
+            f"{topic} partition {partition} offset{'s' if lo != hi else ''} {lo}"
+            + (f"–{hi}" if lo != hi else "")
+        )
+    return ", ".join(parts) or "no messages"
 
 
 class EventConsumer:
@@ -133,14 +121,20 @@ class EventConsumer:
             stop,
         )
         self.start_offsets = dict(start_offsets or {})
-        self.position: dict[int, int] = {}  # next offset after the last message processed, per partition
+        self.position: dict[int, int] = {}  # next offset after the last message read, per partition
         # ``stop`` closes the intake (no more fetching); ``close_event`` ends the thread after the last
         # commit — two phases, so the final version's offsets are still committed (see app.Learner.stop)
         self.close_event = threading.Event()
         self.assigned = threading.Event()  # set once partitions are assigned (readiness)
-        self.paused = False
-        self._held: list[ConsumedBatch] = []
-        self._delivery_failures: list[tuple[Message, KafkaError]] = []
+        self.buffers = PartitionBuffers(self.kafka.poll_max_messages, lead_limit=self.kafka.poll_max_messages)
+        self._fetching_since: dict[int, float] = {}  # last record, assignment or resume, per partition
+        self.watch = DeadLetterWatch(
+            settings.events.dead_letter_alert_share, settings.events.dead_letter_alert_window
+        )
+        self.paused: set[int] = set()  # partitions paused because their buffer is full
+        self._outage = False  # every partition paused while the dead-letter topic is unavailable
+        self._pending = None  # a batch taken from the buffers that the full queue did not accept
+        self._delivery_failures: list[tuple[Message, InvalidEvent, KafkaError]] = []
         self._last_lag = 0.0
 
     # --------------------------------------------------------------------------------------- clients
@@ -187,82 +181,114 @@ class EventConsumer:
                 if self.stop_event.is_set():
                     self.close_event.wait(0.05)
                     continue
-                if (
-                    self.paused
-                    and not self._held
-                    and self.fresh_queue.qsize() <= self.kafka.queue_max_batches // 2
-                ):
-                    consumer.resume(consumer.assignment())
-                    self.paused = False
-                    self.metrics.consumer_paused.set(0)
-                    self.metrics.consumer_resumes.inc()
                 msgs = consumer.consume(self.kafka.poll_max_messages, self.kafka.poll_timeout_s)
                 if msgs:
-                    batch = self._process(msgs, producer)
-                    if batch is not None:
-                        self._held.append(batch)
+                    try:
+                        self._process(msgs, consumer, producer)
+                    except Exception as err:
+                        raise IntakeFailed(
+                            f"the consumer failed while processing {describe_messages(msgs)}: "
+                            f"{type(err).__name__}: {err}"
+                        ) from err
                 self._hand_over(consumer)
+                self._balance(consumer)
                 self._export_lag(consumer)
         finally:
             self._commit_published(consumer)
             producer.flush(10)
             consumer.close()
 
-    def _hand_over(self, consumer: Consumer) -> None:
-        """Queue held batches; when the queue is full, pause the partitions (backpressure)."""
-        while self._held:
-            try:
-                self.fresh_queue.put_nowait(self._held[0])
-            except queue.Full:
-                if not self.paused:
-                    consumer.pause(consumer.assignment())
-                    self.paused = True
-                    self.metrics.consumer_paused.set(1)
-                    self.metrics.consumer_pauses.inc()
-                return
-            self._held.pop(0)
-        self.metrics.queue_depth.set(self.fresh_queue.qsize())
+    def _process(self, msgs: list[Message], consumer: Consumer, producer: Producer) -> None:
+        """Validate, dead-letter the bad, tokenize the good, buffer them all by partition.
 
-    def _process(self, msgs: list[Message], producer: Producer) -> ConsumedBatch | None:
-        """Validate, dead-letter the bad, tokenize the good; the DLQ is flushed before returning."""
-        valid: list[tuple[LabeledEvent, Message]] = []
-        next_offsets: dict[int, int] = {}
-        dead = 0
+        The dead letters are acknowledged before anything of the poll is buffered; if the intake closes
+        first, the whole poll is left unread (its offsets were not passed on: it is read again)."""
+        records = []
         for m in msgs:
             if m.error() is not None:
                 self._on_error(m.error())
-                continue
-            self.metrics.events_consumed.inc()
-            next_offsets[m.partition()] = m.offset() + 1
-            try:
-                valid.append((parse_event(m.value(), self.labels, self.settings.events.max_text_bytes), m))
-            except InvalidEvent as err:
-                self._dead_letter(producer, m, err)
-                dead += 1
-        if dead:
-            self._flush_dead_letters(producer)
-        if not next_offsets:
-            return None
-        self.position.update(next_offsets)
-        tokens = self.tokenize([e for e, _ in valid]) if valid else []
-        events = [
-            TokenizedEvent(
-                input_ids=ids,
-                label=e.label,
-                pair_start=start,
-                partition=m.partition(),
-                offset=m.offset(),
-                timestamp_ms=m.timestamp()[1],
-            )
-            for (e, m), (ids, start) in zip(valid, tokens, strict=True)
+            else:
+                records.append(m)
+        verdicts: list[LabeledEvent | InvalidEvent | TokenizedEvent] = [
+            validate_record(m.value(), self.labels, self.settings.events.max_text_bytes) for m in records
         ]
-        return ConsumedBatch(events=events, next_offsets=next_offsets, dead_lettered=dead)
+        valid = [i for i, v in enumerate(verdicts) if isinstance(v, LabeledEvent)]
+        tokens = tokenize_records(self.tokenize, [verdicts[i] for i in valid])  # type: ignore[misc]
+        for i, token in zip(valid, tokens, strict=True):
+            m = records[i]
+            verdicts[i] = (
+                token
+                if isinstance(token, InvalidEvent)
+                else TokenizedEvent(
+                    input_ids=token[0],
+                    label=verdicts[i].label,  # type: ignore[union-attr]
+                    pair_start=token[1],
+                    partition=m.partition(),
+                    offset=m.offset(),
+                    timestamp_ms=m.timestamp()[1],
+                )
+            )
+        dead = [(v, m) for v, m in zip(verdicts, records, strict=True) if isinstance(v, InvalidEvent)]
+        for err, m in dead:
+            self._produce_dead_letter(producer, m, err)
+        if dead and not self._flush_dead_letters(consumer, producer):
+            return
+        for err, _ in dead:
+            self.metrics.events_dead_lettered.labels(reason=err.reason.value).inc()
+        self.metrics.events_consumed.inc(len(records))
+        self.watch.observe(
+            len(records), [(err, f"{m.topic()}[{m.partition()}]@{m.offset()}") for err, m in dead]
+        )
+        self.metrics.dead_letter_recent_share.set(self.watch.share)
+        now = time.monotonic()
+        for v, m in zip(verdicts, records, strict=True):
+            self.buffers.add(m.partition(), m.offset(), v if isinstance(v, TokenizedEvent) else None)
+            self.position[m.partition()] = m.offset() + 1
+            self._fetching_since[m.partition()] = now
+
+    def _hand_over(self, consumer: Consumer) -> None:
+        """Queue batches taken in turns from the partitions' buffers until the queue is full."""
+        now = time.monotonic()
+        waiting = {
+            tp.partition
+            for tp in consumer.assignment()
+            if tp.partition in self.paused
+            or self.buffers.buffered(tp.partition)
+            or now - self._fetching_since.get(tp.partition, now) < PARTITION_IDLE_S
+        }
+        while True:
+            if self._pending is None:
+                self._pending = self.buffers.take(self.kafka.poll_max_messages, waiting)
+                if self._pending is None:
+                    break
+            try:
+                self.fresh_queue.put_nowait(self._pending)
+            except queue.Full:
+                break
+            self._pending = None
+        self.metrics.queue_depth.set(self.fresh_queue.qsize())
+
+    def _balance(self, consumer: Consumer) -> None:
+        """Pause the partitions whose buffer is full, resume those drained to half (see module doc)."""
+        assigned = {tp.partition for tp in consumer.assignment()}
+        # the buffers together hold about one poll: a share of it each
+        self.buffers.capacity = max(1, math.ceil(self.kafka.poll_max_messages / max(len(assigned), 1)))
+        full = [p for p in self.buffers.full() if p in assigned and p not in self.paused]
+        drained = [p for p in self.buffers.drained() if p in self.paused]
+        if full:
+            consumer.pause([KafkaTopicPartition(self.kafka.topic, p) for p in full])
+            self.paused.update(full)
+            self.metrics.consumer_pauses.inc(len(full))
+        if drained:
+            self.paused.difference_update(drained)
+            now = time.monotonic()
+            self._fetching_since.update(dict.fromkeys(drained, now))
+            if not self._outage:
+                consumer.resume([KafkaTopicPartition(self.kafka.topic, p) for p in drained if p in assigned])
+            self.metrics.consumer_resumes.inc(len(drained))
+        self.metrics.consumer_paused.set(len(self.paused & assigned))
 
     # ----------------------------------------------------------------------------------- dead letters
-    def _dead_letter(self, producer: Producer, m: Message, err: InvalidEvent) -> None:
-        self._produce_dead_letter(producer, m, err)
-        self.metrics.events_dead_lettered.labels(reason=err.reason.value).inc()
-
     def _produce_dead_letter(
         self, producer: Producer, m: Message, err: InvalidEvent, cut: bool = False
     ) -> None:
@@ -278,36 +304,86 @@ class EventConsumer:
             if error is not None:
                 self._delivery_failures.append((m, err, error))
 
-        producer.produce(
-            self.kafka.dead_letter_topic, value=value, key=m.key(), headers=headers, on_delivery=on_delivery
-        )
+        while True:
+            try:
+                producer.produce(
+                    self.kafka.dead_letter_topic,
+                    value=value,
+                    key=m.key(),
+                    headers=headers,
+                    on_delivery=on_delivery,
+                )
+                return
+            except BufferError:  # the producer's local queue is full: let it deliver some first
+                producer.poll(0.1)
 
-    def _flush_dead_letters(self, producer: Producer) -> None:
-        """Block until every dead letter of the batch is acknowledged: none may be skipped.
+    def _closing(self) -> bool:
+        return self.stop_event.is_set() or self.close_event.is_set()
+
+    def _flush_dead_letters(self, consumer: Consumer, producer: Producer) -> bool:
+        """Wait until every queued dead letter is acknowledged: none may be skipped. False if the
+        intake closed first.
 
         While the dead-letter topic is unavailable (deleted, no permission, broker trouble) the
-        consumer stays on this batch, retrying with backoff and counting failures: an event that could
-        be neither trained nor dead-lettered is never passed over.
+        consumer stays on this poll, retrying with backoff and counting failures — an event that could
+        be neither trained nor dead-lettered is never passed over. Meanwhile every partition is paused
+        and the consumer keeps polling (:meth:`_keep_alive`), so it keeps its group membership; a stop
+        ends the wait.
         """
         delay = 0.5
         while True:
-            producer.flush(30)
+            while len(producer) and not self._closing():
+                producer.flush(FLUSH_SLICE_S)
+                if self._outage:
+                    self._keep_alive(consumer, 0)
+            if self._closing():
+                return False
             failed, self._delivery_failures = self._delivery_failures, []
-            if not failed and len(producer) == 0:
-                return
+            if not failed:
+                if self._outage:
+                    self._end_outage(consumer)
+                return True
             self.metrics.dead_letter_failures.inc(len(failed))
             log.warning(
                 "dead-letter topic %s unavailable (%s): %d records to retry in %.1fs",
                 self.kafka.dead_letter_topic,
-                failed[0][2] if failed else "not flushed",
+                failed[0][2],
                 len(failed),
                 delay,
             )
-            time.sleep(delay)
+            if not self._outage:
+                self._outage = True
+                consumer.pause(consumer.assignment())
+            if not self._keep_alive(consumer, delay):
+                return False
             delay = min(delay * 2, 10.0)
             for m, err, error in failed:
                 too_large = error.code() == KafkaError.MSG_SIZE_TOO_LARGE
                 self._produce_dead_letter(producer, m, err, cut=too_large)
+
+    def _keep_alive(self, consumer: Consumer, seconds: float) -> bool:
+        """Poll the paused consumer for ``seconds`` (group membership, rebalances); False on a stop.
+
+        A message can still arrive from a partition assigned meanwhile: it is sought back, to be read
+        again after the outage."""
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            for m in consumer.consume(self.kafka.poll_max_messages, max(min(left, FLUSH_SLICE_S), 0)):
+                if m.error() is None:
+                    try:
+                        consumer.seek(KafkaTopicPartition(m.topic(), m.partition(), m.offset()))
+                    except KafkaException as err:
+                        log.debug("seek back of partition %d: %s", m.partition(), err)
+            if self._closing():
+                return False
+            if left <= 0:
+                return True
+
+    def _end_outage(self, consumer: Consumer) -> None:
+        self._outage = False
+        log.info("dead-letter topic %s available again", self.kafka.dead_letter_topic)
+        consumer.resume([tp for tp in consumer.assignment() if tp.partition not in self.paused])
 
     # ------------------------------------------------------------------------------ offsets and lag
     def _on_assign(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
@@ -318,8 +394,10 @@ class EventConsumer:
             # offsets, else the reset policy.
             tp.offset = self.position.get(tp.partition, self.start_offsets.get(tp.partition, reset))
         consumer.assign(partitions)
-        if self.paused:
-            consumer.pause(partitions)
+        paused = [tp for tp in partitions if self._outage or tp.partition in self.paused]
+        if paused:
+            consumer.pause(paused)
+        self._fetching_since.update(dict.fromkeys((tp.partition for tp in partitions), time.monotonic()))
         log.info("assigned %s", {tp.partition: tp.offset for tp in partitions})
         self.assigned.set()
 

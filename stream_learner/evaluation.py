@@ -54,11 +54,11 @@ import numpy as np
 import torch
 
 from stream_learner.config import Settings, load_settings
-from stream_learner.consumer import Tokenize
 from stream_learner.datasets import DOMAINS, HELDOUT, STREAM, bundled_path, read_jsonl
 from stream_learner.distributed import Group
 from stream_learner.evaluation_report import write_plots
 from stream_learner.events import LabeledEvent, LabelSet, TokenizedEvent
+from stream_learner.intake import Tokenize
 from stream_learner.metrics import Metrics
 from stream_learner.model import load_model, load_tokenizer
 from stream_learner.trainer import Trainer, collate

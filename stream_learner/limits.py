@@ -13,7 +13,9 @@ snapshot               parameters × 4 B × 3 × 2 (weights and moments copied f
 activations            micro-batch × max_length × hidden × layers × 40 × 4 B, plus attention
                        maps micro-batch × heads × max_length² × layers × 3 × 4 B
 replay                 replay.capacity × (max_length × token bytes + 16 B)
-fresh queue            (queue_max_batches + 1) × poll_max_messages × (max_length × 8 B + 1 kB)
+fresh queue            (queue_max_batches + 3) × poll_max_messages × (max_length × 8 B + 1 kB):
+                       the queue, one batch held back, and the partitions' buffers (one poll
+                       shared between them, plus the poll that filled them)
 kafka prefetch         librdkafka ``queued.max.messages.kbytes`` (:data:`PREFETCH_KBYTES`)
                        + one poll of messages of at most ``events.max_text_bytes`` × 2
 =====================  =====================================================================
@@ -74,6 +76,6 @@ def memory_budget(settings: Settings, model: torch.nn.Module) -> MemoryBudget:
         snapshot=params * 4 * 3 * 2,
         activations=batch * length * layers * 4 * (hidden * 40 + heads * length * 3),
         replay=settings.replay.capacity * (length * token_bytes + 16),
-        fresh_queue=(k.queue_max_batches + 1) * k.poll_max_messages * (length * 8 + 1024),
+        fresh_queue=(k.queue_max_batches + 3) * k.poll_max_messages * (length * 8 + 1024),
         kafka_prefetch=PREFETCH_KBYTES * 1024 + k.poll_max_messages * settings.events.max_text_bytes * 2,
     )

@@ -42,8 +42,15 @@ class Metrics:
         self.queue_depth = Gauge(
             f"{PREFIX}_queue_depth", "Consumed batches waiting for the trainer", registry=r
         )
+        self.dead_letter_recent_share = Gauge(
+            f"{PREFIX}_dead_letter_recent_share",
+            "Share of the last events.dead_letter_alert_window consumed records that were dead-lettered",
+            registry=r,
+        )
         self.consumer_paused = Gauge(
-            f"{PREFIX}_consumer_paused", "1 while the consumer is paused", registry=r
+            f"{PREFIX}_consumer_paused",
+            "Partitions paused because their buffer is full (backpressure, or fairness under a backlog)",
+            registry=r,
         )
         self.consumer_pauses = Counter(
             f"{PREFIX}_consumer_pauses", "Times the consumer paused for backpressure", registry=r

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stream_learner.config import BUNDLED_MODEL, ModelSettings
+from stream_learner.config import BUNDLED_MODEL, ConfigError, ModelSettings
 
 # Never reach for a hub at run time unless a hub id was asked for explicitly.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -51,6 +51,17 @@ def load_tokenizer(settings: ModelSettings):  # -> PreTrainedTokenizerFast
     if not tokenizer.is_fast:
         raise RuntimeError(f"model {settings.name_or_path!r} has no fast tokenizer; stream-learner needs one")
     return tokenizer
+
+
+def check_max_length(settings: ModelSettings, model: nn.Module) -> None:
+    """Refuse a ``max_length`` over the model's position embeddings: the first long event would stop
+    the trainer (a tensor-size error in the forward pass), and every restart would stop again."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and settings.max_length > positions:
+        raise ConfigError(
+            f"model.max_length: {settings.max_length} tokens per event, but {settings.name_or_path!r} has "
+            f"{positions} positions (max_position_embeddings); set model.max_length to at most {positions}"
+        )
 
 
 @dataclass

@@ -48,10 +48,10 @@ import torch
 import torch.nn.functional as F
 
 from stream_learner.config import Settings
-from stream_learner.consumer import ConsumedBatch
 from stream_learner.distributed import Group, merge_counters, merge_offsets
 from stream_learner.drift import DriftMonitor, static_embeddings
 from stream_learner.events import TokenizedEvent
+from stream_learner.intake import ConsumedBatch
 from stream_learner.metrics import Metrics
 from stream_learner.model import L2SP, LoadedModel
 from stream_learner.replay import ClassBalancedReservoir, ReservoirBuffer, StoredExample

@@ -7,10 +7,10 @@ import queue
 import threading
 
 from stream_learner.config import Settings, load_settings
-from stream_learner.consumer import ConsumedBatch, Tokenize
 from stream_learner.datasets import TINY, bundled_path, read_jsonl
 from stream_learner.distributed import Group
 from stream_learner.events import LabeledEvent, LabelSet, TokenizedEvent
+from stream_learner.intake import ConsumedBatch, Tokenize
 from stream_learner.metrics import Metrics
 from stream_learner.model import load_model, load_tokenizer
 from stream_learner.trainer import Restored, Trainer

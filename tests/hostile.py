@@ -95,6 +95,29 @@ def _duplicate_keys(rng: random.Random) -> bytes:
     return f'{{"text": {text}, "label": "pos", {field}}}'.encode()
 
 
+def _escaped_duplicate(rng: random.Random) -> bytes:
+    """A field given twice, the second spelt with JSON escapes: the same name once decoded."""
+    escaped, value = rng.choice([("\\u006cabel", '"neg"'), ("t\\u0065xt", '"other"'), ("\\u0074s", "2")])
+    text = orjson.dumps(_row(rng)["text"]).decode()
+    return f'{{"text": {text}, "label": "pos", "ts": 1, "{escaped}": {value}}}'.encode()
+
+
+def _poison_nested(rng: random.Random) -> bytes:
+    """About 1,000 levels of nesting in which a field name recurs as a string (it once crashed the
+    duplicate-field check with a RecursionError, on every restart)."""
+    depth = rng.choice([500, 990, 1_000, 1_023])
+    field = rng.choice(["text", "label", "ts", "id", "text_pair"])
+    inner = f'{{"{field}": ' * depth + '"x"' + "}" * depth
+    return f'{{"text": "{field}", "label": "pos", "x": {inner}}}'.encode()
+
+
+def _lone_surrogate(rng: random.Random) -> bytes:
+    """A JSON escape of half a UTF-16 pair: valid JSON grammar, not UTF-8 text (tokenizers raise on it)."""
+    half = rng.choice(["\\ud800", "\\udfff", "\\udbff"])
+    field = rng.choice(["text", "text_pair", "id"])
+    return f'{{"text": "ok {half}", "label": "pos", "{field}": "a{half}b"}}'.encode()
+
+
 def _invisible(rng: random.Random) -> bytes:
     chars = "".join(rng.choice(_INVISIBLE) for _ in range(rng.randint(1, 20)))
     text = rng.choice([chars, chars + _row(rng)["text"] + chars, " " + chars + "\t"])
@@ -122,6 +145,9 @@ KINDS: dict[str, Kind] = {
     "wrong_types": _wrong_types,
     "bad_labels": _bad_labels,
     "duplicate_keys": _duplicate_keys,
+    "escaped_duplicate": _escaped_duplicate,
+    "poison_nested": _poison_nested,
+    "lone_surrogate": _lone_surrogate,
     "invisible_characters": _invisible,
     "missing_fields": _missing_fields,
     "not_objects": _not_objects,

@@ -246,8 +246,8 @@ def test_docstring_examples_of_the_metrics():
 
 def test_stream_through_the_broker_equals_the_in_process_stream(stream_rows, kafka_bootstrap):
     """``--broker``: the events the service's consumer makes from the topic are those tokenized in process."""
-    from stream_learner.consumer import Tokenize
     from stream_learner.events import LabelSet
+    from stream_learner.intake import Tokenize
     from tests.factories import small_settings, tokenizer
 
     cfg = ev.EvalConfig(per_domain=15)

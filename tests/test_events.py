@@ -129,7 +129,8 @@ def test_every_hostile_kind_is_handled():
     assert seen["valid"] == "ok" and seen["random_bytes"] != "ok"
     reasons = {parse_or_reason(v) for _, v, _ in hostile_events(3_000, seed=7)}
     # the generator reaches every reason (so the fuzz test through the broker covers them all)
-    assert {r.value for r in Reason} - reasons == set(), reasons
+    # (internal_error is the barrier's, for what validation cannot foresee: tests/test_intake.py)
+    assert {r.value for r in Reason} - reasons == {"internal_error"}, reasons
 
 
 def test_invisible_characters_are_removed_and_an_invisible_text_is_empty():

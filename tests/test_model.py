@@ -83,3 +83,18 @@ def test_lambda_zero_adds_nothing():
     a.grad = torch.zeros_like(a)
     reg.add_gradient_()
     assert torch.count_nonzero(a.grad) == 0 and float(reg.penalty()) == 0.0
+
+
+def test_a_max_length_over_the_models_positions_is_refused_at_start():
+    """model.max_length 1024 on MiniLM (512 positions): the first long event used to stop the trainer
+    with a tensor-size error, and every restart stopped again."""
+    from stream_learner.config import ConfigError, load_settings
+    from stream_learner.model import check_max_length
+
+    settings = load_settings(model={"max_length": 1024, "num_hidden_layers": 1})
+    model = load_model(settings.model, seed=0).model
+    with pytest.raises(ConfigError) as info:
+        check_max_length(settings.model, model)
+    line = str(info.value)
+    assert "\n" not in line and line.startswith("model.max_length") and "at most 512" in line
+    check_max_length(load_settings(model={"max_length": 512}).model, model)

@@ -86,7 +86,9 @@ def test_ten_thousand_hostile_events_no_crash_every_one_accounted_for(
     assert last["offsets"][topic] == {str(p): len(items[p::PARTITIONS]) for p in range(PARTITIONS)}
 
 
-def test_dead_letter_topic_unavailable_nothing_is_skipped(kafka_bootstrap, unique_topic, tmp_path):
+def test_dead_letter_topic_unavailable_nothing_is_skipped(
+    kafka_bootstrap, unique_topic, tmp_path, monkeypatch
+):
     topic = unique_topic("dlq-outage")
     s = learner_settings(kafka_bootstrap, topic, tmp_path.as_uri(), every_steps=2)
     s = s.model_copy(update={"kafka": s.kafka.model_copy(update={"create_topics": False})})
@@ -98,6 +100,9 @@ def test_dead_letter_topic_unavailable_nothing_is_skipped(kafka_bootstrap, uniqu
         if not ok:
             first_bad.setdefault(i % PARTITIONS, i // PARTITIONS)
 
+    # the topic disappears after the start-up check (which refuses a missing one): Tansu keeps taking
+    # writes to a deleted topic from a client that knew it, so the outage is one from the start
+    monkeypatch.setattr("stream_learner.app.require_topics", lambda *args, **kwargs: None)
     learner = Learner(s).start()
     try:
         m = learner.metrics
