@@ -6,7 +6,7 @@ Layout under the storage URL::
     versions/000042/config.json, tokenizer…  loadable by plain ``from_pretrained(version_dir)``
     versions/000042/trainer_state/…          optimizer, replay buffer, RNG, counters: for resume
     versions/000042/manifest.json            lineage, offsets, metrics and the sha256 of every file
-    versions/000042/claim                    which learner wrote this directory (created first)
+    versions/000042/claim                    its writer and parent: created first, claims the directory
     LATEST                                   written last; names the newest complete version
 
 The checkpoint sequence, followed exactly and in this order by :meth:`Publisher.publish_version`:
@@ -14,7 +14,8 @@ The checkpoint sequence, followed exactly and in this order by :meth:`Publisher.
 1. **snapshot** — the trainer copies model, optimizer, replay, RNG, counters and covered offsets
    between two steps (:meth:`Trainer.snapshot`); training goes on while the rest happens;
 2. **upload files** — claim ``versions/N/`` (a conditional create of ``versions/N/claim``, N the
-   lowest free number after LATEST), then every file of it except the manifest;
+   lowest free number after LATEST and after every number in storage: never reused), then every
+   file of it except the manifest;
 3. **manifest** — ``versions/N/manifest.json`` with the offsets and the sha256 of each file. With a
    probe set, the poisoning gate checks the candidate here: if its probe accuracy fell more than
    ``probe.max_accuracy_drop`` below LATEST's, the manifest says ``rejected`` and the sequence ends
@@ -28,8 +29,38 @@ The checkpoint sequence, followed exactly and in this order by :meth:`Publisher.
 A crash between any two steps leaves LATEST on the previous complete version; the events after its
 offsets are consumed again on restart, so each event is counted exactly once in the lineage.
 Failures: a storage error in steps 2–4 is retried with backoff (``Publisher._storage``); losing the
-conditional write raises :class:`FencedOut`; a file whose sha256 does not match its manifest on load
-raises :class:`CorruptVersion`.
+conditional write raises :class:`FencedOut`, after marking the version ``fenced`` in its manifest; a
+file whose sha256 does not match its manifest on load raises :class:`CorruptVersion`.
+
+**Statuses** (:func:`version_statuses`). The lineage is LATEST's *chain*: the version LATEST names and
+its ancestors by ``parent`` links (a manifest's, or, when the manifest cannot be read, its claim's),
+down to the first version or to one retention removed. Each version number in storage has one status:
+
+* ``incomplete`` — objects but no manifest: a publish cut short by a crash (or one running right now);
+* ``corrupt`` — a manifest that cannot be parsed;
+* ``fenced`` — its writer lost the conditional LATEST write to another learner (manifest ``status``);
+* ``rejected`` — held back by the poisoning gate (manifest ``status`` / ``rejected``), on the chain
+  or not: its weights may be poisoned, it was never served;
+* ``published`` — on LATEST's chain, and none of the above: LATEST, or a version LATEST named before
+  the versions after it were published on top of it;
+* ``abandoned`` — complete, neither rejected nor fenced, but off LATEST's chain: a rollback moved
+  LATEST below it (the rollback records this in its manifest, ``abandoned``), or its learner died
+  between the manifest and LATEST (never named by LATEST). A publish caught between those two steps
+  shows so for that moment.
+
+``published`` and ``abandoned`` are computed from LATEST's chain when asked, not stored: a rollback
+changes them. ``rejected`` and ``fenced`` are facts written by the version's own writer. The
+sha256 of the files is not checked here (that takes a download): a damaged file shows at load time.
+
+**Recovery** (:func:`load_newest_intact`) follows LATEST's chain only: LATEST's version if intact,
+else its parent, else the parent's parent…, skipping ``rejected`` and ``fenced`` ancestors (never a
+version to resume from), never stepping to another branch. Only when a version's parent cannot be
+known (manifest and claim both unreadable) does it take the newest version below it that is complete,
+neither rejected, fenced nor marked abandoned by a rollback, and whose own chain is intact — a guess,
+logged as an ERROR.
+
+**Retention** (:func:`prune_versions`) removes the leftovers of publishes cut short whatever
+``keep`` is, and with ``keep`` > 0 keeps LATEST's chain first.
 """
 
 from __future__ import annotations
@@ -44,6 +75,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -55,7 +87,7 @@ from tenacity import Retrying, retry_if_not_exception_type, stop_when_event_set,
 
 from stream_learner.config import Settings
 from stream_learner.metrics import Metrics
-from stream_learner.staging import staging_dir
+from stream_learner.staging import LOCK, staging_dir
 from stream_learner.storage import ObjectStore, PreconditionFailed
 from stream_learner.trainer import Counters, Restored, Snapshot
 
@@ -79,7 +111,31 @@ class FencedOut(RuntimeError):
 
 
 class CorruptVersion(RuntimeError):
-    """A published file does not match the sha256 its manifest records."""
+    """A version cannot be loaded: its manifest is missing or unreadable, or a file is missing or does not
+    match the sha256 its manifest records. ``version`` and ``reason`` say which and why."""
+
+    def __init__(self, message: str, version: int | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.version, self.reason = version, reason or message
+
+
+class RollbackRefused(ValueError):
+    """The target of a rollback is no version to serve: ``status`` says why; ``forceable`` whether
+    ``force=True`` may override it (rejected, fenced) or nothing can (incomplete, corrupt, absent)."""
+
+    def __init__(self, version: int, status: str, detail: str, forceable: bool) -> None:
+        super().__init__(f"version {version} is {status} ({detail})")
+        self.version, self.status, self.detail, self.forceable = version, status, detail, forceable
+
+
+# statuses of a version (see the module docstring)
+PUBLISHED = "published"
+REJECTED = "rejected"
+FENCED = "fenced"
+ABANDONED = "abandoned"
+INCOMPLETE = "incomplete"
+CORRUPT = "corrupt"
+STATUSES = (PUBLISHED, REJECTED, FENCED, ABANDONED, INCOMPLETE, CORRUPT)
 
 
 def version_dir(version: int) -> str:
@@ -109,12 +165,114 @@ def read_manifest(store: ObjectStore, version: int) -> dict:
 
 
 def list_versions(store: ObjectStore) -> list[dict]:
-    """Manifests of every complete version (those with a manifest), oldest first."""
-    manifests = []
+    """Manifests of every complete version (those with a readable manifest), oldest first."""
+    return [e.manifest for e in survey_versions(store).values() if e.manifest is not None]
+
+
+# ------------------------------------------------------------------------ statuses and the chain
+@dataclass
+class VersionEntry:
+    """What storage holds under ``versions/<version>/``: object names and the manifest, if readable."""
+
+    version: int
+    names: set[str] = field(default_factory=set)  # relative to the version's directory
+    manifest: dict | None = None  # None: there is none, it was not read, or it is unreadable
+    unreadable: str | None = None  # why a manifest that is there could not be read
+
+    @property
+    def has_manifest(self) -> bool:
+        return MANIFEST in self.names
+
+
+def survey_versions(store: ObjectStore, read_manifests: bool = True) -> dict[int, VersionEntry]:
+    """Every version number under ``versions/``, in order, with its object names (one listing) and,
+    unless ``read_manifests`` is false, its parsed manifest."""
+    entries: dict[int, VersionEntry] = {}
     for key in store.list("versions/"):
-        if key.endswith("/" + MANIFEST):
-            manifests.append(json.loads(store.get(key)))
-    return sorted(manifests, key=lambda m: m["version"])
+        parts = key.split("/", 2)
+        if len(parts) == 3 and parts[1].isdigit():
+            entries.setdefault(int(parts[1]), VersionEntry(int(parts[1]))).names.add(parts[2])
+    if read_manifests:
+        for e in entries.values():
+            if e.has_manifest:
+                e.manifest, e.unreadable = _parse_manifest(store, e.version)
+    return dict(sorted(entries.items()))
+
+
+def _parse_manifest(store: ObjectStore, version: int) -> tuple[dict | None, str | None]:
+    try:
+        manifest = json.loads(store.get(f"{version_dir(version)}/{MANIFEST}"))
+    except KeyError:
+        return None, "manifest missing"
+    except ValueError as err:  # not UTF-8, not JSON
+        return None, f"manifest unreadable ({err})"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return None, "manifest unreadable (not a manifest)"
+    return manifest, None
+
+
+def _written_status(manifest: dict) -> str | None:
+    """``fenced`` or ``rejected`` when the version's writer recorded so; None otherwise."""
+    if manifest.get("status") == FENCED or manifest.get("fenced"):
+        return FENCED
+    if manifest.get("status") == REJECTED or manifest.get("rejected"):
+        return REJECTED
+    return None
+
+
+def _status(entry: VersionEntry, on_chain: bool) -> str:
+    if not entry.has_manifest:
+        return INCOMPLETE
+    if entry.manifest is None:
+        return CORRUPT
+    return _written_status(entry.manifest) or (PUBLISHED if on_chain else ABANDONED)
+
+
+def _parent(store: ObjectStore, entry: VersionEntry) -> tuple[bool, int | None]:
+    """(known, parent) of a version: from its manifest, else from its claim (which records it too)."""
+    if entry.manifest is not None:
+        return _checked_parent(entry.manifest.get("parent"), entry.version)
+    if CLAIM in entry.names:
+        try:
+            claim = json.loads(store.get(f"{version_dir(entry.version)}/{CLAIM}"))
+        except (KeyError, ValueError):
+            return False, None
+        if isinstance(claim, dict) and "parent" in claim:
+            return _checked_parent(claim["parent"], entry.version)
+    return False, None
+
+
+def _checked_parent(parent: object, version: int) -> tuple[bool, int | None]:
+    # a parent is always numbered below its child (claims come after LATEST and after the parent)
+    if parent is None:
+        return True, None
+    if isinstance(parent, int) and not isinstance(parent, bool) and 0 < parent < version:
+        return True, parent
+    return False, None
+
+
+def chain_of(
+    store: ObjectStore, version: int | None, entries: dict[int, VersionEntry] | None = None
+) -> list[int]:
+    """``version`` and its ancestors by ``parent`` links, newest first, as far as storage tells: the
+    walk stops at the first version, at a parent no longer in storage (pruned), or at a version whose
+    parent cannot be known."""
+    entries = survey_versions(store) if entries is None else entries
+    chain: list[int] = []
+    while version is not None and version in entries:
+        chain.append(version)
+        known, version = _parent(store, entries[version])
+        if not known:
+            break
+    return chain
+
+
+def version_statuses(store: ObjectStore, entries: dict[int, VersionEntry] | None = None) -> dict[int, str]:
+    """The status of every version number in storage (see the module docstring), in order."""
+    entries = survey_versions(store) if entries is None else entries
+    latest, _ = read_latest(store)
+    chain = set(chain_of(store, latest, entries))
+    return {n: _status(e, n in chain) for n, e in entries.items()}
 
 
 # ---------------------------------------------------------------------------- trainer state files
@@ -176,11 +334,15 @@ def load_version(store: ObjectStore, version: int, workdir: Path) -> tuple[Resto
     Raises :class:`CorruptVersion` when the manifest is unreadable, a file is missing, or a file's
     sha256 differs from the manifest's.
     """
+
+    def corrupt(reason: str) -> CorruptVersion:
+        return CorruptVersion(f"version {version}: {reason}", version, reason)
+
     try:
         manifest = read_manifest(store, version)
         files = manifest["files"]
     except (KeyError, ValueError, TypeError) as err:
-        raise CorruptVersion(f"version {version}: manifest missing or unreadable ({err})") from None
+        raise corrupt(f"manifest missing or unreadable ({err})") from None
     root = workdir / version_dir(version)
     for name, info in files.items():
         path = root / name
@@ -188,9 +350,9 @@ def load_version(store: ObjectStore, version: int, workdir: Path) -> tuple[Resto
         try:
             store.get_to_file(f"{version_dir(version)}/{name}", path)
         except KeyError:
-            raise CorruptVersion(f"version {version}: {name} is missing") from None
+            raise corrupt(f"{name} is missing") from None
         if _sha256(path) != info["sha256"]:
-            raise CorruptVersion(f"version {version}: {name} does not match the sha256 in its manifest")
+            raise corrupt(f"{name} does not match the sha256 in its manifest")
     model_state = safetensors.torch.load_file(root / WEIGHTS)
     return _read_trainer_state(root, model_state, version), manifest
 
@@ -198,21 +360,105 @@ def load_version(store: ObjectStore, version: int, workdir: Path) -> tuple[Resto
 def load_newest_intact(
     store: ObjectStore, workdir: Path, on_corrupt: Callable[[CorruptVersion], None]
 ) -> tuple[Restored, dict] | None:
-    """Load the version LATEST names or, if it is corrupt, the newest intact complete one before it.
+    """Load the version LATEST names or, if it is corrupt, the nearest intact one on LATEST's chain.
 
-    ``on_corrupt`` is told about each version refused. None on an empty store; :class:`CorruptVersion`
-    if no version is intact.
+    The walk goes from a corrupt version to its parent (named by its manifest, or by its claim when the
+    manifest is unreadable), skipping ``rejected`` and ``fenced`` ancestors; LATEST's own version is
+    loaded whatever its status (a rollback with ``--force`` may have chosen it). It never steps to
+    another branch (versions a rollback abandoned, a fenced-out learner's). Only when a version's parent
+    cannot be known does it take the newest version below it that is complete, neither rejected, fenced
+    nor abandoned by a rollback, and whose own chain is intact: a guess, logged as an ERROR.
+
+    ``on_corrupt`` is told about each version refused; the way taken is logged in one line ("LATEST
+    names 7, corrupt (…); resuming from its parent 5"). None on an empty store; :class:`CorruptVersion`
+    when no version on the chain is intact (the chain ends, or retention removed the rest).
     """
     latest, _ = read_latest(store)
     if latest is None:
         return None
-    older = sorted({int(k.split("/")[1]) for k in store.list("versions/") if k.endswith("/" + MANIFEST)})
-    for version in [latest, *reversed([v for v in older if v < latest])]:
+    try:
+        return load_version(store, latest, workdir)
+    except CorruptVersion as err:
+        on_corrupt(err)
+        story = [f"LATEST names {latest}, corrupt ({err.reason})"]
+    entries = survey_versions(store)
+    version, guessed = latest, False
+    while True:
+        entry = entries.get(version)
+        known, parent = _parent(store, entry) if entry is not None else (False, None)
+        if known:
+            if parent is None or parent not in entries:
+                where = "LATEST's version" if version == latest else f"version {version}"
+                gone = "has no parent" if parent is None else f"names parent {parent}, no longer in storage"
+                raise CorruptVersion(
+                    f"no intact version on LATEST's chain in {store.describe()}: "
+                    f"{'; '.join(story)}; {where} {gone}"
+                )
+            written = _written_status(entries[parent].manifest) if entries[parent].manifest else None
+            if written in (REJECTED, FENCED):
+                story.append(f"its parent {parent} is {written}: skipped")
+                version = parent
+                continue
+            candidate, how = parent, f"its parent {parent}"
+        else:
+            candidate = _newest_sound_below(store, entries, version)
+            story.append(
+                f"the parent of {version} cannot be known (neither its manifest nor its claim names it)"
+            )
+            if candidate is None:
+                raise CorruptVersion(
+                    f"no intact version to resume from in {store.describe()}: {'; '.join(story)}, and no "
+                    f"version below {version} is complete, neither rejected, fenced nor abandoned, on an "
+                    "intact chain"
+                )
+            guessed = True
+            how = (
+                f"{candidate}, the newest version below {version} that is complete, neither rejected, fenced "
+                "nor abandoned by a rollback, and on an intact chain"
+            )
         try:
-            return load_version(store, version, workdir)
+            found = load_version(store, candidate, workdir)
         except CorruptVersion as err:
             on_corrupt(err)
-    raise CorruptVersion(f"no intact version in {store.describe()}: LATEST and every older version failed")
+            story.append(f"{'its parent ' if known else ''}{candidate} corrupt too ({err.reason})")
+            version = candidate
+            continue
+        if guessed:
+            log.error(
+                "%s; resuming from %s: a guess, check it with `stream-learner versions list`",
+                "; ".join(story),
+                how,
+            )
+        else:
+            log.warning("%s; resuming from %s", "; ".join(story), how)
+        return found
+
+
+def _newest_sound_below(store: ObjectStore, entries: dict[int, VersionEntry], below: int) -> int | None:
+    """The fallback when a version's parent cannot be known (see :func:`load_newest_intact`)."""
+    for n in sorted((n for n in entries if n < below), reverse=True):
+        m = entries[n].manifest
+        if (
+            m is not None
+            and not _written_status(m)
+            and not m.get("abandoned")
+            and _chain_intact(store, entries, n)
+        ):
+            return n
+    return None
+
+
+def _chain_intact(store: ObjectStore, entries: dict[int, VersionEntry], version: int) -> bool:
+    """Whether every ancestor of ``version`` still in storage has a readable manifest and a known parent."""
+    while True:
+        known, parent = _parent(store, entries[version])
+        if not known:
+            return False
+        if parent is None or parent not in entries:  # the first version, or retention removed the rest
+            return True
+        if entries[parent].manifest is None:
+            return False
+        version = parent
 
 
 # ------------------------------------------------------------------------------------ publisher
@@ -311,7 +557,9 @@ class Publisher:
                 (root / name).parent.mkdir(parents=True, exist_ok=True)
                 (root / name).write_bytes(data)
             _write_trainer_state(snap, root)
-            files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+            files = sorted(
+                p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p != root / LOCK
+            )
             info = {}
             for name in files:
                 info[name] = {"sha256": _sha256(root / name), "bytes": (root / name).stat().st_size}
@@ -320,6 +568,7 @@ class Publisher:
         manifest = self._manifest(snap, version, info)
         rejection = self._gate(snap.metrics.get("probe_accuracy"))
         if rejection:
+            manifest["status"] = REJECTED
             manifest["rejected"] = rejection
         self._storage(self.store.put, f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
         if rejection:
@@ -336,7 +585,11 @@ class Publisher:
             )
             return version
         # 4. LATEST, fenced
-        self._advance_latest(version)
+        try:
+            self._advance_latest(version)
+        except FencedOut:
+            self._record_fenced(manifest)
+            raise
         if "probe_accuracy" in snap.metrics:
             self.latest_probe_accuracy = snap.metrics["probe_accuracy"]
         # 5. commit offsets (the consumer thread owns the Kafka client)
@@ -356,11 +609,10 @@ class Publisher:
             seconds,
             self.store.describe(),
         )
-        if self.settings.publish.keep_versions:
-            try:
-                prune_versions(self.store, self.settings.publish.keep_versions)
-            except Exception as err:  # retention is housekeeping: never worth stopping for
-                log.warning("pruning old versions failed: %s", err)
+        try:  # with keep_versions 0 too: the leftovers of publishes cut short go whatever it is
+            prune_versions(self.store, self.settings.publish.keep_versions)
+        except Exception as err:  # retention is housekeeping: never worth stopping for
+            log.warning("pruning old versions failed: %s", err)
         return version
 
     def _manifest(self, snap: Snapshot, version: int, files: dict[str, dict]) -> dict:
@@ -401,28 +653,54 @@ class Publisher:
         }
 
     def _claim_version(self) -> int:
-        """The lowest version number after LATEST whose directory nobody has claimed, now ours.
+        """The lowest version number after LATEST and after every number in storage whose directory
+        nobody has claimed, now ours.
 
         The claim is a conditional create (If-None-Match), so two writers never upload into the same
         directory and a run that died mid-publish never has its leftovers mixed with new files: its
         number is skipped (versions are numbered in order, not densely; ``parent`` gives the lineage).
+        The claim records the writer and the parent (JSON): the parent is known even when the manifest
+        is damaged or was never written (see :func:`load_newest_intact`).
         """
-        # after LATEST, and after any candidate of ours the gate rejected (LATEST did not move for it)
+        # after LATEST, after any candidate of ours the gate rejected (LATEST did not move for it), and,
+        # at the first claim, after every number in storage (retention always keeps the highest): a
+        # number is never reused, not even that of a version retention deleted (a reader saw it, maybe)
+        if not self._last_claimed:
+            numbers = self._storage(survey_versions, self.store, read_manifests=False)
+            self._last_claimed = max(numbers, default=0)
         version = max(self.latest or 0, self._last_claimed) + 1
+        body = json.dumps({"writer": self.writer_id, "parent": self.parent}).encode()
         while True:
             key = f"{version_dir(version)}/{CLAIM}"
             try:
-                self._storage(self.store.put, key, self.writer_id.encode(), if_none_match=True)
+                self._storage(self.store.put, key, body, if_none_match=True)
                 self._last_claimed = version
                 return version
             except PreconditionFailed:
                 try:
-                    if self.store.get(key).decode() == self.writer_id:  # our own retried request
+                    if claim_writer(self.store.get(key)) == self.writer_id:  # our own retried request
                         self._last_claimed = version
                         return version
                 except KeyError:
                     pass
                 version += 1
+
+    def _record_fenced(self, manifest: dict) -> None:
+        """Mark a version whose LATEST write another learner won: it is never served nor resumed from."""
+        version = manifest["version"]
+        manifest = {
+            **manifest,
+            "status": FENCED,
+            "fenced": {
+                "at": datetime.now(timezone.utc).isoformat(),
+                "writer": self.writer_id,
+                "reason": "another learner advanced LATEST first",
+            },
+        }
+        try:
+            self.store.put(f"{version_dir(version)}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+        except Exception as err:  # stopping anyway; unmarked, it shows as abandoned (off LATEST's chain)
+            log.warning("could not mark version %d fenced in its manifest: %s", version, err)
 
     def _advance_latest(self, version: int) -> None:
         body = f"{version_dir(version)}\n".encode()
@@ -466,31 +744,121 @@ class Publisher:
         return self.retrying(attempt)
 
 
+def claim_writer(claim: bytes) -> str:
+    """The writer id a claim names (JSON ``writer``; a claim of older learners is the bare id)."""
+    try:
+        parsed = json.loads(claim)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("writer"), str):
+        return parsed["writer"]
+    return claim.decode(errors="replace")
+
+
 # ------------------------------------------------------------------------ rollback and retention
-def rollback(store: ObjectStore, version: int) -> None:
-    """Point LATEST at ``version`` (which must be complete and intact); the next run resumes from it."""
-    manifest = read_manifest(store, version)  # KeyError if absent
-    _, etag = read_latest(store)
-    body = f"{version_dir(manifest['version'])}\n".encode()
+def rollback(store: ObjectStore, version: int, force: bool = False) -> int | None:
+    """Point LATEST at ``version``; the next run resumes from it. Returns the version LATEST named before.
+
+    Refused with :class:`RollbackRefused` when ``version`` is rejected or fenced (unless ``force``), or
+    incomplete, corrupt or absent (always: LATEST must name a complete version); with
+    :class:`CorruptVersion` when a file does not match its sha256 (every file is downloaded and checked
+    first). The versions that fall off LATEST's chain are marked ``abandoned`` in their manifests (the
+    mark of those back on it removed): the recovery's last resort reads it.
+    """
+    entries = survey_versions(store)
+    previous, etag = read_latest(store)
+    entry = entries.get(version)
+    if entry is None:
+        raise RollbackRefused(version, "absent", f"no such version in {store.describe()}", forceable=False)
+    status = version_statuses(store, entries)[version]
+    if status in (INCOMPLETE, CORRUPT):
+        detail = (
+            "no manifest: a publish cut short, or still running" if status == INCOMPLETE else entry.unreadable
+        )
+        raise RollbackRefused(version, status, str(detail), forceable=False)
+    if status in (REJECTED, FENCED) and not force:
+        raise RollbackRefused(version, status, _status_detail(entry.manifest or {}), forceable=True)
+    with staging_dir("rollback") as tmp:
+        load_version(store, version, Path(tmp))  # CorruptVersion before LATEST moves
     cond = {"if_none_match": True} if etag is None else {"if_match": etag}
     try:
-        store.put(LATEST, body, **cond)
+        store.put(LATEST, f"{version_dir(version)}\n".encode(), **cond)
     except PreconditionFailed:
         raise FencedOut("LATEST changed during the rollback (is a learner running?): stop it first") from None
+    try:
+        _record_rollback(store, entries, version, previous)
+    except Exception as err:  # LATEST moved: the rollback is done; the marks only serve the last resort
+        log.warning("rolled back, but marking the versions it abandoned failed: %s", err)
+    return previous
+
+
+def _status_detail(manifest: dict) -> str:
+    if _written_status(manifest) == FENCED:
+        fenced = manifest.get("fenced") or {}
+        return (
+            f"its learner lost LATEST to another one{' at ' + fenced['at'][:19] if fenced.get('at') else ''}"
+        )
+    rejected = manifest.get("rejected") or {}
+    if "probe_accuracy" in rejected and "latest_probe_accuracy" in rejected:
+        return (
+            f"poisoning gate: probe accuracy {rejected['probe_accuracy']:.3f}, LATEST had "
+            f"{rejected['latest_probe_accuracy']:.3f}"
+        )
+    return "poisoning gate"
+
+
+def _record_rollback(
+    store: ObjectStore, entries: dict[int, VersionEntry], target: int, previous: int | None
+) -> None:
+    chain = set(chain_of(store, target, entries))
+    at = datetime.now(timezone.utc).isoformat()
+    for n, e in entries.items():
+        m = e.manifest
+        if m is None or _written_status(m):
+            continue
+        if n in chain and "abandoned" in m:
+            m = {k: v for k, v in m.items() if k != "abandoned"}
+        elif n not in chain and "abandoned" not in m:
+            m = {**m, "abandoned": {"at": at, "rollback_to": target, "rollback_from": previous}}
+        else:
+            continue
+        store.put(f"{version_dir(n)}/{MANIFEST}", json.dumps(m, indent=1).encode())
+        e.manifest = m
 
 
 def prune_versions(store: ObjectStore, keep: int) -> list[int]:
-    """Delete all but the newest ``keep`` complete versions, never the one LATEST names; returns deleted."""
+    """Retention; returns the version numbers deleted.
+
+    Whatever ``keep`` is (0 too): the leftovers of publishes cut short go — incomplete versions (files
+    and/or a claim, no manifest) numbered below the newest complete one. Those above it may be a publish
+    running right now, and stay.
+
+    With ``keep`` > 0, of the complete versions, kept are: LATEST and its nearest ancestors on its
+    chain, ``keep`` in all (the lineage stays unbroken down to the oldest kept; rejected links of the
+    chain count like the others); if the chain is shorter, the newest abandoned versions, then the
+    newest rejected, fenced or corrupt ones fill the rest. Always kept besides: LATEST, and the newest
+    version directory of all (version numbers are never reused).
+    """
     latest, _ = read_latest(store)
-    numbers = sorted({int(k.split("/")[1]) for k in store.list("versions/") if k.count("/") >= 2})
-    complete = [v for v in numbers if store.exists(f"{version_dir(v)}/{MANIFEST}")]
-    keep_set = set(complete[-keep:]) | ({latest} if latest is not None else set())
-    # incomplete versions older than the newest complete one are leftovers of a crash mid-publish
-    newest = complete[-1] if complete else 0
-    doomed = [v for v in numbers if v not in keep_set and v < newest]
-    for v in doomed:
+    entries = survey_versions(store, read_manifests=keep > 0)
+    complete = [n for n, e in entries.items() if e.has_manifest]
+    newest = complete[-1] if complete else None
+    protected = {n for n in (latest, max(entries, default=None)) if n is not None}
+    doomed = {n for n, e in entries.items() if not e.has_manifest and newest is not None and n < newest}
+    if keep > 0:
+        chain = chain_of(store, latest, entries)
+        statuses = {n: _status(entries[n], n in chain) for n in complete}
+        protected |= set(chain[:keep])
+        rest = sorted(
+            (n for n in complete if n not in chain[:keep]),
+            key=lambda n: (statuses[n] != ABANDONED, -n),  # abandoned first, newest first
+        )
+        kept = set(chain[:keep]) | set(rest[: max(keep - len(chain[:keep]), 0)])
+        doomed |= set(complete) - kept
+    doomed -= protected
+    for v in sorted(doomed):
         # the manifest goes first: a half-deleted version is then incomplete, never a corrupt "complete" one
         store.delete(f"{version_dir(v)}/{MANIFEST}")
-        for key in store.list(f"{version_dir(v)}/"):
-            store.delete(key)
-    return doomed
+        for name in sorted(entries[v].names - {MANIFEST}):
+            store.delete(f"{version_dir(v)}/{name}")
+    return sorted(doomed)

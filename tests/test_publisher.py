@@ -6,12 +6,13 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import queue
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -19,13 +20,21 @@ from stream_learner.app import static_files
 from stream_learner.cli import app as cli
 from stream_learner.metrics import Metrics
 from stream_learner.publisher import (
+    ABANDONED,
     CLAIM,
+    FENCED,
+    INCOMPLETE,
     LATEST,
     MANIFEST,
+    PUBLISHED,
+    REJECTED,
     WEIGHTS,
     CorruptVersion,
     FencedOut,
     Publisher,
+    RollbackRefused,
+    chain_of,
+    claim_writer,
     list_versions,
     load_newest_intact,
     load_version,
@@ -34,9 +43,10 @@ from stream_learner.publisher import (
     read_manifest,
     rollback,
     version_dir,
+    version_statuses,
 )
 from stream_learner.storage import LocalStore, ObjectStore
-from stream_learner.trainer import Snapshot
+from stream_learner.trainer import Counters, Snapshot
 from tests.factories import batch, make_trainer, small_settings, tiny_rows, tokenized, tokenizer
 
 
@@ -98,8 +108,11 @@ def test_two_publishers_on_one_prefix_exactly_one_advances_latest(tmp_path: Path
         b.publish_version(snap)
     assert read_latest(store)[0] == 1
     # b uploaded into a directory of its own (claimed 2), never into a's
-    assert store.get(f"{version_dir(1)}/{CLAIM}").decode() == a.writer_id
-    assert store.get(f"{version_dir(2)}/{CLAIM}").decode() == b.writer_id
+    assert claim_writer(store.get(f"{version_dir(1)}/{CLAIM}")) == a.writer_id
+    assert claim_writer(store.get(f"{version_dir(2)}/{CLAIM}")) == b.writer_id
+    assert json.loads(store.get(f"{version_dir(2)}/{CLAIM}"))["parent"] is None  # the claim names the parent
+    assert version_statuses(store) == {1: PUBLISHED, 2: FENCED}  # the loser marked its version fenced
+    assert read_manifest(store, 2)["status"] == FENCED
     assert b.commit_queue.empty()  # the loser commits nothing
     # the winner goes on, skipping the loser's directory; the lineage stays a → a
     assert a.publish_version(snap) == 3
@@ -116,7 +129,9 @@ def test_leftovers_of_a_run_that_died_mid_publish_are_skipped(tmp_path: Path, sn
     pub.parent = 1
     assert pub.publish_version(snap) == 3
     assert read_latest(store)[0] == 3 and read_manifest(store, 3)["parent"] == 1
-    assert store.get(f"{version_dir(2)}/{WEIGHTS}") == b"half a file"  # untouched, not mixed in
+    load_version(store, 3, tmp_path / "work")  # its own directory: nothing of the leftover mixed in
+    # and retention, after the publish, removed the leftover (keep_versions 0 too)
+    assert store.list(version_dir(2) + "/") == []
 
 
 class FlakyStore(LocalStore):
@@ -177,7 +192,7 @@ def flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_corrupt_latest_is_refused_and_the_newest_intact_version_loaded(tmp_path: Path, snap, caplog):
+def test_a_corrupt_latest_is_refused_and_its_parent_loaded(tmp_path: Path, snap, caplog):
     store = LocalStore(tmp_path / "store")
     pub = make_publisher(store)
     pub.publish_version(snap)
@@ -273,36 +288,342 @@ def test_the_gate_holds_latest_and_numbers_every_rejected_candidate(tmp_path: Pa
     assert "rejected" not in read_manifest(store, 4)
 
 
-def test_a_killed_learners_staging_dir_is_removed_at_the_next_start(tmp_path):
-    """SIGKILL mid-publish leaves the staged version behind (no ``finally`` runs); the next learner on
-    the machine removes it, and leaves a live learner's alone."""
-    import signal
-    import subprocess
-    import sys
+# ------------------------------------------------------- lineage-true recovery, statuses, retention
+# Versions of a 4-weight stand-in model: a few KB each, published in milliseconds. Recovery, statuses,
+# rollback and retention read manifests, claims and sha256s; they never look inside the weights.
+@functools.cache
+def model_config_json(layers: int) -> bytes:
+    from transformers import AutoConfig
 
-    from stream_learner.staging import remove_stale_staging_dirs, staging_dir
+    from stream_learner.model import resolve_model_path
 
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import pathlib, sys, time; from stream_learner.staging import staging_dir\n"
-            "d = staging_dir('publish'); pathlib.Path(d.name, 'model.safetensors').write_bytes(b'0' * 4096)\n"
-            "print(d.name, flush=True); time.sleep(60)",
-        ],
-        env={**os.environ, "TMPDIR": str(tmp_path)},
-        stdout=subprocess.PIPE,
-        text=True,
+    path = resolve_model_path(small_settings().model.name_or_path)
+    return AutoConfig.from_pretrained(path, num_hidden_layers=layers).to_json_string().encode()
+
+
+def tiny_snapshot(events: int = 8, probe: float | None = None) -> Snapshot:
+    return Snapshot(
+        model_state={"w": torch.full((4,), float(events))},
+        optimizer_state={
+            "state": {0: {"step": torch.tensor(float(events)), "exp_avg": torch.zeros(4)}},
+            "param_groups": [{"lr": 1e-4, "params": [0]}],
+        },
+        replay_arrays={"ids": np.zeros(3, dtype=np.int64)},
+        replay_meta={"seen": events},
+        torch_rng=torch.get_rng_state(),
+        counters=Counters(steps=events // 8, events_ingested=events),
+        offsets={0: events},
+        metrics={} if probe is None else {"probe_accuracy": probe},
     )
-    killed = Path(child.stdout.readline().strip())
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert (killed / "model.safetensors").is_file()  # what SIGKILL leaves
-    live = tmp_path / f"stream-learner-publish-{os.getpid()}-live"  # as staging_dir names this process's
-    live.mkdir()
-    other = tmp_path / "stream-learner-scaling-abc"  # not a staging directory's name
-    other.mkdir()
-    assert remove_stale_staging_dirs(tmp_path) == 1
-    assert not killed.exists() and live.is_dir() and other.is_dir()
-    with staging_dir("publish") as path:
-        assert Path(path).name.startswith(f"stream-learner-publish-{os.getpid()}-")
+
+
+def tiny_publisher(
+    store: ObjectStore, keep: int = 0, parent: int | None = None, latest: tuple | None = None
+) -> Publisher:
+    s = small_settings(publish={"keep_versions": keep})
+    return Publisher(
+        s,
+        store,
+        {"config.json": model_config_json(1)},
+        publish_queue=queue.Queue(maxsize=1),
+        commit_queue=queue.Queue(),
+        metrics=Metrics(),
+        stop=threading.Event(),
+        parent=parent,
+        latest=read_latest(store) if latest is None else latest,
+    )
+
+
+def resumed_publisher(store: ObjectStore, keep: int = 0, workdir: Path | None = None) -> Publisher:
+    """A learner's publisher after a restart: resumed from what recovery loads, numbered after LATEST."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        found = load_newest_intact(store, workdir or Path(tmp), lambda err: None)
+    return tiny_publisher(store, keep, parent=found[0].version if found else None)
+
+
+def rejected(pub: Publisher, events: int = 8) -> int:
+    """Publish a candidate the poisoning gate holds back."""
+    pub.latest_probe_accuracy = 0.9
+    pub.settings = pub.settings.model_copy(
+        update={"probe": pub.settings.probe.model_copy(update={"max_accuracy_drop": 0.05})}
+    )
+    version = pub.publish_version(tiny_snapshot(events, probe=0.5))
+    pub.latest_probe_accuracy = None
+    return version
+
+
+def fenced(store: ObjectStore) -> int:
+    """A second learner with a stale view of LATEST publishes: it loses the fence. Returns its version."""
+    latest, _ = read_latest(store)
+    rogue = tiny_publisher(store, parent=latest, latest=(latest, "an-etag-long-gone"))
+    with pytest.raises(FencedOut):
+        rogue.publish_version(tiny_snapshot())
+    return rogue._last_claimed
+
+
+def damage(store: LocalStore, version: int, name: str = WEIGHTS) -> None:
+    flip_a_byte(store.root / version_dir(version) / name)
+
+
+def resume(store: ObjectStore, tmp_path: Path) -> tuple[int, list[CorruptVersion]]:
+    refused: list[CorruptVersion] = []
+    found = load_newest_intact(store, tmp_path / f"work-{len(list(tmp_path.iterdir()))}", refused.append)
+    assert found is not None
+    return found[0].version, refused
+
+
+def test_recovery_walks_latests_chain_and_never_the_branch_a_rollback_abandoned(tmp_path, caplog):
+    store = LocalStore(tmp_path / "store")
+    pub = tiny_publisher(store)
+    for _ in range(3):
+        pub.publish_version(tiny_snapshot())
+    rollback(store, 2)  # 3 is abandoned: the highest-numbered intact version, and the wrong one
+    pub = resumed_publisher(store)
+    assert pub.publish_version(tiny_snapshot()) == 4 and pub.publish_version(tiny_snapshot()) == 5
+    assert chain_of(store, 5) == [5, 4, 2, 1]
+
+    damage(store, 5)
+    with caplog.at_level(logging.WARNING, logger="stream_learner.publisher"):
+        version, refused = resume(store, tmp_path)
+    assert version == 4 and [e.version for e in refused] == [5]
+    [line] = [r for r in caplog.records if "LATEST names" in r.getMessage()]
+    assert line.levelno == logging.WARNING and line.getMessage() == (
+        f"LATEST names 5, corrupt ({WEIGHTS} does not match the sha256 in its manifest); "
+        "resuming from its parent 4"
+    )
+
+    damage(store, 4)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stream_learner.publisher"):
+        version, refused = resume(store, tmp_path)
+    assert version == 2 and [e.version for e in refused] == [5, 4]  # not 3, the newest intact one
+    assert "its parent 4 corrupt too" in caplog.text and "resuming from its parent 2" in caplog.text
+
+    damage(store, 2)
+    damage(store, 1)
+    with pytest.raises(CorruptVersion, match="no intact version on LATEST's chain") as raised:
+        resume(store, tmp_path)
+    assert "version 1 has no parent" in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_recovery_skips_rejected_and_fenced_ancestors(tmp_path, caplog):
+    store = LocalStore(tmp_path / "store")
+    pub = tiny_publisher(store)
+    pub.publish_version(tiny_snapshot())  # 1
+    assert rejected(pub) == 2
+    assert (
+        pub.publish_version(tiny_snapshot()) == 3
+    )  # its parent is the rejected 2: the weights descend from it
+    assert fenced(store) == 4
+    rollback(store, 4, force=True)  # an operator insisted on the fenced one
+    pub = resumed_publisher(store)
+    assert pub.publish_version(tiny_snapshot()) == 5
+    assert chain_of(store, 5) == [5, 4, 3, 2, 1]
+
+    damage(store, 5)
+    damage(store, 3)
+    with caplog.at_level(logging.WARNING, logger="stream_learner.publisher"):
+        version, refused = resume(store, tmp_path)
+    assert version == 1 and [e.version for e in refused] == [5, 3]
+    assert "its parent 4 is fenced: skipped" in caplog.text
+    assert "its parent 2 is rejected: skipped; resuming from its parent 1" in caplog.text
+
+    # LATEST itself is loaded whatever its status: a forced rollback chose it
+    rollback(store, 2, force=True)
+    assert resume(store, tmp_path) == (2, [])
+
+
+def test_an_unreadable_manifest_names_its_parent_through_the_claim(tmp_path, caplog):
+    store = LocalStore(tmp_path / "store")
+    pub = tiny_publisher(store)
+    for _ in range(3):
+        pub.publish_version(tiny_snapshot())
+    rollback(store, 1)
+    pub = resumed_publisher(store)
+    assert pub.publish_version(tiny_snapshot()) == 4  # parent 1; 2 and 3 abandoned
+    store.put(f"{version_dir(4)}/{MANIFEST}", b"{ truncated")
+    assert version_statuses(store) == {1: PUBLISHED, 2: ABANDONED, 3: ABANDONED, 4: "corrupt"}
+    with caplog.at_level(logging.WARNING, logger="stream_learner.publisher"):
+        assert resume(store, tmp_path)[0] == 1
+    assert "LATEST names 4, corrupt (manifest missing or unreadable" in caplog.text
+    assert "resuming from its parent 1" in caplog.text
+
+
+def test_when_no_parent_can_be_known_the_last_resort_avoids_abandoned_rejected_and_fenced(tmp_path, caplog):
+    store = LocalStore(tmp_path / "store")
+    pub = tiny_publisher(store)
+    for _ in range(2):
+        pub.publish_version(tiny_snapshot())  # 1, 2
+    pub.publish_version(tiny_snapshot())  # 3: rolled back below, below
+    rollback(store, 2)
+    pub = resumed_publisher(store)
+    assert rejected(pub) == 4
+    assert fenced(store) == 5
+    assert pub.publish_version(tiny_snapshot()) == 6  # parent 4 (rejected); chain 6 4 2 1
+    assert read_manifest(store, 3)["abandoned"]["rollback_to"] == 2  # the rollback's mark
+    # version 6's manifest and claim are both gone: its parent cannot be known
+    store.delete(f"{version_dir(6)}/{MANIFEST}")
+    store.delete(f"{version_dir(6)}/{CLAIM}")
+    with caplog.at_level(logging.WARNING, logger="stream_learner.publisher"):
+        assert resume(store, tmp_path)[0] == 2  # not 5 (fenced), 4 (rejected) nor 3 (abandoned)
+    [line] = [r for r in caplog.records if "LATEST names 6" in r.getMessage()]
+    assert line.levelno == logging.ERROR and "the parent of 6 cannot be known" in line.getMessage()
+    assert "a guess" in line.getMessage() and "\n" not in line.getMessage()
+
+
+def test_statuses_of_every_kind_and_old_manifests_without_one(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    pub = tiny_publisher(store)
+    pub.publish_version(tiny_snapshot())  # 1
+    pub.publish_version(tiny_snapshot())  # 2
+    assert rejected(pub) == 3
+    assert read_manifest(store, 3)["status"] == REJECTED
+    assert fenced(store) == 4
+    pub.publish_version(tiny_snapshot())  # 5, parent 3
+    store.put(f"{version_dir(6)}/{CLAIM}", b"dead-writer")  # a publish cut short
+    store.put(f"{version_dir(6)}/{WEIGHTS}", b"half")
+    assert version_statuses(store) == {
+        1: PUBLISHED,
+        2: PUBLISHED,
+        3: REJECTED,  # on the chain, still rejected
+        4: FENCED,
+        5: PUBLISHED,
+        6: INCOMPLETE,
+    }
+    rollback(store, 2)
+    statuses = version_statuses(store)
+    assert statuses[5] == ABANDONED and statuses[2] == PUBLISHED and statuses[1] == PUBLISHED
+    assert statuses[3] == REJECTED and statuses[4] == FENCED
+    # a manifest of an older learner (no status, a plain-text claim) is read by inference
+    old = read_manifest(store, 5)
+    for key in ("status", "abandoned"):
+        old.pop(key, None)
+    store.put(f"{version_dir(5)}/{MANIFEST}", json.dumps(old).encode())
+    store.put(f"{version_dir(5)}/{CLAIM}", b"host/1/abc")
+    assert version_statuses(store)[5] == ABANDONED
+    rollback(store, 5)  # rolled forward again: its chain is published again, and 2's mark… there is none
+    assert version_statuses(store)[5] == PUBLISHED and "abandoned" not in read_manifest(store, 5)
+
+
+def test_rollback_refuses_rejected_fenced_and_incomplete_versions(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    pub = tiny_publisher(store)
+    pub.publish_version(tiny_snapshot())
+    assert rejected(pub) == 2
+    assert fenced(store) == 3
+    store.put(f"{version_dir(4)}/{CLAIM}", b"dead-writer")
+    for version, status in ((2, REJECTED), (3, FENCED)):
+        with pytest.raises(RollbackRefused) as refused:
+            rollback(store, version)
+        assert refused.value.status == status and refused.value.forceable
+    with pytest.raises(RollbackRefused) as refused:
+        rollback(store, 4, force=True)
+    assert refused.value.status == INCOMPLETE and not refused.value.forceable
+    assert read_latest(store)[0] == 1
+    assert rollback(store, 2, force=True) == 1 and read_latest(store)[0] == 2
+
+
+def test_retention_removes_leftovers_even_with_keep_0_and_keeps_latests_chain_first(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    pub = tiny_publisher(store, keep=0)
+    pub.publish_version(tiny_snapshot())  # 1
+    store.put(f"{version_dir(2)}/{CLAIM}", b"dead-writer")  # a claim without files
+    store.put(f"{version_dir(3)}/{CLAIM}", b"dead-writer")  # and one with part of its files
+    store.put(f"{version_dir(3)}/{WEIGHTS}", b"half")
+    pub.latest = 3  # numbered after the leftovers, as a learner started after them is
+    assert pub.publish_version(tiny_snapshot()) == 4  # keep_versions 0: the leftovers go all the same
+    assert sorted(version_statuses(store)) == [1, 4]
+    store.put(f"{version_dir(5)}/{CLAIM}", b"a-publish-running-now")  # newer than the newest complete: stays
+    assert prune_versions(store, 0) == [] and version_statuses(store)[5] == INCOMPLETE
+
+    # keep 2: LATEST's chain first, then abandoned versions; rejected and fenced go first
+    pub = tiny_publisher(store, parent=4)
+    pub.latest = 5
+    assert pub.publish_version(tiny_snapshot()) == 6  # chain 6 4 1
+    assert 5 not in version_statuses(store)  # older than the newest complete one now: a leftover, gone
+    assert rejected(pub) == 7
+    assert fenced(store) == 8
+    rollback(store, 4)  # 6 abandoned; chain 4 1
+    assert version_statuses(store) == {1: PUBLISHED, 4: PUBLISHED, 6: ABANDONED, 7: REJECTED, 8: FENCED}
+    assert prune_versions(store, 3) == [7]  # kept: 4 1 (chain), 6 (abandoned); 8 is the newest: stays
+    assert prune_versions(store, 1) == [1, 6]  # kept: 4; and 8, the newest number (never reused)
+    assert sorted(version_statuses(store)) == [4, 8]
+
+
+def test_cli_list_shows_statuses_and_rollback_refuses_unless_forced(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    pub = tiny_publisher(store)
+    pub.publish_version(tiny_snapshot())  # 1
+    pub.publish_version(tiny_snapshot())  # 2
+    assert rejected(pub) == 3
+    assert fenced(store) == 4
+    rollback(store, 1)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"publish": {"storage_url": (tmp_path / "store").as_uri()}}))
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["versions", "list", "--json", "-c", str(config)])
+    assert listed.exit_code == 0, listed.output
+    listing = json.loads(listed.stdout)
+    assert listing["latest"] == 1
+    assert listing["statuses"] == {"1": PUBLISHED, "2": ABANDONED, "3": REJECTED, "4": FENCED}
+    assert [(m["version"], m["status"]) for m in listing["versions"]] == [
+        (1, PUBLISHED),
+        (2, ABANDONED),
+        (3, REJECTED),
+        (4, FENCED),
+    ]
+    table = runner.invoke(cli, ["versions", "list", "-c", str(config)], env={"COLUMNS": "200"})
+    assert table.exit_code == 0, table.output
+    cells = [line.split("│") for line in table.stdout.splitlines() if line.startswith("│")]
+    rows = {row[1].strip(): row[-2].strip() for row in cells}
+    assert rows == {
+        "1": "published ◀ LATEST",
+        "2": "abandoned (rollback to 1)",
+        "3": "rejected (gate)",
+        "4": "fenced",
+    }
+    for version, why in (("3", "poisoning gate: probe accuracy 0.500"), ("4", "lost LATEST to another")):
+        refused = runner.invoke(cli, ["versions", "rollback", version, "-c", str(config)])
+        assert refused.exit_code == 1
+        [line] = refused.output.strip().splitlines()
+        assert line.startswith(f"stream-learner: cannot roll back: version {version} is ") and why in line
+        assert line.endswith("pass --force to roll back to it anyway")
+    assert read_latest(store)[0] == 1
+    forced = runner.invoke(cli, ["versions", "rollback", "3", "--force", "-c", str(config)])
+    assert forced.exit_code == 0, forced.output
+    assert read_latest(store)[0] == 3
+
+
+def test_an_architecture_other_than_latests_fails_at_start_naming_the_setting(tmp_path):
+    from transformers import AutoConfig
+
+    from stream_learner.app import Learner
+    from stream_learner.config import ConfigError
+    from stream_learner.model import resolve_model_path
+
+    store = LocalStore(tmp_path / "store")
+    tiny_publisher(store).publish_version(tiny_snapshot())  # a 1-layer model's version
+    settings = small_settings(
+        model={"num_hidden_layers": 2}, publish={"storage_url": (tmp_path / "store").as_uri()}
+    )
+    two_layers = AutoConfig.from_pretrained(
+        resolve_model_path(settings.model.name_or_path), num_hidden_layers=2
+    )
+    learner = Learner(settings)
+    learner.store = store
+    with pytest.raises(ConfigError) as raised:
+        learner._restore(two_layers)
+    message = str(raised.value)
+    assert message.startswith("model.num_hidden_layers: ") and "\n" not in message
+    assert "num_hidden_layers 1 there, 2 here" in message and "set model.num_hidden_layers to 1" in message
+    # the same architecture resumes
+    one_layer = AutoConfig.from_pretrained(
+        resolve_model_path(settings.model.name_or_path), num_hidden_layers=1
+    )
+    assert learner._restore(one_layer).version == 1
+    # another width is another model: named as such
+    wide = one_layer.to_dict() | {"hidden_size": 768}
+    with pytest.raises(ConfigError, match=r"^model\.name_or_path: .*hidden_size 384 there, 768 here"):
+        learner._restore(wide)

@@ -11,7 +11,15 @@ import pytest
 from stream_learner.datasets import malformed_events
 from stream_learner.events import encode_event
 from stream_learner.producer import produce_lines
-from stream_learner.publisher import CLAIM, MANIFEST, list_versions, read_latest, read_manifest, version_dir
+from stream_learner.publisher import (
+    INCOMPLETE,
+    MANIFEST,
+    list_versions,
+    read_latest,
+    read_manifest,
+    version_dir,
+    version_statuses,
+)
 from stream_learner.storage import open_store
 from stream_learner.topics import ensure_topics
 from tests.factories import tiny_rows
@@ -72,7 +80,7 @@ def test_sigterm_publishes_a_final_version_and_commits_before_exit(kafka_bootstr
     topic = unique_topic("sigterm")
     url = (tmp_path / "store").as_uri()
     # only the final version is ever published: every_* are out of reach
-    cfg = config(kafka_bootstrap, topic, {"storage_url": url}, every_steps=10**6, every_seconds=10**6)
+    cfg = config(kafka_bootstrap, topic, {"storage_url": url}, every_steps=10**6, every_seconds=604800)
     valid: dict[int, list[bool]] = {}
     ensure_topics({"bootstrap.servers": kafka_bootstrap}, {topic: PARTITIONS, f"{topic}.dlq": PARTITIONS})
     produce(kafka_bootstrap, topic, events(120, bad_every=10), valid)
@@ -207,9 +215,12 @@ def test_chaos_sigkill_at_random_moments_keeps_the_lineage_exact(
     assert kills >= 5 and during_publish >= 2, (kills, during_publish)
     chain = assert_exact_lineage(store, topic, valid)
     assert chain[-1]["events_ingested"] == sum(sum(v) for v in valid.values())
-    # the cut-short uploads left claimed directories that no version in the lineage uses
-    claimed = {int(k.split("/")[1]) for k in store.list("versions/") if k.endswith("/" + CLAIM)}
-    assert claimed - {m["version"] for m in chain}
+    # the cut-short uploads skipped version numbers, and retention removed their leftovers
+    # (keep_versions = 0 too): no incomplete version is left below the newest complete one
+    statuses = version_statuses(store)
+    newest = max(n for n, s in statuses.items() if s != INCOMPLETE)
+    assert not [n for n, s in statuses.items() if s == INCOMPLETE and n < newest]
+    assert set(range(1, chain[-1]["version"] + 1)) - {m["version"] for m in chain}
     assert all(store.exists(f"{version_dir(m['version'])}/{MANIFEST}") for m in chain)
     committed = committed_offsets(kafka_bootstrap, cfg["kafka"]["group_id"], topic, PARTITIONS)
     assert committed == {int(p): o for p, o in chain[-1]["offsets"][topic].items()}
