@@ -30,16 +30,17 @@ import torch
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from stream_learner.config import ConfigError, Settings
-from stream_learner.consumer import EventConsumer, Tokenize
+from stream_learner.consumer import EventConsumer
 from stream_learner.distributed import Group, restored_for_rank
 from stream_learner.events import InvalidEvent, LabelSet, TokenizedEvent, parse_event
+from stream_learner.intake import Tokenize
 from stream_learner.limits import MiB, memory_budget
 from stream_learner.metrics import Metrics
-from stream_learner.model import load_model, load_tokenizer
-from stream_learner.publisher import CorruptVersion, Publisher, load_newest_intact, read_latest
+from stream_learner.model import check_max_length, load_model, load_tokenizer
+from stream_learner.publisher import CorruptVersion, Publisher, load_newest_intact, read_latest, version_dir
 from stream_learner.staging import remove_stale_staging_dirs, staging_dir
-from stream_learner.storage import ObjectStore, open_store
-from stream_learner.topics import ensure_topics, partition_count
+from stream_learner.storage import ObjectStore, check_reachable, open_store
+from stream_learner.topics import ensure_topics, partition_count, require_topics
 from stream_learner.trainer import Restored, Trainer, pick_device
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,46 @@ def load_probe(settings: Settings, tokenizer) -> list[TokenizedEvent]:
     ]
 
 
-def check_lineage_matches(settings: Settings, manifest: dict, where: str) -> None:
-    """A version trained from another base model or label set cannot be resumed with these settings."""
+# the config.json keys that fix a model's weight shapes (BERT-like names first, then other families')
+ARCHITECTURE_KEYS = (
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "embedding_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "n_layer",
+    "n_layers",
+    "num_layers",
+    "n_embd",
+    "n_head",
+    "n_heads",
+    "dim",
+    "hidden_dim",
+    "d_model",
+    "d_ff",
+)
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")  # what model.num_hidden_layers sets
+
+
+def check_lineage_matches(
+    settings: Settings,
+    manifest: dict,
+    where: str,
+    stored_config: dict | None = None,
+    model_config: object | None = None,
+) -> None:
+    """A version trained from another base model, label set or architecture cannot be resumed with
+    these settings: one line naming the setting, not a state_dict mismatch at load.
+
+    ``stored_config`` is the version's ``config.json``, ``model_config`` the config of the model these
+    settings loaded (a ``PretrainedConfig`` or a dict); their :data:`ARCHITECTURE_KEYS` must agree.
+    """
     m = settings.model
     if manifest["base_model"] != m.name_or_path or manifest["labels"] != m.labels:
         raise ConfigError(
@@ -107,6 +146,28 @@ def check_lineage_matches(settings: Settings, manifest: dict, where: str) -> Non
             f"labels {manifest['labels']}, these settings say {m.name_or_path!r} with {m.labels}; use the "
             "same, or a new publish.storage_url for a new model"
         )
+    if stored_config is None or model_config is None:
+        return
+    loaded = model_config if isinstance(model_config, dict) else model_config.to_dict()
+    differ = [
+        k for k in ARCHITECTURE_KEYS if k in stored_config and k in loaded and stored_config[k] != loaded[k]
+    ]
+    if not differ:
+        return
+    shown = ", ".join(f"{k} {stored_config[k]!r} there, {loaded[k]!r} here" for k in differ)
+    if all(k in LAYER_KEYS for k in differ):
+        raise ConfigError(
+            f"model.num_hidden_layers: {where} holds versions of a model with {shown}; set "
+            f"model.num_hidden_layers to {stored_config[differ[0]]}, or use a new publish.storage_url for a "
+            "new architecture"
+        )
+    named = "model.name_or_path"
+    if set(differ) & set(LAYER_KEYS):
+        named += " / model.num_hidden_layers"
+    raise ConfigError(
+        f"{named}: {where} holds versions of another architecture than the model these settings "
+        f"load ({shown}); use the same model, or a new publish.storage_url for a new one"
+    )
 
 
 class Learner:
@@ -132,6 +193,7 @@ class Learner:
             self._start_http()
         remove_stale_staging_dirs()  # a killed learner's staged version: ≈ 3 × the model each
         self.store = open_settings_store(s)
+        check_reachable(self.store)  # a missing bucket or a refused endpoint in plain words, before the model
         if s.kafka.create_topics:
             ensure_topics(
                 s.kafka.librdkafka(),
@@ -139,6 +201,11 @@ class Learner:
                     s.kafka.topic: s.kafka.topic_partitions,
                     s.kafka.dead_letter_topic: s.kafka.topic_partitions,
                 },
+            )
+        else:  # they must exist: a missing dead-letter topic would show only at the first bad event
+            require_topics(
+                s.kafka.librdkafka(),
+                {s.kafka.topic: "kafka.topic", s.kafka.dead_letter_topic: "kafka.dlq_topic"},
             )
         partitions = None
         if self.group is not None:
@@ -149,9 +216,10 @@ class Learner:
             )
         tokenizer = load_tokenizer(s.model)
         loaded = load_model(s.model, s.training.seed)
+        check_max_length(s.model, loaded.model)
         check_memory(s, loaded.model)
         probe = load_probe(s, tokenizer)
-        restored = self._restore()
+        restored = self._restore(loaded.model.config)
         if restored is not None and self.group is not None:
             restored = restored_for_rank(restored, self.group)
 
@@ -211,8 +279,10 @@ class Learner:
             self._spawn("publisher", self.publisher.run)
         return self
 
-    def _restore(self) -> Restored | None:
-        """Load LATEST (or the newest intact version before it), verifying every file's sha256."""
+    def _restore(self, model_config: object | None = None) -> Restored | None:
+        """Load LATEST or, if it is corrupt, the nearest intact version on its parent chain (never another
+        branch: ``publisher.load_newest_intact``), verifying every file's sha256. ``model_config``, the
+        loaded model's config, is checked against the version's ``config.json`` (same architecture)."""
         self._latest_version, self._latest_etag = read_latest(self.store)
         self._latest_probe_accuracy: float | None = None
         found = load_newest_intact(self.store, Path(self._workdir.name), on_corrupt=self._refuse_corrupt)
@@ -220,7 +290,17 @@ class Learner:
             log.info("no published version in %s: starting from the pretrained model", self.store.describe())
             return None
         restored, manifest = found
-        check_lineage_matches(self.settings, manifest, self.store.describe())
+        import json
+
+        stored = Path(self._workdir.name) / version_dir(restored.version) / "config.json"  # sha256-verified
+        try:
+            stored_config = json.loads(stored.read_text()) if "config.json" in manifest["files"] else None
+        except (OSError, ValueError):
+            stored_config = None
+        where = self.store.describe()
+        check_lineage_matches(
+            self.settings, manifest, where, stored_config=stored_config, model_config=model_config
+        )
         version = restored.version
         self.restored_version = version
         self._latest_probe_accuracy = manifest.get("metrics", {}).get("probe_accuracy")
@@ -234,7 +314,7 @@ class Learner:
 
     def _refuse_corrupt(self, err: CorruptVersion) -> None:
         self.metrics.corrupt_versions.inc()
-        log.error("refusing %s; falling back to the newest intact version before it", err)
+        log.error("refusing %s; falling back along LATEST's parent chain", err)
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         def guarded() -> None:

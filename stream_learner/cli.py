@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -48,10 +47,18 @@ def _fail(what: str, err: BaseException) -> typer.Exit:
 # ------------------------------------------------------------------------------------------- run
 @app.command()
 def run(config: ConfigOpt = None, log_level: str = "INFO") -> None:
-    """Run the learner: consume the input topic, train, publish versions, serve /metrics."""
+    """Run the learner: consume the input topic, train, publish versions, serve /metrics.
+
+    Exit status: 0 after a clean stop; 2 when a setting is wrong (one line on stderr naming it: fix the
+    configuration, a restart alone will not help); 1 on anything else, an outage included (a broker or
+    store that cannot be reached: a restart may help once it is back).
+    """
     settings = _settings(config)  # a bad setting fails before anything heavy is imported
     _logging(log_level)
     from stream_learner.app import Learner
+    from stream_learner.logs import install
+
+    log_limits = install()  # a broker outage: one line per kind of client error and window, not hundreds
 
     learner = Learner(settings)
 
@@ -70,6 +77,8 @@ def run(config: ConfigOpt = None, log_level: str = "INFO") -> None:
     except Exception as err:
         raise _fail("start-up failed", err) from None
     learner.wait()
+    for limit in log_limits:
+        limit.flush()
     if learner.error is not None:
         raise _fail("stopped on error", learner.error)
     if not learner.stopped_cleanly:
@@ -100,35 +109,58 @@ def produce(
 # -------------------------------------------------------------------------------------- versions
 @versions_app.command("list")
 def versions_list(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List the versions in storage: time, parent, events, steps, metrics."""
+    """List the versions in storage: time, parent, events, steps, metrics, status.
+
+    Status: published (on LATEST's chain), rejected (poisoning gate), fenced (its learner lost LATEST
+    to another), abandoned (off LATEST's chain: a rollback went below it, or its learner died before
+    LATEST named it), incomplete (no manifest: a publish cut short), corrupt (unreadable manifest).
+    """
     from stream_learner.app import open_settings_store
-    from stream_learner.publisher import list_versions, read_latest
+    from stream_learner.publisher import read_latest, survey_versions, version_statuses
 
     settings = _settings(config)
     store = open_settings_store(settings)
-    manifests = list_versions(store)
+    entries = survey_versions(store)
     latest, _ = read_latest(store)
+    statuses = version_statuses(store, entries)
     if as_json:
-        typer.echo(json.dumps({"latest": latest, "versions": manifests}, indent=1))
+        versions = [
+            {**e.manifest, "status": statuses[n]} for n, e in entries.items() if e.manifest is not None
+        ]
+        listing = {
+            "latest": latest,
+            "statuses": {str(n): st for n, st in statuses.items()},
+            "versions": versions,
+        }
+        typer.echo(json.dumps(listing, indent=1))
         return
     table = Table(title=f"versions in {store.describe()}")
     for col in ("version", "created", "parent", "events", "steps", "preq. acc", "probe acc", "status"):
         table.add_column(col)
     shown = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    for m in manifests:
+    for n, e in entries.items():
+        m = e.manifest or {}
         metrics = m.get("metrics", {})
-        status = "LATEST ◀" if m["version"] == latest else "rejected (gate)" if m.get("rejected") else ""
+        status = _shown_status(statuses[n], m) + (" ◀ LATEST" if n == latest else "")
         table.add_row(
-            str(m["version"]),
-            m["created_at"][:19],
-            str(m["parent"] or "-"),
-            str(m["events_ingested"]),
-            str(m["steps"]),
+            str(n),
+            str(m.get("created_at", "-"))[:19],
+            str(m.get("parent") or "-"),
+            str(m.get("events_ingested", "-")),
+            str(m.get("steps", "-")),
             shown(metrics.get("prequential_accuracy")),
             shown(metrics.get("probe_accuracy")),
             status,
         )
     Console().print(table)
+
+
+def _shown_status(status: str, manifest: dict) -> str:
+    if status == "rejected":
+        return "rejected (gate)"
+    if status == "abandoned" and isinstance(manifest.get("abandoned"), dict):
+        return f"abandoned (rollback to {manifest['abandoned'].get('rollback_to')})"
+    return status
 
 
 @versions_app.command("show")
@@ -145,21 +177,33 @@ def versions_show(version: int, config: ConfigOpt = None) -> None:
 
 
 @versions_app.command("rollback")
-def versions_rollback(version: int, config: ConfigOpt = None) -> None:
+def versions_rollback(
+    version: int,
+    force: Annotated[
+        bool, typer.Option("--force", help="roll back to a rejected or fenced version too")
+    ] = False,
+    config: ConfigOpt = None,
+) -> None:
     """Point LATEST at VERSION: serving picks it up, and the next run resumes from its state and offsets.
 
-    Stop the learner first. Versions newer than VERSION stay in storage (their events are trained
-    again from VERSION's offsets, so the lineage from VERSION on stays exact) until pruned.
+    Stop the learner first. Every file of VERSION is checked against its sha256 before LATEST moves. A
+    rejected or fenced version is refused unless --force; an incomplete or corrupt one always. Versions
+    newer than VERSION stay in storage, shown as abandoned (their events are trained again from
+    VERSION's offsets, so the lineage from VERSION on stays exact), until pruned.
     """
     from stream_learner.app import open_settings_store
-    from stream_learner.publisher import CorruptVersion, FencedOut, load_version, read_latest, rollback
+    from stream_learner.publisher import CorruptVersion, FencedOut, RollbackRefused, rollback
 
     store = open_settings_store(_settings(config))
-    before, _ = read_latest(store)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            load_version(store, version, Path(tmp))  # refuse a missing or corrupt target before moving LATEST
-        rollback(store, version)
+        before = rollback(store, version, force=force)
+    except RollbackRefused as err:
+        hint = (
+            "pass --force to roll back to it anyway"
+            if err.forceable
+            else "LATEST must name a complete, readable version: --force does not change that"
+        )
+        raise _fail("cannot roll back", RuntimeError(f"{err}; {hint}")) from None
     except CorruptVersion as err:
         raise _fail("cannot roll back", err) from None
     except FencedOut as err:
@@ -172,14 +216,15 @@ def versions_prune(
     keep: Annotated[int | None, typer.Option(help="how many to keep; default publish.keep_versions")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Delete all but the newest KEEP complete versions; never the one LATEST names."""
+    """Keep LATEST and its nearest ancestors, KEEP versions in all (0: keep every complete version);
+    remove the leftovers of publishes cut short whatever KEEP is. Never LATEST, nor the newest version."""
     from stream_learner.app import open_settings_store
     from stream_learner.publisher import prune_versions
 
     settings = _settings(config)
     keep = settings.publish.keep_versions if keep is None else keep
-    if keep < 1:
-        raise _fail("prune", ValueError(f"--keep must be at least 1, got {keep}"))
+    if keep < 0:
+        raise _fail("prune", ValueError(f"--keep must be 0 (only leftovers) or more, got {keep}"))
     store = open_settings_store(settings)
     deleted = prune_versions(store, keep)
     console.print(f"deleted {len(deleted)} versions {deleted or ''} from {store.describe()}")

@@ -12,6 +12,9 @@ or start with ``.`` (the local store keeps its lock and temporary files under su
 Conditional writes are what makes publication safe with more than one writer: ``put(...,
 if_none_match=True)`` creates an object only if it does not exist, ``put(..., if_match=etag)`` replaces
 it only if it is still the version the writer read; the loser gets :class:`PreconditionFailed`.
+
+:func:`check_reachable` is the start-up check: a store that cannot be used is refused in plain words
+before anything heavy is loaded.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -32,7 +36,17 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ParamValidationError,
+    ReadTimeoutError,
+)
+
+from stream_learner.config import ENV_PREFIX, ConfigError
 
 _CHUNK = 1 << 20
 _LOCK_NAME = ".lock"
@@ -430,3 +444,111 @@ def open_store(
         )
         return S3Store(parts.netloc, parts.path, client, endpoint_url=endpoint_url)
     raise ValueError(f"storage URL {url!r}: unsupported scheme {scheme!r}; use file:// or s3://")
+
+
+# ------------------------------------------------------------------------------- start-up check
+#: Longest :func:`check_reachable` waits for the object store to answer. boto3 retries a refused
+#: connection within a second; a server that does not answer at all would take 4 attempts × 10 s.
+STORE_CHECK_TIMEOUT_S = 15.0
+
+_CREDENTIAL_CODES = (
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "AllAccessDisabled",
+)
+_REGION_CODES = ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException")
+
+
+class StoreUnreachable(RuntimeError):
+    """The object store did not answer, or answered with a server error; the message says what to check."""
+
+
+def _setting(name: str) -> str:
+    return f"publish.{name} ({ENV_PREFIX}PUBLISH__{name.upper()})"
+
+
+def check_reachable(store: ObjectStore, timeout_s: float = STORE_CHECK_TIMEOUT_S) -> None:
+    """Check at start-up that ``store`` can be used: list one key under its prefix within ``timeout_s``.
+
+    A mistake in the settings (no such bucket, credentials refused or missing, a wrong region, a local
+    directory this process may not write) raises :class:`~stream_learner.config.ConfigError` naming the
+    setting; a store that does not answer, or answers with a server error, raises :class:`StoreUnreachable`.
+    """
+    if isinstance(store, LocalStore):
+        if not os.access(store.root, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"publish.storage_url: this process may not write to {store.root}: fix its permissions "
+                f"or set {_setting('storage_url')} to a writable directory"
+            )
+        return
+    if not isinstance(store, S3Store):
+        return
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            store.client.list_objects_v2(Bucket=store.bucket, Prefix=store.prefix, MaxKeys=1)
+            outcome.append(None)
+        except BaseException as err:  # handed over to the caller's thread
+            outcome.append(err)
+
+    # boto3 has no overall deadline (connect and read timeouts per attempt, then retries): a thread does
+    thread = threading.Thread(target=probe, name="stream-learner-store-check", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    where = store.describe()
+    endpoint = _setting("s3_endpoint_url")
+    if not outcome:
+        raise StoreUnreachable(
+            f"cannot reach the object store {where}: no answer within {timeout_s:g} s; check {endpoint} "
+            "and that the server is up and reachable from here"
+        )
+    err = outcome[0]
+    if err is None:
+        return
+    plain = {
+        ConnectTimeoutError: "the connection timed out",
+        EndpointConnectionError: "could not connect",
+        ReadTimeoutError: "no answer in time",
+        ConnectionClosedError: "the connection was closed",
+    }
+    why = next((text for kind, text in plain.items() if isinstance(err, kind)), None)
+    if why is not None:
+        raise StoreUnreachable(
+            f"cannot reach the object store {where} ({why}): check {endpoint} and that the server is up "
+            "and reachable from here"
+        ) from None
+    if isinstance(err, NoCredentialsError):
+        raise ConfigError(
+            f"publish.s3_access_key_id / publish.s3_secret_access_key: no S3 credentials for {where}: set "
+            f"{ENV_PREFIX}PUBLISH__S3_ACCESS_KEY_ID and {ENV_PREFIX}PUBLISH__S3_SECRET_ACCESS_KEY, or give "
+            "the AWS default chain some (environment, ~/.aws, an instance or pod role)"
+        ) from None
+    if isinstance(err, ParamValidationError):
+        raise ConfigError(f"publish.storage_url: {where}: {err}; fix {_setting('storage_url')}") from None
+    if not isinstance(err, ClientError):
+        raise err
+    code, status = _code(err), _status(err)
+    if code == "NoSuchBucket":
+        raise ConfigError(
+            f"publish.storage_url: the bucket {store.bucket!r} does not exist ({where}): create it, or fix "
+            f"{_setting('storage_url')}"
+        ) from None
+    if code in _CREDENTIAL_CODES or status == 403:
+        raise ConfigError(
+            f"publish.s3_access_key_id / publish.s3_secret_access_key: {where} refused to list "
+            f"{store.url} ({code or status}): check the credentials, and that they may list, read and "
+            "write under that prefix"
+        ) from None
+    if code in _REGION_CODES or status == 301:
+        raise ConfigError(
+            f"publish.s3_region: {where} answered {code or status}: the bucket is in another region; "
+            f"set {_setting('s3_region')}"
+        ) from None
+    raise StoreUnreachable(
+        f"the object store {where} answered {code or 'an error'} (HTTP {status}) to a listing of "
+        f"{store.url}: check {endpoint} and the server's health"
+    ) from None

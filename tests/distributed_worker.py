@@ -29,7 +29,7 @@ from tests.factories import batch, make_trainer, small_settings, tiny_rows, toke
 def _settings(replay: int, check_every: int = 1):
     return small_settings(
         training={"fresh_per_step": 4, "replay_per_step": replay, "bucket_window": 2, "max_wait_s": 0.1},
-        publish={"every_steps": 10**6, "every_seconds": 1e9},
+        publish={"every_steps": 10**6, "every_seconds": 604800},
         distributed={"check_every_steps": check_every},
     )
 
