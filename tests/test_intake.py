@@ -138,6 +138,12 @@ def test_an_escaped_second_label_is_a_duplicate_not_a_label():
     assert isinstance(out, InvalidEvent) and out.reason is Reason.DUPLICATE_FIELD
 
 
+def test_a_repeated_key_that_is_not_a_field_does_not_make_the_fields_duplicates():
+    """Shrunk by hypothesis: any repeated key made every field count as repeated."""
+    out = verdict(b'{"text": "pos", "label": "pos", "segment": "a", "segment": "b"}')
+    assert isinstance(out, LabeledEvent) and out.label == 1
+
+
 @pytest.mark.parametrize(
     ("value", "reason"),
     [
