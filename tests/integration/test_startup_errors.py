@@ -267,3 +267,46 @@ def test_logs_doctest():
     import stream_learner.logs
 
     assert doctest.testmod(stream_learner.logs).failed == 0
+
+
+# ----------------------------------------------------------------------- the model against storage
+def error_line(run: Run) -> str:
+    """The one error line of a learner that got as far as logging (topics created, memory bound)."""
+    assert not any("Traceback" in line for line in run.stderr_lines), run.stderr_lines
+    errors = [line for line in run.stderr_lines if line.startswith("stream-learner: ")]
+    assert len(errors) == 1, run.stderr_lines
+    return errors[0]
+
+
+def test_a_model_architecture_other_than_latests_is_refused(run_cli, kafka_bootstrap, unique_topic, tmp_path):
+    """A 1-layer model's version in storage, a learner asked for 2 layers: this died with a raw
+    state_dict dump."""
+    from stream_learner.storage import LocalStore
+    from tests.test_publisher import tiny_publisher, tiny_snapshot
+
+    tiny_publisher(LocalStore(tmp_path / "models")).publish_version(tiny_snapshot())
+    run = run_cli(
+        STREAM_LEARNER_KAFKA__BOOTSTRAP_SERVERS=kafka_bootstrap,
+        STREAM_LEARNER_KAFKA__TOPIC=unique_topic("arch"),
+        STREAM_LEARNER_MODEL__NUM_HIDDEN_LAYERS="2",
+    )
+    assert run.returncode == 2 and run.seconds < OUTAGE_BOUND_S + SETTING_BOUND_S
+    line = error_line(run)
+    assert (
+        line.startswith("stream-learner: model.num_hidden_layers: ")
+        and "set model.num_hidden_layers to 1" in line
+    )
+
+
+def test_a_max_length_over_the_models_positions_is_refused(run_cli, kafka_bootstrap, unique_topic):
+    """model.max_length 1024 on MiniLM (512 positions): the first long event stopped the trainer, and
+    every restart stopped again."""
+    run = run_cli(
+        STREAM_LEARNER_KAFKA__BOOTSTRAP_SERVERS=kafka_bootstrap,
+        STREAM_LEARNER_KAFKA__TOPIC=unique_topic("positions"),
+        STREAM_LEARNER_MODEL__NUM_HIDDEN_LAYERS="1",
+        STREAM_LEARNER_MODEL__MAX_LENGTH="1024",
+    )
+    assert run.returncode == 2 and run.seconds < OUTAGE_BOUND_S + SETTING_BOUND_S
+    line = error_line(run)
+    assert "model.max_length" in line and "at most 512" in line
