@@ -39,7 +39,7 @@ RUN case "${VARIANT}" in \
     esac \
  && VENV=/opt/venv EXTRAS=runtime TORCH_SPEC="${TORCH_SPEC}" TORCH_INDEX_URL="${index}" ./scripts/setup.sh \
  && HF_HUB_OFFLINE=1 /opt/venv/bin/python -c \
-      "from stream_learner.config import ModelSettings; from stream_learner.model import load_tokenizer; load_tokenizer(ModelSettings())" \
+      "from stream_learner.core.config import ModelSettings; from stream_learner.core.model import load_tokenizer; load_tokenizer(ModelSettings())" \
  && /opt/venv/bin/python -m pip uninstall -y -q pip
 
 # ----------------------------------------------------------------------------------- runtime

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from stream_learner.config import ConfigError, Settings, load_settings
+from stream_learner.core.config import ConfigError, Settings, load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 versions_app = typer.Typer(no_args_is_help=True, help="Published versions in storage.")
@@ -55,8 +55,8 @@ def run(config: ConfigOpt = None, log_level: str = "INFO") -> None:
     """
     settings = _settings(config)  # a bad setting fails before anything heavy is imported
     _logging(log_level)
-    from stream_learner.app import Learner
-    from stream_learner.logs import install
+    from stream_learner.service.app import Learner
+    from stream_learner.service.logs import install
 
     log_limits = install()  # a broker outage: one line per kind of client error and window, not hundreds
 
@@ -95,7 +95,7 @@ def produce(
     config: ConfigOpt = None,
 ) -> None:
     """Produce a JSONL file of events to a topic, with a progress bar."""
-    from stream_learner.producer import produce_lines
+    from stream_learner.service.producer import produce_lines
 
     settings = _settings(config)
     lines = [ln for ln in file.read_bytes().splitlines() if ln.strip()]
@@ -115,8 +115,8 @@ def versions_list(config: ConfigOpt = None, as_json: Annotated[bool, typer.Optio
     to another), abandoned (off LATEST's chain: a rollback went below it, or its learner died before
     LATEST named it), incomplete (no manifest: a publish cut short), corrupt (unreadable manifest).
     """
-    from stream_learner.app import open_settings_store
-    from stream_learner.publisher import read_latest, survey_versions, version_statuses
+    from stream_learner.service.app import open_settings_store
+    from stream_learner.service.publisher import read_latest, survey_versions, version_statuses
 
     settings = _settings(config)
     store = open_settings_store(settings)
@@ -166,8 +166,8 @@ def _shown_status(status: str, manifest: dict) -> str:
 @versions_app.command("show")
 def versions_show(version: int, config: ConfigOpt = None) -> None:
     """Print one version's manifest."""
-    from stream_learner.app import open_settings_store
-    from stream_learner.publisher import read_manifest
+    from stream_learner.service.app import open_settings_store
+    from stream_learner.service.publisher import read_manifest
 
     store = open_settings_store(_settings(config))
     try:
@@ -191,8 +191,8 @@ def versions_rollback(
     newer than VERSION stay in storage, shown as abandoned (their events are trained again from
     VERSION's offsets, so the lineage from VERSION on stays exact), until pruned.
     """
-    from stream_learner.app import open_settings_store
-    from stream_learner.publisher import CorruptVersion, FencedOut, RollbackRefused, rollback
+    from stream_learner.service.app import open_settings_store
+    from stream_learner.service.publisher import CorruptVersion, FencedOut, RollbackRefused, rollback
 
     store = open_settings_store(_settings(config))
     try:
@@ -218,8 +218,8 @@ def versions_prune(
 ) -> None:
     """Keep LATEST and its nearest ancestors, KEEP versions in all (0: keep every complete version);
     remove the leftovers of publishes cut short whatever KEEP is. Never LATEST, nor the newest version."""
-    from stream_learner.app import open_settings_store
-    from stream_learner.publisher import prune_versions
+    from stream_learner.service.app import open_settings_store
+    from stream_learner.service.publisher import prune_versions
 
     settings = _settings(config)
     keep = settings.publish.keep_versions if keep is None else keep
@@ -239,7 +239,7 @@ def demo(
     config: ConfigOpt = None,
 ) -> None:
     """The whole pipeline on its embedded default: local broker, bundled model and data, local storage."""
-    from stream_learner.demo import run_demo
+    from stream_learner.tools.demo import run_demo
 
     overrides: dict = {}
     if not os.environ.get("STREAM_LEARNER_PUBLISH__STORAGE_URL"):
@@ -296,8 +296,8 @@ def eval_(
     config: ConfigOpt = None,
 ) -> None:
     """The quality benchmark: strategies side by side on drifting streams, prequential and held out."""
-    from stream_learner import evaluation as ev
-    from stream_learner import evaluation_report
+    from stream_learner.tools import evaluation as ev
+    from stream_learner.tools import evaluation_report
 
     _settings(config)  # a bad settings file fails before anything heavy
     changes: dict = {"drift": drift}
@@ -368,8 +368,8 @@ def bench(
     config: ConfigOpt = None,
 ) -> None:
     """Throughput side by side: roofline, trainer alone, pipeline from Kafka, hand-written, tutorial loop."""
-    from stream_learner import bench as b
-    from stream_learner import bench_report as report
+    from stream_learner.tools import bench as b
+    from stream_learner.tools import bench_report as report
 
     changes: dict = {"ablation": ablation}
     for key, value in {

@@ -3,7 +3,7 @@
 Both are lazy: a test that asks for neither starts neither.
 
 * ``kafka_bootstrap``: ``$STREAM_LEARNER_TEST_BOOTSTRAP`` if set; else a Kafka container when a Docker
-  engine answers; else a local Tansu broker (:class:`stream_learner.local_broker.LocalBroker`).
+  engine answers; else a local Tansu broker (:class:`stream_learner.tools.local_broker.LocalBroker`).
 * ``s3_server``: a SeaweedFS server (:class:`tests.services.SeaweedS3`); ``s3_bucket``: a fresh bucket
   on it for one test.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from stream_learner.local_broker import LocalBroker
+from stream_learner.tools.local_broker import LocalBroker
 from tests.services import SeaweedS3
 
 BOOTSTRAP_ENV = "STREAM_LEARNER_TEST_BOOTSTRAP"

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from stream_learner.distributed import Group
-from stream_learner.metrics import Metrics
+from stream_learner.service.metrics import Metrics
+from stream_learner.training.distributed import Group
 from tests.factories import batch, make_trainer, small_settings, tiny_rows, tokenized
 
 

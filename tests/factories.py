@@ -6,14 +6,14 @@ import functools
 import queue
 import threading
 
-from stream_learner.config import Settings, load_settings
-from stream_learner.datasets import TINY, bundled_path, read_jsonl
-from stream_learner.distributed import Group
-from stream_learner.events import LabeledEvent, LabelSet, TokenizedEvent
-from stream_learner.intake import ConsumedBatch, Tokenize
-from stream_learner.metrics import Metrics
-from stream_learner.model import load_model, load_tokenizer
-from stream_learner.trainer import Restored, Trainer
+from stream_learner.core.config import Settings, load_settings
+from stream_learner.core.events import LabeledEvent, LabelSet, TokenizedEvent
+from stream_learner.core.intake import ConsumedBatch, Tokenize
+from stream_learner.core.model import load_model, load_tokenizer
+from stream_learner.service.metrics import Metrics
+from stream_learner.tools.datasets import TINY, bundled_path, read_jsonl
+from stream_learner.training.distributed import Group
+from stream_learner.training.trainer import Restored, Trainer
 
 
 def small_settings(**sections: dict) -> Settings:

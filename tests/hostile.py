@@ -1,7 +1,7 @@
 """Hostile input events, generated from a seed: what anyone with write access to the topic could send.
 
 Each generator returns message values (bytes) and Kafka headers. Whether a value is valid is left to
-:func:`stream_learner.events.parse_event`: the tests check the pipeline's accounting and that nothing
+:func:`stream_learner.core.events.parse_event`: the tests check the pipeline's accounting and that nothing
 crashes, not the validator against a second copy of itself.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import orjson
 
-from stream_learner.datasets import TINY, bundled_path, read_jsonl
+from stream_learner.tools.datasets import TINY, bundled_path, read_jsonl
 
 Headers = list[tuple[str, bytes | str | None]]
 Kind = Callable[[random.Random], bytes]

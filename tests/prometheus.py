@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from stream_learner.local_broker import log_tail, spawn_server, terminate_process
+from stream_learner.tools.local_broker import log_tail, spawn_server, terminate_process
 from tests.services import free_port
 
 INSTALL_HINT = (

@@ -26,7 +26,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from stream_learner.local_broker import log_tail, spawn_server, terminate_process
+from stream_learner.tools.local_broker import log_tail, spawn_server, terminate_process
 
 _READY_BUCKET = "ready-probe"
 
@@ -120,7 +120,7 @@ class SeaweedS3:
         )
 
     def store_options(self) -> dict[str, str]:
-        """Keyword arguments of :func:`stream_learner.storage.open_store` for this server."""
+        """Keyword arguments of :func:`stream_learner.service.storage.open_store` for this server."""
         return {
             "endpoint_url": self.endpoint_url,
             "access_key_id": self.access_key_id,

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from prometheus_client.metrics_core import Metric
 
-from stream_learner.metrics import Metrics
+from stream_learner.service.metrics import Metrics
 from tests.prometheus import (
     ALERTS_FILE,
     REPO,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from stream_learner.bench import BenchConfig, fastest, rate_inside, run_bench, summarize_steps
-from stream_learner.bench_report import (
+from stream_learner.tools.bench import BenchConfig, fastest, rate_inside, run_bench, summarize_steps
+from stream_learner.tools.bench_report import (
     MARK_END,
     MARK_START,
     figure_rows,
@@ -22,7 +22,7 @@ from stream_learner.bench_report import (
     pipeline_over_trainer,
     write_markdown,
 )
-from stream_learner.trainer import StepRecord
+from stream_learner.training.trainer import StepRecord
 from tests.factories import small_settings, tiny_rows, tokenized
 
 LOOPS = ("roofline", "trainer_alone", "pipeline", "hand_written", "tutorial")

@@ -16,8 +16,8 @@ from annotated_types import Le
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import stream_learner.config
-from stream_learner.config import (
+import stream_learner.core.config
+from stream_learner.core.config import (
     ENV_PREFIX,
     ConfigError,
     Settings,
@@ -101,9 +101,9 @@ def test_probe_file_must_exist():
 
 
 def test_buffers_over_the_memory_limit_fail_at_start_with_the_numbers():
-    from stream_learner.app import check_memory
-    from stream_learner.limits import MiB, memory_budget
-    from stream_learner.model import load_model
+    from stream_learner.core.model import load_model
+    from stream_learner.service.app import check_memory
+    from stream_learner.service.limits import MiB, memory_budget
     from tests.factories import small_settings
 
     s = small_settings(limits={"memory_mib": 1000}, replay={"capacity": 2_000_000})
@@ -120,7 +120,7 @@ def test_buffers_over_the_memory_limit_fail_at_start_with_the_numbers():
 
 
 def test_probe_lines_are_validated_like_events(tmp_path):
-    from stream_learner.app import load_probe
+    from stream_learner.service.app import load_probe
     from tests.factories import small_settings, tokenizer
 
     probe = tmp_path / "probe.jsonl"
@@ -133,7 +133,7 @@ def test_probe_lines_are_validated_like_events(tmp_path):
 
 
 def test_a_lineage_of_another_model_or_label_set_is_not_resumed():
-    from stream_learner.app import check_lineage_matches
+    from stream_learner.service.app import check_lineage_matches
     from tests.factories import small_settings
 
     s = small_settings()
@@ -156,7 +156,7 @@ def test_compile_without_a_compiler_fails_at_start_with_the_fix(monkeypatch, tmp
 def test_an_http_port_in_use_fails_at_start_with_the_fix():
     import socket
 
-    from stream_learner.app import Learner
+    from stream_learner.service.app import Learner
     from tests.factories import small_settings
 
     with socket.socket() as taken:
@@ -202,7 +202,7 @@ def clean_env(monkeypatch):
 
 
 def test_config_doctests():
-    assert doctest.testmod(stream_learner.config).failed == 0
+    assert doctest.testmod(stream_learner.core.config).failed == 0
 
 
 @pytest.mark.parametrize("name", FLOATS)
@@ -326,7 +326,7 @@ def test_every_variable_the_project_itself_uses_is_allowed():
     root = Path(__file__).resolve().parents[1]
     # not the checker itself (its comments show service links) nor the tests of mistakes
     mine = {Path(__file__).resolve(), root / "tests" / "integration" / "test_startup_errors.py"}
-    mine.add(root / "stream_learner" / "config.py")
+    mine.add(root / "stream_learner" / "core" / "config.py")
     patterns = (
         "*.md",
         "docs/**/*.md",

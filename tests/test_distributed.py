@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from stream_learner.distributed import Group, merge_counters, merge_offsets, restored_for_rank
-from stream_learner.trainer import Counters, Restored
+from stream_learner.training.distributed import Group, merge_counters, merge_offsets, restored_for_rank
+from stream_learner.training.trainer import Counters, Restored
 from tests.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

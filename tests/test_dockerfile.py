@@ -23,7 +23,7 @@ import yaml
 from typer.testing import CliRunner
 
 from stream_learner.cli import app
-from stream_learner.config import Settings
+from stream_learner.core.config import Settings
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from stream_learner.config import DriftSettings, Settings
-from stream_learner.drift import (
+from stream_learner.core.config import DriftSettings, Settings
+from stream_learner.core.drift import (
+    DRIFT_SIGNALS,
     DriftMonitor,
     EmbeddingDrift,
     LabelMixDrift,
@@ -25,7 +26,6 @@ from stream_learner.drift import (
     mmd_permutation_test,
     static_embeddings,
 )
-from stream_learner.metrics import DRIFT_SIGNALS
 
 BATCH = 16
 
@@ -365,7 +365,7 @@ def test_drift_settings_are_a_section_of_settings():
 
 
 def test_drift_module_does_not_import_torch():
-    code = "import sys, stream_learner.drift; print('torch' in sys.modules)"
+    code = "import sys, stream_learner.core.drift; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from stream_learner import evaluation as ev
-from stream_learner import evaluation_report as report
 from stream_learner.cli import app
-from stream_learner.datasets import DOMAINS, STREAM, bundled_path, read_jsonl
+from stream_learner.tools import evaluation as ev
+from stream_learner.tools import evaluation_report as report
+from stream_learner.tools.datasets import DOMAINS, STREAM, bundled_path, read_jsonl
 
 # ------------------------------------------------------------------------------------------- metrics
 
@@ -246,8 +246,8 @@ def test_docstring_examples_of_the_metrics():
 
 def test_stream_through_the_broker_equals_the_in_process_stream(stream_rows, kafka_bootstrap):
     """``--broker``: the events the service's consumer makes from the topic are those tokenized in process."""
-    from stream_learner.events import LabelSet
-    from stream_learner.intake import Tokenize
+    from stream_learner.core.events import LabelSet
+    from stream_learner.core.intake import Tokenize
     from tests.factories import small_settings, tokenizer
 
     cfg = ev.EvalConfig(per_domain=15)

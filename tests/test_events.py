@@ -5,8 +5,7 @@ import json
 import orjson
 import pytest
 
-from stream_learner.datasets import malformed_events
-from stream_learner.events import (
+from stream_learner.core.events import (
     HEADER_OFFSET,
     HEADER_PARTITION,
     HEADER_REASON,
@@ -18,6 +17,7 @@ from stream_learner.events import (
     encode_event,
     parse_event,
 )
+from stream_learner.tools.datasets import malformed_events
 
 LABELS = LabelSet(["neg", "pos"])
 

@@ -6,7 +6,7 @@
   newest version it ships schemas for. The prometheus-operator objects (ServiceMonitor,
   PrometheusRule) are custom resources it has no schema for: their structure is checked here against
   the fields of the monitoring.coreos.com/v1 CRDs the chart uses, their rules by ``promtool``.
-* ``stream_learner.config``: the rendered ConfigMap must load into ``Settings``, and every field of
+* ``stream_learner.core.config``: the rendered ConfigMap must load into ``Settings``, and every field of
   ``Settings`` must be in values.yaml, so chart and code cannot drift apart.
 """
 
@@ -33,7 +33,7 @@ import pytest
 import yaml
 from annotated_types import Ge, Gt, Le, Lt
 
-from stream_learner.config import Settings, load_settings
+from stream_learner.core.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "stream-learner"

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream_learner.events import (
+from stream_learner.core.events import (
     FIELDS,
     MAX_JSON_DEPTH,
     InvalidEvent,
@@ -23,7 +23,7 @@ from stream_learner.events import (
     TokenizedEvent,
     parse_event,
 )
-from stream_learner.intake import (
+from stream_learner.core.intake import (
     DeadLetterWatch,
     PartitionBuffers,
     Tokenize,
@@ -195,7 +195,7 @@ def tokenizer_fixture():
 
 
 def test_the_parse_barrier_turns_any_exception_into_a_dead_letter(monkeypatch):
-    import stream_learner.intake as intake
+    import stream_learner.core.intake as intake
 
     def broken(*_args):
         raise MemoryError("out of memory on this one record")
@@ -271,7 +271,7 @@ def test_dead_letters_are_logged_per_reason_at_most_once_a_minute_with_an_exampl
     now = [0.0]
     watch = DeadLetterWatch(alert_share=0.5, window=100, clock=lambda: now[0])
     bad = InvalidEvent(Reason.BAD_FIELD, "'ts' must be ms since the epoch")
-    with caplog.at_level(logging.WARNING, logger="stream_learner.intake"):
+    with caplog.at_level(logging.WARNING, logger="stream_learner.core.intake"):
         watch.observe(10, [(bad, "events[0]@1")])
         for second in range(1, 60):
             now[0] = float(second)
@@ -287,7 +287,7 @@ def test_dead_letters_are_logged_per_reason_at_most_once_a_minute_with_an_exampl
 def test_a_high_dead_letter_share_is_an_error_once_the_window_is_full(caplog):
     watch = DeadLetterWatch(alert_share=0.5, window=100, clock=lambda: 0.0)
     bad = InvalidEvent(Reason.BAD_FIELD, "x")
-    with caplog.at_level(logging.ERROR, logger="stream_learner.intake"):
+    with caplog.at_level(logging.ERROR, logger="stream_learner.core.intake"):
         watch.observe(60, [(bad, "t[0]@0")] * 60)
         assert not watch.high  # 60 records seen: not judged yet
         watch.observe(40, [(bad, "t[0]@0")] * 20)

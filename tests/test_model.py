@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from stream_learner.config import ModelSettings
-from stream_learner.model import L2SP, load_model
+from stream_learner.core.config import ModelSettings
+from stream_learner.core.model import L2SP, load_model
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +88,8 @@ def test_lambda_zero_adds_nothing():
 def test_a_max_length_over_the_models_positions_is_refused_at_start():
     """model.max_length 1024 on MiniLM (512 positions): the first long event used to stop the trainer
     with a tensor-size error, and every restart stopped again."""
-    from stream_learner.config import ConfigError, load_settings
-    from stream_learner.model import check_max_length
+    from stream_learner.core.config import ConfigError, load_settings
+    from stream_learner.core.model import check_max_length
 
     settings = load_settings(model={"max_length": 1024, "num_hidden_layers": 1})
     model = load_model(settings.model, seed=0).model

@@ -16,10 +16,10 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from stream_learner.app import static_files
 from stream_learner.cli import app as cli
-from stream_learner.metrics import Metrics
-from stream_learner.publisher import (
+from stream_learner.service.app import static_files
+from stream_learner.service.metrics import Metrics
+from stream_learner.service.publisher import (
     ABANDONED,
     CLAIM,
     FENCED,
@@ -45,8 +45,8 @@ from stream_learner.publisher import (
     version_dir,
     version_statuses,
 )
-from stream_learner.storage import LocalStore, ObjectStore
-from stream_learner.trainer import Counters, Snapshot
+from stream_learner.service.storage import LocalStore, ObjectStore
+from stream_learner.training.trainer import Counters, Snapshot
 from tests.factories import batch, make_trainer, small_settings, tiny_rows, tokenized, tokenizer
 
 
@@ -207,7 +207,7 @@ def test_a_corrupt_latest_is_refused_and_its_parent_loaded(tmp_path: Path, snap,
 
 
 def test_the_learner_counts_and_logs_a_corrupt_version(tmp_path: Path, snap, caplog) -> None:
-    from stream_learner.app import Learner
+    from stream_learner.service.app import Learner
 
     store = LocalStore(tmp_path / "store")
     pub = make_publisher(store)
@@ -295,7 +295,7 @@ def test_the_gate_holds_latest_and_numbers_every_rejected_candidate(tmp_path: Pa
 def model_config_json(layers: int) -> bytes:
     from transformers import AutoConfig
 
-    from stream_learner.model import resolve_model_path
+    from stream_learner.core.model import resolve_model_path
 
     path = resolve_model_path(small_settings().model.name_or_path)
     return AutoConfig.from_pretrained(path, num_hidden_layers=layers).to_json_string().encode()
@@ -385,7 +385,7 @@ def test_recovery_walks_latests_chain_and_never_the_branch_a_rollback_abandoned(
     assert chain_of(store, 5) == [5, 4, 2, 1]
 
     damage(store, 5)
-    with caplog.at_level(logging.WARNING, logger="stream_learner.publisher"):
+    with caplog.at_level(logging.WARNING, logger="stream_learner.service.publisher"):
         version, refused = resume(store, tmp_path)
     assert version == 4 and [e.version for e in refused] == [5]
     [line] = [r for r in caplog.records if "LATEST names" in r.getMessage()]
@@ -396,7 +396,7 @@ def test_recovery_walks_latests_chain_and_never_the_branch_a_rollback_abandoned(
 
     damage(store, 4)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="stream_learner.publisher"):
+    with caplog.at_level(logging.WARNING, logger="stream_learner.service.publisher"):
         version, refused = resume(store, tmp_path)
     assert version == 2 and [e.version for e in refused] == [5, 4]  # not 3, the newest intact one
     assert "its parent 4 corrupt too" in caplog.text and "resuming from its parent 2" in caplog.text
@@ -424,7 +424,7 @@ def test_recovery_skips_rejected_and_fenced_ancestors(tmp_path, caplog):
 
     damage(store, 5)
     damage(store, 3)
-    with caplog.at_level(logging.WARNING, logger="stream_learner.publisher"):
+    with caplog.at_level(logging.WARNING, logger="stream_learner.service.publisher"):
         version, refused = resume(store, tmp_path)
     assert version == 1 and [e.version for e in refused] == [5, 3]
     assert "its parent 4 is fenced: skipped" in caplog.text
@@ -445,7 +445,7 @@ def test_an_unreadable_manifest_names_its_parent_through_the_claim(tmp_path, cap
     assert pub.publish_version(tiny_snapshot()) == 4  # parent 1; 2 and 3 abandoned
     store.put(f"{version_dir(4)}/{MANIFEST}", b"{ truncated")
     assert version_statuses(store) == {1: PUBLISHED, 2: ABANDONED, 3: ABANDONED, 4: "corrupt"}
-    with caplog.at_level(logging.WARNING, logger="stream_learner.publisher"):
+    with caplog.at_level(logging.WARNING, logger="stream_learner.service.publisher"):
         assert resume(store, tmp_path)[0] == 1
     assert "LATEST names 4, corrupt (manifest missing or unreadable" in caplog.text
     assert "resuming from its parent 1" in caplog.text
@@ -466,7 +466,7 @@ def test_when_no_parent_can_be_known_the_last_resort_avoids_abandoned_rejected_a
     # version 6's manifest and claim are both gone: its parent cannot be known
     store.delete(f"{version_dir(6)}/{MANIFEST}")
     store.delete(f"{version_dir(6)}/{CLAIM}")
-    with caplog.at_level(logging.WARNING, logger="stream_learner.publisher"):
+    with caplog.at_level(logging.WARNING, logger="stream_learner.service.publisher"):
         assert resume(store, tmp_path)[0] == 2  # not 5 (fenced), 4 (rejected) nor 3 (abandoned)
     [line] = [r for r in caplog.records if "LATEST names 6" in r.getMessage()]
     assert line.levelno == logging.ERROR and "the parent of 6 cannot be known" in line.getMessage()
@@ -599,9 +599,9 @@ def test_cli_list_shows_statuses_and_rollback_refuses_unless_forced(tmp_path):
 def test_an_architecture_other_than_latests_fails_at_start_naming_the_setting(tmp_path):
     from transformers import AutoConfig
 
-    from stream_learner.app import Learner
-    from stream_learner.config import ConfigError
-    from stream_learner.model import resolve_model_path
+    from stream_learner.core.config import ConfigError
+    from stream_learner.core.model import resolve_model_path
+    from stream_learner.service.app import Learner
 
     store = LocalStore(tmp_path / "store")
     tiny_publisher(store).publish_version(tiny_snapshot())  # a 1-layer model's version

@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from stream_learner.app import Learner
 from stream_learner.cli import app as cli
-from stream_learner.metrics import Metrics
-from stream_learner.publisher import (
+from stream_learner.service.app import Learner
+from stream_learner.service.metrics import Metrics
+from stream_learner.service.publisher import (
     ABANDONED,
     CLAIM,
     FENCED,
@@ -47,7 +47,7 @@ from stream_learner.publisher import (
     version_dir,
     version_statuses,
 )
-from stream_learner.storage import LocalStore, open_store
+from stream_learner.service.storage import LocalStore, open_store
 from tests.factories import small_settings
 from tests.test_publisher import damage, fenced, model_config_json, rejected, tiny_publisher, tiny_snapshot
 
@@ -72,7 +72,7 @@ def restarted_learner(url: str) -> Learner:
     """A learner's start-up up to and including the restore (no broker needed for that part)."""
     from transformers import AutoConfig
 
-    from stream_learner.model import resolve_model_path
+    from stream_learner.core.model import resolve_model_path
 
     learner = Learner(small_settings(publish={"storage_url": url}))
     learner.store = open_store(url)

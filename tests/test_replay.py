@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
-from stream_learner import replay
-from stream_learner.replay import ClassBalancedReservoir, ReservoirBuffer, StoredExample
+from stream_learner.core import replay
+from stream_learner.core.replay import ClassBalancedReservoir, ReservoirBuffer, StoredExample
 
 EMPTY = np.zeros(0, dtype=np.uint16)
 BUFFERS = [ReservoirBuffer, ClassBalancedReservoir]

@@ -12,11 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stream_learner.staging import LOCK, remove_stale_staging_dirs, staging_dir
+from stream_learner.service.staging import LOCK, remove_stale_staging_dirs, staging_dir
 
 HOLD = (
     "import pathlib, sys\n"
-    "from stream_learner.staging import staging_dir\n"
+    "from stream_learner.service.staging import staging_dir\n"
     "d = staging_dir('publish', pathlib.Path(sys.argv[1]))\n"
     "pathlib.Path(d.name, 'model.safetensors').write_bytes(b'0' * 4096)\n"
     "print(d.name, flush=True)\n"

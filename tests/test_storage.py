@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stream_learner.storage import LocalStore, ObjectStore, PreconditionFailed, S3Store, open_store
+from stream_learner.service.storage import LocalStore, ObjectStore, PreconditionFailed, S3Store, open_store
 
 
 @pytest.fixture(params=["local", "s3"])

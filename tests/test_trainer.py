@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from stream_learner.trainer import PrequentialWindow, collate
+from stream_learner.training.trainer import PrequentialWindow, collate
 from tests.factories import batch, make_trainer, small_settings, tiny_rows, tokenized
 
 
@@ -85,7 +85,7 @@ def test_a_finished_batch_never_moves_covered_offsets_back():
 
 
 def test_snapshot_restore_is_exact():
-    from stream_learner.trainer import Restored
+    from stream_learner.training.trainer import Restored
 
     s = small_settings()
     tr = make_trainer(s)
@@ -204,7 +204,7 @@ def test_prequential_window_macro_f1():
 # --------------------------------------------------------------------- length-bucketed windows
 def _restored_twin(tr, settings):
     """A second trainer in exactly ``tr``'s state (same head initialisation, optimizer, replay, RNG)."""
-    from stream_learner.trainer import Restored
+    from stream_learner.training.trainer import Restored
 
     snap = tr.snapshot()
     restored = Restored(

@@ -2,8 +2,8 @@
 
 from rich.console import Console
 
-from stream_learner.datasets import malformed_events
-from stream_learner.demo import run_demo
+from stream_learner.tools.datasets import malformed_events
+from stream_learner.tools.demo import run_demo
 from tests.factories import small_settings
 
 

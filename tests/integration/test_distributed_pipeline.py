@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from stream_learner.producer import produce_lines
-from stream_learner.publisher import list_versions, read_latest, read_manifest
-from stream_learner.storage import ObjectStore, open_store
-from stream_learner.topics import ensure_topics
+from stream_learner.service.producer import produce_lines
+from stream_learner.service.publisher import list_versions, read_latest, read_manifest
+from stream_learner.service.storage import ObjectStore, open_store
+from stream_learner.service.topics import ensure_topics
 from tests.integration.learner_process import (
     SMALL_MODEL,
     SMALL_TRAINING,

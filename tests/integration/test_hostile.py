@@ -6,10 +6,17 @@ import time
 
 from confluent_kafka import Producer
 
-from stream_learner.app import Learner
-from stream_learner.events import HEADER_REASON, HEADER_TRUNCATED, InvalidEvent, LabelSet, Reason, parse_event
-from stream_learner.publisher import list_versions
-from stream_learner.topics import ensure_topics
+from stream_learner.core.events import (
+    HEADER_REASON,
+    HEADER_TRUNCATED,
+    InvalidEvent,
+    LabelSet,
+    Reason,
+    parse_event,
+)
+from stream_learner.service.app import Learner
+from stream_learner.service.publisher import list_versions
+from stream_learner.service.topics import ensure_topics
 from tests.hostile import hostile_events
 from tests.integration.test_lineage import PARTITIONS, events
 from tests.integration.test_pipeline import handled, learner_settings, read_topic
@@ -41,7 +48,7 @@ def start_in_dead_letter_outage(settings, monkeypatch) -> Learner:
     The start-up check refuses a missing topic, and deleting one does not make an outage on Tansu (it
     keeps taking writes to a deleted topic from a client that knew it): the check is skipped, as if
     the topic had gone right after it."""
-    monkeypatch.setattr("stream_learner.app.require_topics", lambda *args, **kwargs: None)
+    monkeypatch.setattr("stream_learner.service.app.require_topics", lambda *args, **kwargs: None)
     learner = Learner(settings).start()
     failures = "stream_learner_dead_letter_failures_total"
     try:

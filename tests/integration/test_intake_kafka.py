@@ -10,12 +10,12 @@ import time
 import orjson
 from confluent_kafka import Producer
 
-from stream_learner.app import Learner
-from stream_learner.consumer import EventConsumer
-from stream_learner.events import HEADER_DETAIL, HEADER_REASON, Reason, encode_event
-from stream_learner.metrics import Metrics
-from stream_learner.publisher import list_versions
-from stream_learner.topics import ensure_topics
+from stream_learner.core.events import HEADER_DETAIL, HEADER_REASON, Reason, encode_event
+from stream_learner.service.app import Learner
+from stream_learner.service.consumer import EventConsumer
+from stream_learner.service.metrics import Metrics
+from stream_learner.service.publisher import list_versions
+from stream_learner.service.topics import ensure_topics
 from tests.factories import tiny_rows, tokenizer
 from tests.integration.test_hostile import dead_lettered, produce_hostile, start_in_dead_letter_outage
 from tests.integration.test_pipeline import PARTITIONS, handled, learner_settings, read_topic

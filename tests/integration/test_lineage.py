@@ -8,10 +8,9 @@ import time
 
 import pytest
 
-from stream_learner.datasets import malformed_events
-from stream_learner.events import encode_event
-from stream_learner.producer import produce_lines
-from stream_learner.publisher import (
+from stream_learner.core.events import encode_event
+from stream_learner.service.producer import produce_lines
+from stream_learner.service.publisher import (
     INCOMPLETE,
     MANIFEST,
     list_versions,
@@ -20,8 +19,9 @@ from stream_learner.publisher import (
     version_dir,
     version_statuses,
 )
-from stream_learner.storage import open_store
-from stream_learner.topics import ensure_topics
+from stream_learner.service.storage import open_store
+from stream_learner.service.topics import ensure_topics
+from stream_learner.tools.datasets import malformed_events
 from tests.factories import tiny_rows
 from tests.integration.learner_process import (
     SMALL_MODEL,

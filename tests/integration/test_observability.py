@@ -29,10 +29,10 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from stream_learner.app import Learner
-from stream_learner.datasets import malformed_events
-from stream_learner.events import Reason, encode_event
-from stream_learner.producer import produce_lines
+from stream_learner.core.events import Reason, encode_event
+from stream_learner.service.app import Learner
+from stream_learner.service.producer import produce_lines
+from stream_learner.tools.datasets import malformed_events
 from tests.factories import small_settings, tiny_rows
 from tests.prometheus import (
     ALERTS_FILE,

@@ -9,11 +9,11 @@ import psutil
 import pytest
 from confluent_kafka import Producer
 
-from stream_learner.config import load_settings
-from stream_learner.events import encode_event
-from stream_learner.limits import memory_budget
-from stream_learner.model import load_model
-from stream_learner.topics import ensure_topics
+from stream_learner.core.config import load_settings
+from stream_learner.core.events import encode_event
+from stream_learner.core.model import load_model
+from stream_learner.service.limits import memory_budget
+from stream_learner.service.topics import ensure_topics
 from tests.factories import tiny_rows
 from tests.integration.learner_process import LearnerProcess
 from tests.integration.test_lineage import PARTITIONS, config

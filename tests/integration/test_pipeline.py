@@ -8,12 +8,18 @@ import pytest
 import torch
 from confluent_kafka import Consumer
 
-from stream_learner.app import Learner
-from stream_learner.datasets import malformed_events
-from stream_learner.events import HEADER_OFFSET, HEADER_PARTITION, HEADER_REASON, HEADER_TOPIC, encode_event
-from stream_learner.producer import produce_lines
-from stream_learner.publisher import list_versions, read_latest
-from stream_learner.topics import ensure_topics
+from stream_learner.core.events import (
+    HEADER_OFFSET,
+    HEADER_PARTITION,
+    HEADER_REASON,
+    HEADER_TOPIC,
+    encode_event,
+)
+from stream_learner.service.app import Learner
+from stream_learner.service.producer import produce_lines
+from stream_learner.service.publisher import list_versions, read_latest
+from stream_learner.service.topics import ensure_topics
+from stream_learner.tools.datasets import malformed_events
 from tests.factories import small_settings, tiny_rows
 
 PARTITIONS = 2

@@ -6,12 +6,12 @@ import json
 
 from typer.testing import CliRunner
 
-from stream_learner.app import Learner
 from stream_learner.cli import app as cli
-from stream_learner.datasets import HELDOUT, bundled_path, read_jsonl
-from stream_learner.events import encode_event
-from stream_learner.publisher import list_versions, read_latest, read_manifest
-from stream_learner.topics import ensure_topics
+from stream_learner.core.events import encode_event
+from stream_learner.service.app import Learner
+from stream_learner.service.publisher import list_versions, read_latest, read_manifest
+from stream_learner.service.topics import ensure_topics
+from stream_learner.tools.datasets import HELDOUT, bundled_path, read_jsonl
 from tests.factories import tiny_rows
 from tests.integration.test_pipeline import PARTITIONS, handled, learner_settings, produce_events
 

@@ -7,10 +7,10 @@ import json
 
 import boto3
 
-from stream_learner.app import Learner
-from stream_learner.events import encode_event
-from stream_learner.producer import produce_lines
-from stream_learner.topics import ensure_topics
+from stream_learner.core.events import encode_event
+from stream_learner.service.app import Learner
+from stream_learner.service.producer import produce_lines
+from stream_learner.service.topics import ensure_topics
 from tests.factories import small_settings, tiny_rows
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from stream_learner.config import ConfigError, load_settings
-from stream_learner.storage import open_store
-from stream_learner.topics import ensure_topics
+from stream_learner.core.config import ConfigError, load_settings
+from stream_learner.service.storage import open_store
+from stream_learner.service.topics import ensure_topics
 from tests.integration.learner_process import LearnerProcess
 from tests.integration.test_lineage import PARTITIONS, config, events, produce
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer
 
-from stream_learner.config import ENV_PREFIX, ConfigError
-from stream_learner.logs import KAFKA_CLIENT_LOGGERS, RepeatFilter, install
-from stream_learner.storage import StoreUnreachable, check_reachable, open_store
-from stream_learner.topics import CONNECT_TIMEOUT_S, BrokerUnreachable, ensure_topics, require_topics
+from stream_learner.core.config import ENV_PREFIX, ConfigError
+from stream_learner.service.logs import KAFKA_CLIENT_LOGGERS, RepeatFilter, install
+from stream_learner.service.storage import StoreUnreachable, check_reachable, open_store
+from stream_learner.service.topics import CONNECT_TIMEOUT_S, BrokerUnreachable, ensure_topics, require_topics
 from tests.services import SeaweedS3, free_port
 
 # measured on a 2-core machine: a refused setting ≈ 0.25 s; an unreachable broker ≈ 12.7 s (the
@@ -255,18 +255,20 @@ def test_run_installs_the_limit_on_every_kafka_client_logger():
     assert filters == install()  # once
     for name, limiter in zip(KAFKA_CLIENT_LOGGERS, filters, strict=True):
         assert limiter in logging.getLogger(name).filters
-    import stream_learner.consumer
-    import stream_learner.topics
+    import stream_learner.service.consumer
+    import stream_learner.service.topics
 
-    assert {stream_learner.consumer.log.name, stream_learner.topics.log.name} <= set(KAFKA_CLIENT_LOGGERS)
+    assert {stream_learner.service.consumer.log.name, stream_learner.service.topics.log.name} <= set(
+        KAFKA_CLIENT_LOGGERS
+    )
 
 
 def test_logs_doctest():
     import doctest
 
-    import stream_learner.logs
+    import stream_learner.service.logs
 
-    assert doctest.testmod(stream_learner.logs).failed == 0
+    assert doctest.testmod(stream_learner.service.logs).failed == 0
 
 
 # ----------------------------------------------------------------------- the model against storage
@@ -281,7 +283,7 @@ def error_line(run: Run) -> str:
 def test_a_model_architecture_other_than_latests_is_refused(run_cli, kafka_bootstrap, unique_topic, tmp_path):
     """A 1-layer model's version in storage, a learner asked for 2 layers: this died with a raw
     state_dict dump."""
-    from stream_learner.storage import LocalStore
+    from stream_learner.service.storage import LocalStore
     from tests.test_publisher import tiny_publisher, tiny_snapshot
 
     tiny_publisher(LocalStore(tmp_path / "models")).publish_version(tiny_snapshot())

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
-from stream_learner.events import Reason
+from stream_learner.core.drift import DRIFT_SIGNALS
+from stream_learner.core.events import Reason
 
 PREFIX = "stream_learner"
-DRIFT_SIGNALS = ("loss", "label_mix", "embedding")
 
 
 class Metrics:

@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stream_learner.events import InvalidEvent, LabeledEvent, LabelSet, Reason, TokenizedEvent, parse_event
+from stream_learner.core.events import (
+    InvalidEvent,
+    LabeledEvent,
+    LabelSet,
+    Reason,
+    TokenizedEvent,
+    parse_event,
+)
 
 log = logging.getLogger(__name__)
 

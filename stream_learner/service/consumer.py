@@ -14,7 +14,7 @@ to the trainer in turns; a partition whose buffer is full is paused (librdkafka 
 prefetched for it) and resumed once its buffer has drained to half. When the trainer is slow every
 buffer fills and every partition pauses; under a backlog the fetcher must serve the partitions that are
 not paused, so none is starved. Memory is bounded by ``queue_max_batches + 3`` polls of events
-(``stream_learner.limits``).
+(``stream_learner.service.limits``).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from confluent_kafka import (
 )
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
-from stream_learner.config import Settings
-from stream_learner.events import (
+from stream_learner.core.config import Settings
+from stream_learner.core.events import (
     DEAD_LETTER_CUT_VALUE_BYTES,
     DEAD_LETTER_MAX_VALUE_BYTES,
     HEADER_TRUNCATED,
@@ -47,15 +47,15 @@ from stream_learner.events import (
     TokenizedEvent,
     dead_letter_headers,
 )
-from stream_learner.intake import (
+from stream_learner.core.intake import (
     DeadLetterWatch,
     PartitionBuffers,
     Tokenize,
     tokenize_records,
     validate_record,
 )
-from stream_learner.limits import PREFETCH_KBYTES
-from stream_learner.metrics import Metrics
+from stream_learner.service.limits import PREFETCH_KBYTES
+from stream_learner.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class EventConsumer:
             "auto.offset.reset": self.kafka.auto_offset_reset,
             "session.timeout.ms": self.kafka.session_timeout_ms,
             "enable.partition.eof": False,
-            # librdkafka's prefetch buffer is part of the memory budget (stream_learner.limits): the
+            # librdkafka's prefetch buffer is part of the memory budget (stream_learner.service.limits): the
             # trainer is far slower than a fetch, so a small one costs no throughput
             "queued.max.messages.kbytes": PREFETCH_KBYTES,
         }

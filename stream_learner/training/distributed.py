@@ -12,7 +12,8 @@
   ``distributed.check_every_steps`` steps, :meth:`Group.same_weights`);
 * keeps its own replay buffer, part of every version (``trainer_state/replay-rank<r>.safetensors``).
 
-Rank 0 alone publishes. The lockstep, followed by :meth:`Trainer.run <stream_learner.trainer.Trainer.run>`:
+Rank 0 alone publishes. The lockstep, followed by
+:meth:`Trainer.run <stream_learner.training.trainer.Trainer.run>`:
 
 1. **agree** — each rank takes its window of fresh events, then one all-reduce MAX of (steps it
    wants, stop?, publish?: rank 0's decision) (:meth:`Group.agree`). Every rank trains the agreed
@@ -50,10 +51,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from stream_learner.config import DistributedSettings
+from stream_learner.core.config import DistributedSettings
 
 if TYPE_CHECKING:  # the trainer imports this module
-    from stream_learner.trainer import Counters, Restored
+    from stream_learner.training.trainer import Counters, Restored
 
 log = logging.getLogger(__name__)
 

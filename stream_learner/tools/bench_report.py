@@ -1,6 +1,6 @@
 """What ``stream-learner bench`` reports: the issue's ratios, its targets met or missed, the table
 (rich) and its Markdown for ``docs/performance.md`` — all computed from the results dict of
-:func:`stream_learner.bench.run_bench`, so a saved results JSON can be reported again.
+:func:`stream_learner.tools.bench.run_bench`, so a saved results JSON can be reported again.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.table import Table
 
-from stream_learner.limits import MiB
+from stream_learner.service.limits import MiB
 
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
 

@@ -47,14 +47,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stream_learner.config import Settings
-from stream_learner.distributed import Group, merge_counters, merge_offsets
-from stream_learner.drift import DriftMonitor, static_embeddings
-from stream_learner.events import TokenizedEvent
-from stream_learner.intake import ConsumedBatch
-from stream_learner.metrics import Metrics
-from stream_learner.model import L2SP, LoadedModel
-from stream_learner.replay import ClassBalancedReservoir, ReservoirBuffer, StoredExample
+from stream_learner.core.config import Settings
+from stream_learner.core.drift import DriftMonitor, static_embeddings
+from stream_learner.core.events import TokenizedEvent
+from stream_learner.core.intake import ConsumedBatch
+from stream_learner.core.model import L2SP, LoadedModel
+from stream_learner.core.replay import ClassBalancedReservoir, ReservoirBuffer, StoredExample
+from stream_learner.service.metrics import Metrics
+from stream_learner.training.distributed import Group, merge_counters, merge_offsets
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ class FreshScores:
     """The prequential outputs of one step's fresh events (before the step learned them).
 
     ``embeddings`` are the means of the pretrained token embeddings over each event's tokens: a fixed
-    feature map, what the drift signal on inputs compares (:func:`stream_learner.drift.static_embeddings`).
+    feature map, what the drift signal on inputs compares
+    (:func:`stream_learner.core.drift.static_embeddings`).
     """
 
     predictions: np.ndarray  # int64 [n]

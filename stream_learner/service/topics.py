@@ -20,7 +20,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
-from stream_learner.config import ENV_PREFIX, ConfigError
+from stream_learner.core.config import ENV_PREFIX, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def require_topics(
 
     For ``kafka.create_topics=false``: a missing input topic would leave the learner waiting for ever,
     and a missing dead-letter topic would only show at the first bad event, while /readyz said ready.
-    A missing topic raises :class:`~stream_learner.config.ConfigError` naming its setting;
+    A missing topic raises :class:`~stream_learner.core.config.ConfigError` naming its setting;
     no broker answering raises :class:`BrokerUnreachable`.
     """
     if not topics:

@@ -7,7 +7,7 @@ endpoint passed through :func:`tansu_s3_env`) topics, records and committed offs
 Known quirks of Tansu 0.6 that callers should plan for: a consumer group's first join takes about
 half of ``session.timeout.ms`` (use a short one, e.g. 6000 ms); the high watermark it reports is wrong
 after multi-record batches; auto-created topics get 4 partitions, so create topics explicitly
-(:func:`stream_learner.topics.ensure_topics`).
+(:func:`stream_learner.service.topics.ensure_topics`).
 
 The child never outlives this process: it is killed at interpreter exit (``weakref.finalize``, which
 also runs at exit) and, when started from the main thread on Linux, by the kernel if the Python

@@ -85,11 +85,11 @@ import safetensors.torch
 import torch
 from tenacity import Retrying, retry_if_not_exception_type, stop_when_event_set, wait_exponential
 
-from stream_learner.config import Settings
-from stream_learner.metrics import Metrics
-from stream_learner.staging import LOCK, staging_dir
-from stream_learner.storage import ObjectStore, PreconditionFailed
-from stream_learner.trainer import Counters, Restored, Snapshot
+from stream_learner.core.config import Settings
+from stream_learner.service.metrics import Metrics
+from stream_learner.service.staging import LOCK, staging_dir
+from stream_learner.service.storage import ObjectStore, PreconditionFailed
+from stream_learner.training.trainer import Counters, Restored, Snapshot
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from stream_learner.config import Settings, load_settings
-from stream_learner.distributed import Group
+from stream_learner.core.config import Settings, load_settings
+from stream_learner.training.distributed import Group
 
 
 def _free_port() -> int:
@@ -66,7 +66,7 @@ def run_ranks(
             )
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "stream_learner.scaling", str(spec)],
+                    [sys.executable, "-m", "stream_learner.tools.scaling", str(spec)],
                     env=env,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
@@ -118,9 +118,9 @@ def measure_scaling(
 
 def _rank_main(spec_path: Path) -> None:
     """One rank: its share of the bench's events through the trainer alone; a JSON summary out."""
-    from stream_learner.bench import load_data, run_trainer_alone
-    from stream_learner.model import load_tokenizer
-    from stream_learner.trainer import pick_device
+    from stream_learner.core.model import load_tokenizer
+    from stream_learner.tools.bench import load_data, run_trainer_alone
+    from stream_learner.training.trainer import pick_device
 
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(spec["threads"])

@@ -36,8 +36,7 @@ import numpy as np
 from river import drift as river_drift
 from scipy import stats
 
-from stream_learner.config import DriftSettings
-from stream_learner.metrics import DRIFT_SIGNALS
+from stream_learner.core.config import DriftSettings
 
 __all__ = [
     "DriftMonitor",
@@ -49,6 +48,7 @@ __all__ = [
     "static_embeddings",
 ]
 
+DRIFT_SIGNALS = ("loss", "label_mix", "embedding")  # the signals, as named in metrics and reports
 LOSS, LABEL_MIX, EMBEDDING = DRIFT_SIGNALS
 # Losses are clipped here (the true class got < 1 % probability): the Page-Hinkley sums are not robust
 # to heavy tails, and one absurdly confident mistake must not count as a shift of the mean.
@@ -627,7 +627,7 @@ class DriftMonitor:
     num_labels
         Number of classes.
     settings
-        Thresholds and windows (:class:`~stream_learner.config.DriftSettings`; defaults when omitted).
+        Thresholds and windows (:class:`~stream_learner.core.config.DriftSettings`; defaults when omitted).
     seed
         Seed of the embedding test's permutations.
 

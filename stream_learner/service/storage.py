@@ -46,7 +46,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from stream_learner.config import ENV_PREFIX, ConfigError
+from stream_learner.core.config import ENV_PREFIX, ConfigError
 
 _CHUNK = 1 << 20
 _LOCK_NAME = ".lock"
@@ -474,7 +474,7 @@ def check_reachable(store: ObjectStore, timeout_s: float = STORE_CHECK_TIMEOUT_S
     """Check at start-up that ``store`` can be used: list one key under its prefix within ``timeout_s``.
 
     A mistake in the settings (no such bucket, credentials refused or missing, a wrong region, a local
-    directory this process may not write) raises :class:`~stream_learner.config.ConfigError` naming the
+    directory this process may not write) raises :class:`~stream_learner.core.config.ConfigError` naming the
     setting; a store that does not answer, or answers with a server error, raises :class:`StoreUnreachable`.
     """
     if isinstance(store, LocalStore):

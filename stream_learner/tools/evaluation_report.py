@@ -1,5 +1,5 @@
 """What ``stream-learner eval`` reports: the printed tables, their Markdown for ``docs/quality.md`` and
-the PNG plots, all from the results dict of :func:`stream_learner.evaluation.run_benchmark` (so a saved
+the PNG plots, all from the results dict of :func:`stream_learner.tools.evaluation.run_benchmark` (so a saved
 ``results.json`` can be reported again).
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from stream_learner.datasets import DOMAINS
+from stream_learner.tools.datasets import DOMAINS
 
 
 def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:

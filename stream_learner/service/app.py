@@ -29,19 +29,25 @@ from pathlib import Path
 import torch
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from stream_learner.config import ConfigError, Settings
-from stream_learner.consumer import EventConsumer
-from stream_learner.distributed import Group, restored_for_rank
-from stream_learner.events import InvalidEvent, LabelSet, TokenizedEvent, parse_event
-from stream_learner.intake import Tokenize
-from stream_learner.limits import MiB, memory_budget
-from stream_learner.metrics import Metrics
-from stream_learner.model import check_max_length, load_model, load_tokenizer
-from stream_learner.publisher import CorruptVersion, Publisher, load_newest_intact, read_latest, version_dir
-from stream_learner.staging import remove_stale_staging_dirs, staging_dir
-from stream_learner.storage import ObjectStore, check_reachable, open_store
-from stream_learner.topics import ensure_topics, partition_count, require_topics
-from stream_learner.trainer import Restored, Trainer, pick_device
+from stream_learner.core.config import ConfigError, Settings
+from stream_learner.core.events import InvalidEvent, LabelSet, TokenizedEvent, parse_event
+from stream_learner.core.intake import Tokenize
+from stream_learner.core.model import check_max_length, load_model, load_tokenizer
+from stream_learner.service.consumer import EventConsumer
+from stream_learner.service.limits import MiB, memory_budget
+from stream_learner.service.metrics import Metrics
+from stream_learner.service.publisher import (
+    CorruptVersion,
+    Publisher,
+    load_newest_intact,
+    read_latest,
+    version_dir,
+)
+from stream_learner.service.staging import remove_stale_staging_dirs, staging_dir
+from stream_learner.service.storage import ObjectStore, check_reachable, open_store
+from stream_learner.service.topics import ensure_topics, partition_count, require_topics
+from stream_learner.training.distributed import Group, restored_for_rank
+from stream_learner.training.trainer import Restored, Trainer, pick_device
 
 log = logging.getLogger(__name__)
 

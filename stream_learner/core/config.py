@@ -338,8 +338,8 @@ class LimitsSettings(_Section):
     memory_mib: int = Field(
         0,
         ge=0,
-        description="fail at start when the memory bound of these settings (stream_learner.limits) exceeds "
-        "this many MiB; 0 = no check",
+        description="fail at start when the memory bound of these settings "
+        "(stream_learner.service.limits) exceeds this many MiB; 0 = no check",
     )
 
 
@@ -678,5 +678,5 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python -m stream_learner.config  → the settings table
+if __name__ == "__main__":  # python -m stream_learner.core.config  → the settings table
     print(settings_table())

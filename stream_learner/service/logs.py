@@ -1,7 +1,8 @@
 """Logging that stays readable during an outage: repeated client errors are rate-limited.
 
 librdkafka logs every failed connection attempt, and its lines reach Python logging through the
-``logger=`` given to each client (:mod:`stream_learner.consumer`, :mod:`stream_learner.topics`): a broker
+``logger=`` given to each client (:mod:`stream_learner.service.consumer`,
+:mod:`stream_learner.service.topics`): a broker
 that is down writes hundreds of ERROR lines in seconds, which bury everything else and cost money in
 a log pipeline. :class:`RepeatFilter` lets the first record of each kind through, drops the repeats
 within ``window_s`` and then writes one line saying how many there were; while the repeats go on,
@@ -26,7 +27,7 @@ calls it.
 
 >>> import io
 >>> stream = io.StringIO()
->>> logger = logging.getLogger("stream_learner.logs.example")
+>>> logger = logging.getLogger("stream_learner.service.logs.example")
 >>> logger.propagate = False
 >>> logger.addHandler(logging.StreamHandler(stream))
 >>> now = [0.0]
@@ -57,7 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 #: The loggers librdkafka's lines arrive on: the ``logger=`` of every Kafka client of the learner.
-KAFKA_CLIENT_LOGGERS = ("stream_learner.consumer", "stream_learner.topics")
+KAFKA_CLIENT_LOGGERS = ("stream_learner.service.consumer", "stream_learner.service.topics")
 
 #: Seconds within which repeats of one kind are counted instead of written.
 DEFAULT_WINDOW_S = 30.0

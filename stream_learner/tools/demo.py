@@ -19,13 +19,13 @@ import orjson
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from stream_learner.app import Learner
-from stream_learner.config import Settings
-from stream_learner.datasets import demo_sample, malformed_events
-from stream_learner.events import encode_event
-from stream_learner.local_broker import LocalBroker
-from stream_learner.producer import produce_lines
-from stream_learner.topics import ensure_topics
+from stream_learner.core.config import Settings
+from stream_learner.core.events import encode_event
+from stream_learner.service.app import Learner
+from stream_learner.service.producer import produce_lines
+from stream_learner.service.topics import ensure_topics
+from stream_learner.tools.datasets import demo_sample, malformed_events
+from stream_learner.tools.local_broker import LocalBroker
 
 DEMO_TIMEOUT_S = 3600
 

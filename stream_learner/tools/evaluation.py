@@ -1,7 +1,7 @@
 """The quality benchmark: does the learner follow a drifting stream without forgetting, and at what cost?
 
 ``stream-learner eval`` replays labeled streams built from the bundled VADER data through the
-service's own :class:`~stream_learner.trainer.Trainer` — in process, one ``trainer.step`` per
+service's own :class:`~stream_learner.training.trainer.Trainer` — in process, one ``trainer.step`` per
 micro-batch, exactly the calls the trainer thread makes — under several strategies, and measures:
 
 * **prequential** accuracy and loss of every event (test-then-train, Gama et al. 2013): the trainer's
@@ -53,15 +53,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from stream_learner.config import Settings, load_settings
-from stream_learner.datasets import DOMAINS, HELDOUT, STREAM, bundled_path, read_jsonl
-from stream_learner.distributed import Group
-from stream_learner.evaluation_report import write_plots
-from stream_learner.events import LabeledEvent, LabelSet, TokenizedEvent
-from stream_learner.intake import Tokenize
-from stream_learner.metrics import Metrics
-from stream_learner.model import load_model, load_tokenizer
-from stream_learner.trainer import Trainer, collate
+from stream_learner.core.config import Settings, load_settings
+from stream_learner.core.events import LabeledEvent, LabelSet, TokenizedEvent
+from stream_learner.core.intake import Tokenize
+from stream_learner.core.model import load_model, load_tokenizer
+from stream_learner.service.metrics import Metrics
+from stream_learner.tools.datasets import DOMAINS, HELDOUT, STREAM, bundled_path, read_jsonl
+from stream_learner.tools.evaluation_report import write_plots
+from stream_learner.training.distributed import Group
+from stream_learner.training.trainer import Trainer, collate
 
 FORMAT = 1
 CORE_STRATEGIES = ("default", "naive", "offline")  # the ones the issue wants with ≥ 3 seeds
@@ -421,16 +421,16 @@ def events_through_broker(
 ) -> list[TokenizedEvent]:
     """The stream as the learner receives it: produced to Kafka, read back by the service's consumer.
 
-    The rows are produced (as the events users send, :func:`~stream_learner.events.encode_event`) to a
+    The rows are produced (as the events users send, :func:`~stream_learner.core.events.encode_event`) to a
     fresh one-partition topic — one partition keeps the stream's order — and consumed by an
-    :class:`~stream_learner.consumer.EventConsumer` thread, which parses, validates and tokenizes them
+    :class:`~stream_learner.service.consumer.EventConsumer` thread, which parses, validates and tokenizes them
     exactly as in the service. Every row is valid, so every one must come back, in order; raises
     :class:`RuntimeError` otherwise.
     """
-    from stream_learner.consumer import EventConsumer
-    from stream_learner.events import encode_event
-    from stream_learner.producer import produce_lines
-    from stream_learner.topics import ensure_topics
+    from stream_learner.core.events import encode_event
+    from stream_learner.service.consumer import EventConsumer
+    from stream_learner.service.producer import produce_lines
+    from stream_learner.service.topics import ensure_topics
 
     topic = f"stream-learner-eval-{uuid.uuid4().hex[:12]}"
     s = load_settings(
@@ -566,7 +566,7 @@ def checkpoint_positions(n_events: int, boundaries: Sequence[int], every: int) -
 
 def drift_report(positions: Mapping[str, Sequence[int]], boundaries: Sequence[int], n_events: int) -> dict:
     """Detection delays at the domain boundaries (window 500 events) and false alarms per 5,000 events."""
-    from stream_learner.drift import detection_report
+    from stream_learner.core.drift import detection_report
 
     return detection_report(positions, boundaries, n_events=n_events, max_delay=500, per_events=5_000)
 
@@ -840,7 +840,7 @@ def _run_benchmark(cfg: EvalConfig, out: Path, console: Any, progress: bool) -> 
     with contextlib.ExitStack() as stack:
         bootstrap = cfg.broker
         if bootstrap == "local":
-            from stream_learner.local_broker import LocalBroker
+            from stream_learner.tools.local_broker import LocalBroker
 
             bootstrap = stack.enter_context(LocalBroker()).bootstrap_servers
         for name in cfg.scenarios:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stream_learner.config import BUNDLED_MODEL, ConfigError, ModelSettings
+from stream_learner.core.config import BUNDLED_MODEL, ConfigError, ModelSettings
 
 # Never reach for a hub at run time unless a hub id was asked for explicitly.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

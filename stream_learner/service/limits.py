@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stream_learner.config import Settings
+from stream_learner.core.config import Settings
 
 MiB = 1 << 20
 # an idle learner with a 1-layer MiniLM measured 590 MiB; the allocator keeps freed snapshot memory in

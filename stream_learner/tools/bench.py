@@ -11,10 +11,10 @@ VADER stream, all four domains) and the same model (the bundled all-MiniLM-L6-v2
    ``6 × (encoder parameters × real tokens + head parameters)`` (the usual 2 forward + 4 backward FLOPs
    per parameter and token, Kaplan et al. 2020, §2.1; embeddings cost no matmul); the rate at the
    model's own largest matmul is reported beside it;
-2. **trainer alone** — the service's :class:`~stream_learner.trainer.Trainer` thread fed from memory
+2. **trainer alone** — the service's :class:`~stream_learner.training.trainer.Trainer` thread fed from memory
    (events tokenized up front), no publishing: the ceiling of the pipeline;
 3. **pipeline** — the real thing: a local Kafka-protocol broker (Tansu), the events produced to it, a
-   :class:`~stream_learner.app.Learner` (consumer → queue → trainer → publisher to a local directory).
+   :class:`~stream_learner.service.app.Learner` (consumer → queue → trainer → publisher to a local directory).
    A backlog first (throughput, publishes included), then events produced at half that rate
    (freshness: produce time → the step that learns an event → the first version that contains it);
 4. **hand-written** — the loop a user writes: one event per step, tokenized on the spot, no padding,
@@ -76,8 +76,14 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from stream_learner.bench_report import ratios, targets
-from stream_learner.ceilings import (
+from stream_learner.core.config import Settings, load_settings
+from stream_learner.core.events import LabeledEvent, LabelSet, TokenizedEvent, encode_event, parse_event
+from stream_learner.core.intake import ConsumedBatch, Tokenize
+from stream_learner.core.model import load_model, load_tokenizer
+from stream_learner.core.replay import ReservoirBuffer
+from stream_learner.service.limits import MiB
+from stream_learner.tools.bench_report import ratios, targets
+from stream_learner.tools.ceilings import (
     measure_forward_backward,
     measure_roofline,
     measure_step_parts,
@@ -85,20 +91,14 @@ from stream_learner.ceilings import (
     synchronize,
     training_flops_per_example,
 )
-from stream_learner.config import Settings, load_settings
-from stream_learner.datasets import STREAM, bundled_path, read_jsonl
-from stream_learner.distributed import Group
-from stream_learner.events import LabeledEvent, LabelSet, TokenizedEvent, encode_event, parse_event
-from stream_learner.intake import ConsumedBatch, Tokenize
-from stream_learner.limits import MiB
-from stream_learner.model import load_model, load_tokenizer
-from stream_learner.replay import ReservoirBuffer
-from stream_learner.trainer import StepRecord, Trainer, pick_device
+from stream_learner.tools.datasets import STREAM, bundled_path, read_jsonl
+from stream_learner.training.distributed import Group
+from stream_learner.training.trainer import StepRecord, Trainer, pick_device
 
 FORMAT = 2  # 2: repeated runs (the fastest counts), the roofline's square and model-shape matmuls
 TUTORIAL_LENGTH = 512  # what the common fine-tuning tutorials pad every example to
 REPLAY_BYTES_PER_TOKEN = 2.5  # replay storage bound: per stored token, plus …
-REPLAY_BYTES_PER_EVENT = 16  # … a fixed overhead per event (stream_learner.replay)
+REPLAY_BYTES_PER_EVENT = 16  # … a fixed overhead per event (stream_learner.core.replay)
 
 
 # ============================================================================================ config
@@ -359,7 +359,7 @@ def fastest(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def build_trainer(settings: Settings, tokenizer: Any, group: Group | None = None) -> Trainer:
     """The service's trainer fed from memory, with the service's queue bound (see ``evaluation``)."""
-    from stream_learner.evaluation import build_trainer as wired
+    from stream_learner.tools.evaluation import build_trainer as wired
 
     return wired(settings, tokenizer, fresh_queue_size=settings.kafka.queue_max_batches, group=group)
 
@@ -551,11 +551,11 @@ class VersionWatch:
 
 def run_pipeline(cfg: BenchConfig, data: BenchData, console: Console) -> dict[str, Any]:
     """Broker → consumer → queue → trainer → publisher: a backlog, then paced events (see module doc)."""
-    from stream_learner.app import Learner
-    from stream_learner.local_broker import LocalBroker
-    from stream_learner.producer import produce_lines
-    from stream_learner.publisher import read_manifest
-    from stream_learner.topics import ensure_topics
+    from stream_learner.service.app import Learner
+    from stream_learner.service.producer import produce_lines
+    from stream_learner.service.publisher import read_manifest
+    from stream_learner.service.topics import ensure_topics
+    from stream_learner.tools.local_broker import LocalBroker
 
     backlog = cfg.warmup_events + cfg.measured_events
     total = backlog + cfg.paced_events
@@ -767,7 +767,7 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
             release_memory()
 
     if cfg.scaling_ranks:
-        from stream_learner.scaling import measure_scaling
+        from stream_learner.tools.scaling import measure_scaling
 
         gpus = torch.cuda.device_count() if device.type == "cuda" else 0
         ranks = gpus if gpus >= 2 else cfg.scaling_ranks

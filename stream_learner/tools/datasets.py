@@ -8,7 +8,7 @@ from pathlib import Path
 
 import orjson
 
-from stream_learner.events import Reason
+from stream_learner.core.events import Reason
 
 STREAM = "vader_multidomain_stream.jsonl"
 HELDOUT = "vader_multidomain_heldout.jsonl"
@@ -18,9 +18,9 @@ DOMAINS = ("movie", "amazon", "tweets", "nyt")  # the stream's order: the drift
 
 def bundled_path(name: str) -> Path:
     """Path of a bundled data file (works from an installed wheel as well as from the repo)."""
-    path = Path(str(resources.files("stream_learner") / "data" / name))
+    path = Path(str(resources.files("stream_learner.tools") / "data" / name))
     if not path.is_file():
-        raise FileNotFoundError(f"bundled data file {name!r} missing from the stream_learner package")
+        raise FileNotFoundError(f"bundled data file {name!r} missing from the stream_learner.tools package")
     return path
 
 

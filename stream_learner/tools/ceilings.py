@@ -26,10 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from stream_learner.config import Settings
-from stream_learner.events import TokenizedEvent
-from stream_learner.model import L2SP, load_model
-from stream_learner.trainer import collate, pick_device
+from stream_learner.core.config import Settings
+from stream_learner.core.events import TokenizedEvent
+from stream_learner.core.model import L2SP, load_model
+from stream_learner.training.trainer import collate, pick_device
 
 
 def synchronize(device: torch.device) -> None:
