@@ -146,7 +146,7 @@ def versions_list(config: ConfigOpt = None, as_json: Annotated[bool, typer.Optio
             str(n),
             str(m.get("created_at", "-"))[:19],
             str(m.get("parent") or "-"),
-            str(m.get("events_ingested", "-")),
+            str(m.get("events_trained", "-")),
             str(m.get("steps", "-")),
             shown(metrics.get("prequential_accuracy")),
             shown(metrics.get("probe_accuracy")),

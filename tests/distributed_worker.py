@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from stream_learner.service.metrics import Metrics
 from stream_learner.training.distributed import Group
 from tests.factories import batch, make_trainer, small_settings, tiny_rows, tokenized
 
@@ -35,7 +34,7 @@ def _settings(replay: int, check_every: int = 1):
 
 
 def _save_weights(trainer, path: Path) -> None:
-    torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, path)
+    torch.save({k: v.detach().clone() for k, v in trainer.engine.model.state_dict().items()}, path)
 
 
 def equivalence(group: Group, out: Path) -> None:
@@ -45,21 +44,21 @@ def equivalence(group: Group, out: Path) -> None:
     mine = tokenized(rows[:6] if group.is_root else rows[6:8], settings, partition=group.rank)
     trainer = make_trainer(settings, group=group)
     # the new head's random initialisation, rank 0's (DDP broadcast it), for the single trainer
-    initial = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-    trainer.step(mine)
+    initial = {k: v.detach().clone() for k, v in trainer.engine.model.state_dict().items()}
+    trainer.train_window(mine, steps=1)
     _save_weights(trainer, out / f"group-rank{group.rank}.pt")
     if group.is_root:
         single = make_trainer(settings)
-        single.model.load_state_dict(initial)
+        single.engine.model.load_state_dict(initial)
         torch.save(initial, out / "initial.pt")
-        single.step(tokenized(rows[:6], settings, partition=0) + tokenized(rows[6:8], settings, partition=1))
+        both = tokenized(rows[:6], settings, partition=0) + tokenized(rows[6:8], settings, partition=1)
+        single.train_window(both, steps=1)
         _save_weights(single, out / "single.pt")
 
 
 def lockstep(group: Group, out: Path) -> None:
     settings = _settings(replay=4)
     trainer = make_trainer(settings, group=group)
-    trainer.metrics = Metrics()
     rows = tiny_rows(52)
     if group.is_root:
         events = tokenized(rows[:40], settings, partition=0)
@@ -74,7 +73,7 @@ def lockstep(group: Group, out: Path) -> None:
             for i in range(0, 12, 6):
                 trainer.fresh_queue.put(batch(events[i : i + 6]))
         else:
-            while trainer.counters.events_ingested < 40:
+            while trainer.counters.events_trained < 40:
                 time.sleep(0.05)
             time.sleep(5)  # rank 1's events arrive meanwhile
             trainer.stop_event.set()
@@ -84,7 +83,7 @@ def lockstep(group: Group, out: Path) -> None:
     _save_weights(trainer, out / f"lockstep-rank{group.rank}.pt")
     local = {
         "counters": vars(trainer.counters),
-        "weight_checks": trainer.metrics.weight_checks._value.get(),
+        "weight_checks": trainer.observers[0].metrics.weight_checks._value.get(),
         "stopped_by_peer": group.rank == 1,
     }
     (out / f"lockstep-rank{group.rank}.json").write_text(json.dumps(local))

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import functools
 import queue
-import threading
 
 from stream_learner.core.config import Settings, load_settings
 from stream_learner.core.events import LabeledEvent, LabelSet, TokenizedEvent
 from stream_learner.core.intake import ConsumedBatch, Tokenize
-from stream_learner.core.model import load_model, load_tokenizer
-from stream_learner.service.metrics import Metrics
+from stream_learner.core.model import load_tokenizer
+from stream_learner.service.metrics import Metrics, MetricsObserver
 from stream_learner.tools.datasets import TINY, bundled_path, read_jsonl
 from stream_learner.training.distributed import Group
-from stream_learner.training.trainer import Restored, Trainer
+from stream_learner.training.factory import build_trainer
+from stream_learner.training.loop import TrainingLoop
+from stream_learner.training.state import Snapshot
 
 
 def small_settings(**sections: dict) -> Settings:
@@ -64,18 +65,15 @@ def batch(events: list[TokenizedEvent], next_offsets: dict[int, int] | None = No
     return ConsumedBatch(events=events, next_offsets=next_offsets)
 
 
-def make_trainer(settings: Settings, restored: Restored | None = None, group: Group | None = None) -> Trainer:
-    tok = tokenizer()
-    return Trainer(
+def make_trainer(
+    settings: Settings, restored: Snapshot | None = None, group: Group | None = None
+) -> TrainingLoop:
+    """The service's trainer (the one factory), with its metrics, fed from memory."""
+    return build_trainer(
         settings,
-        load_model(settings.model, settings.training.seed),
-        pad_id=tok.pad_token_id,
-        with_token_types=True,
-        vocab_size=len(tok),
+        tokenizer(),
         fresh_queue=queue.Queue(maxsize=8),
-        publish_queue=queue.Queue(maxsize=1),
-        metrics=Metrics(),
-        stop=threading.Event(),
+        observers=[MetricsObserver(Metrics())],
         restored=restored,
         group=group,
     )

@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stream_learner.tools.bench import BenchConfig, fastest, rate_inside, run_bench, summarize_steps
@@ -22,7 +23,7 @@ from stream_learner.tools.bench_report import (
     pipeline_over_trainer,
     write_markdown,
 )
-from stream_learner.training.trainer import StepRecord
+from stream_learner.training.observers import StepRecord
 from tests.factories import small_settings, tiny_rows, tokenized
 
 LOOPS = ("roofline", "trainer_alone", "pipeline", "hand_written", "tutorial")
@@ -183,7 +184,26 @@ def check_targets_and_markdown(results: dict, tmp_path: Path) -> None:
 def _record(started: float, ended: float, fresh: int, replayed: int, real: int = 10, padded: int = 10):
     s = small_settings()
     events = tokenized(tiny_rows(fresh), s) if fresh else []
-    return StepRecord(started, ended, events, replayed, real, padded, 0.5, (ended - started) / 2)
+    none = np.zeros(0)
+    return StepRecord(
+        started=started,
+        ended=ended,
+        fresh=events,
+        replayed=replayed,
+        real_tokens=real,
+        padded_tokens=padded,
+        loss=0.5,
+        skipped=False,
+        cpu_seconds=(ended - started) / 2,
+        predictions=none,
+        labels=none,
+        losses=none,
+        steps=1,
+        penalty=0.0,
+        param_distance=None,
+        replay_size=0,
+        replay_bytes=0,
+    )
 
 
 def test_summarize_steps_skips_the_warm_up_and_counts_gaps():

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from stream_learner.training.distributed import Group, merge_counters, merge_offsets, restored_for_rank
-from stream_learner.training.trainer import Counters, Restored
+from stream_learner.training.state import Counters, Snapshot
 from tests.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,10 +80,10 @@ def test_ranks_keep_lockstep_with_an_idle_rank_and_merge_their_snapshot(tmp_path
     assert steps == r1["counters"]["steps"] >= 40 // 4
     # the weights were compared after every step, on both ranks
     assert r0["weight_checks"] == r1["weight_checks"] == steps
-    assert r0["counters"]["events_ingested"] == 40 and r1["counters"]["events_ingested"] == 12
+    assert r0["counters"]["events_trained"] == 40 and r1["counters"]["events_trained"] == 12
     merged = json.loads((tmp_path / "lockstep-merged.json").read_text())
     assert merged["offsets"] == {"0": 40, "1": 12}
-    assert merged["counters"]["events_ingested"] == 52 and merged["counters"]["steps"] == steps
+    assert merged["counters"]["events_trained"] == 52 and merged["counters"]["steps"] == steps
     assert merged["counters"]["examples_replayed"] == (
         r0["counters"]["examples_replayed"] + r1["counters"]["examples_replayed"]
     )
@@ -104,18 +104,18 @@ def test_group_from_env_and_partition_shares() -> None:
 def test_merges_add_events_and_keep_the_furthest_offsets() -> None:
     assert merge_offsets([{0: 10, 1: 4}, {1: 9, 3: 2}]) == {0: 10, 1: 9, 3: 2}
     merged = merge_counters([Counters(7, 30, 60, 1), Counters(7, 12, 28, 1)])
-    assert merged == Counters(steps=7, events_ingested=42, examples_replayed=88, nonfinite_skipped=1)
+    assert merged == Counters(steps=7, events_trained=42, examples_replayed=88, nonfinite_skipped=1)
 
 
-def _restored(shards: int) -> Restored:
+def _restored(shards: int) -> Snapshot:
     arrays = lambda r: {"lengths": torch.full((r + 1,), 3).numpy()}  # noqa: E731
-    return Restored(
+    return Snapshot(
         model_state={},
         optimizer_state={},
         replay_arrays=arrays(0),
         replay_meta={"rank": 0},
         torch_rng=torch.get_rng_state(),
-        counters=Counters(steps=9, events_ingested=100, examples_replayed=150, nonfinite_skipped=2),
+        counters=Counters(steps=9, events_trained=100, examples_replayed=150, nonfinite_skipped=2),
         offsets={0: 60, 1: 40},
         version=3,
         replay_shards=[(arrays(r), {"rank": r}) for r in range(1, shards)],
@@ -126,9 +126,9 @@ def test_each_rank_resumes_with_its_own_replay_and_the_counters_on_rank_0_only()
     r0 = restored_for_rank(_restored(2), Group(0, 2))
     r1 = restored_for_rank(_restored(2), Group(1, 2))
     assert r0.replay_meta == {"rank": 0} and r1.replay_meta == {"rank": 1}
-    assert r0.counters.events_ingested == 100 and r1.counters == Counters(9, 0, 0, 2)
+    assert r0.counters.events_trained == 100 and r1.counters == Counters(9, 0, 0, 2)
     assert r0.offsets == r1.offsets == {0: 60, 1: 40}  # each consumer seeks its own partitions
     # grown from 2 to 3 ranks: the new rank starts with an empty buffer
     assert restored_for_rank(_restored(2), Group(2, 3)).replay_arrays == {}
     # resumed by one learner: merging counts rank 0's counters only once
-    assert merge_counters([r0.counters, r1.counters]).events_ingested == 100
+    assert merge_counters([r0.counters, r1.counters]).events_trained == 100

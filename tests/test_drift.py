@@ -393,3 +393,45 @@ def test_detection_report_cuts_the_window_at_the_next_boundary_and_flags_misses(
     assert report["missed"] == [100] and not report["ok"]
     assert report["events_inside_segments"] == 1_000 - 200 - 500
     assert detection_report([], [], n_events=5_000)["ok"]
+
+
+# ------------------------------------------------------------------------------ across a restart
+def _stream(seed: int = 1, n_steps: int = 250, shift_at: int = 125):
+    """16 labels a step: 50/50, then 90/10 from step ``shift_at`` on; errors at 20 %."""
+    rng = np.random.default_rng(seed)
+    for step in range(n_steps):
+        labels = (rng.random(16) < (0.5 if step < shift_at else 0.1)).astype(int)
+        yield labels, (rng.random(16) < 0.2).astype(float)
+
+
+def _feed(monitor: DriftMonitor, steps, seen: np.ndarray) -> list[tuple[int, str]]:
+    """Feed steps with the reservoir's mix approximated by every label seen so far."""
+    fired = []
+    for labels, errors in steps:
+        for name in monitor.update(errors, errors, labels, reference_label_counts=seen.copy()):
+            fired.append((monitor.events_seen - 1, name))
+        seen += np.bincount(labels, minlength=2)
+    return fired
+
+
+def test_a_restored_monitor_does_not_report_a_shift_again_and_a_fresh_one_does():
+    """Why the drift state is part of every version: after a restart, a monitor restored from the
+    version carries on exactly as if nothing happened (no second report of the shift it reported
+    before the restart); a monitor that warms up again reports the same shift a second time."""
+    steps = list(_stream())
+    restart = 160  # steps: after the shift (step 125) was reported (event ≈ 2063)
+    through, seen = DriftMonitor(num_labels=2), np.zeros(2, dtype=np.int64)
+    before = _feed(through, steps[:restart], seen)
+    assert [name for _, name in before] == ["label_mix"], before
+    arrays, meta = through.state_dict()
+    meta = json.loads(json.dumps(meta))  # as a version stores it
+
+    restored = DriftMonitor(num_labels=2)
+    restored.load_state_dict({k: v.copy() for k, v in arrays.items()}, meta)
+    warmed_up_again = DriftMonitor(num_labels=2)
+    after_restored = _feed(restored, steps[restart:], seen.copy())
+    after_fresh = _feed(warmed_up_again, steps[restart:], seen.copy())
+    after_through = _feed(through, steps[restart:], seen.copy())
+
+    assert after_restored == after_through == []
+    assert [name for _, name in after_fresh] == ["label_mix"]

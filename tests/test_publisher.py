@@ -46,7 +46,7 @@ from stream_learner.service.publisher import (
     version_statuses,
 )
 from stream_learner.service.storage import LocalStore, ObjectStore
-from stream_learner.training.trainer import Counters, Snapshot
+from stream_learner.training.state import Counters, Snapshot
 from tests.factories import batch, make_trainer, small_settings, tiny_rows, tokenized, tokenizer
 
 
@@ -58,8 +58,8 @@ def _trained() -> tuple:
     for k in range(2):
         events = tokenized(tiny_rows(16)[8 * k : 8 * k + 8], s, first_offset=8 * k)
         trainer.accept(batch(events))
-        trainer.step(trainer._take_fresh())
-        trainer._advance_offsets()
+        trainer.train_window(trainer.take_fresh(8))
+        trainer.ledger.advance()
     return s, trainer
 
 
@@ -74,7 +74,7 @@ def make_publisher(store: ObjectStore, keep: int = 0) -> Publisher:
     return Publisher(
         s,
         store,
-        static_files(trainer.model, tokenizer()),
+        static_files(trainer.engine.model, tokenizer()),
         publish_queue=queue.Queue(maxsize=1),
         commit_queue=queue.Queue(),
         metrics=Metrics(),
@@ -91,13 +91,46 @@ def test_publish_writes_the_layout_then_latest_then_hands_offsets_to_commit(tmp_
     assert read_latest(store)[0] == 1
     manifest = read_manifest(store, 1)
     assert manifest["parent"] is None and manifest["offsets"] == {pub.settings.kafka.topic: {"0": 16}}
-    assert manifest["events_ingested"] == 16 and manifest["steps"] == 2
+    assert manifest["events_trained"] == 16 and manifest["steps"] == 2
     assert {WEIGHTS, "config.json", "trainer_state/optimizer.safetensors"} <= manifest["files"].keys()
     assert pub.commit_queue.get_nowait() == {0: 16}
     restored, _ = load_version(store, 1, tmp_path / "work")
-    assert restored.counters.events_ingested == 16 and restored.offsets == {0: 16}
+    assert restored.counters.events_trained == 16 and restored.offsets == {0: 16}
     # the second version names the first as its parent
     assert pub.publish_version(snap) == 2 and read_manifest(store, 2)["parent"] == 1
+
+
+def test_the_drift_state_survives_a_restart_through_a_version(tmp_path: Path, snap) -> None:
+    """A learner resumed from a version carries on the drift signals where they were (their windows,
+    sums and detections), not warmed up from nothing: see test_drift's restart test for why."""
+    store = LocalStore(tmp_path)
+    make_publisher(store).publish_version(snap)
+    restored, _ = load_version(store, 1, tmp_path / "work")
+    s, trainer = _trained()
+    resumed = make_trainer(s, restored=restored)
+    assert trainer.drift is not None and resumed.drift is not None
+    assert resumed.drift.monitor.events_seen == trainer.drift.monitor.events_seen == 16
+    (arrays, meta), (arrays0, meta0) = resumed.drift.state_dict(), trainer.drift.state_dict()
+    assert meta == json.loads(json.dumps(meta0)) and arrays.keys() == arrays0.keys()
+    for k, v in arrays0.items():
+        np.testing.assert_array_equal(arrays[k], v)
+    # a version written before the drift state was kept (format 1) resumes with fresh signals
+    old = dataclasses.replace(restored, drift=None)
+    assert make_trainer(s, restored=old).drift.monitor.events_seen == 0
+
+
+def test_a_format_1_version_still_reads(tmp_path: Path, snap) -> None:
+    """Format 1 called the events a version learned ``events_ingested``: manifests, the state's
+    counters and ``versions list`` read it as ``events_trained``."""
+    store = LocalStore(tmp_path)
+    make_publisher(store).publish_version(snap)
+    root = tmp_path / "versions" / "000001"
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["format"] = 1
+    manifest["events_ingested"] = manifest.pop("events_trained")
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert read_manifest(store, 1)["events_trained"] == 16
+    assert Counters.from_dict({"steps": 2, "events_ingested": 16}) == Counters(steps=2, events_trained=16)
 
 
 def test_two_publishers_on_one_prefix_exactly_one_advances_latest(tmp_path: Path, snap) -> None:
@@ -311,7 +344,7 @@ def tiny_snapshot(events: int = 8, probe: float | None = None) -> Snapshot:
         replay_arrays={"ids": np.zeros(3, dtype=np.int64)},
         replay_meta={"seen": events},
         torch_rng=torch.get_rng_state(),
-        counters=Counters(steps=events // 8, events_ingested=events),
+        counters=Counters(steps=events // 8, events_trained=events),
         offsets={0: events},
         metrics={} if probe is None else {"probe_accuracy": probe},
     )

@@ -1,15 +1,30 @@
-"""The trainer on the real (1-layer) MiniLM: steps, guards, offsets, snapshots, the bf16 twin."""
+"""The training loop and its step engine: steps, guards, offsets, snapshots, windows, the bf16 twin."""
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-from stream_learner.training.trainer import PrequentialWindow, collate
+from stream_learner.core.batching import collate
+from stream_learner.core.prequential import PrequentialWindow
+from stream_learner.service.metrics import Metrics, MetricsObserver
+from stream_learner.training.observers import LoopObserver, StepLog
 from tests.factories import batch, make_trainer, small_settings, tiny_rows, tokenized
 
 
+def step(tr, events):
+    """One step of the loop on ``events`` (a window of one micro-batch): its loss."""
+    (loss,) = tr.train_window(list(events), steps=1)
+    return loss
+
+
+def metrics(tr) -> Metrics:
+    return next(o.metrics for o in tr.observers if isinstance(o, MetricsObserver))
+
+
 def _params(trainer):
-    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in trainer.engine.model.state_dict().items()}
 
 
 def test_step_learns_fills_replay_and_moves_from_theta0():
@@ -17,25 +32,25 @@ def test_step_learns_fills_replay_and_moves_from_theta0():
     tr = make_trainer(s)
     events = tokenized(tiny_rows(32), s)
     before = _params(tr)
-    loss = tr.step(events[:8])
+    loss = step(tr, events[:8])
     assert np.isfinite(loss)
-    assert tr.counters.steps == 1 and tr.counters.events_ingested == 8
+    assert tr.counters.steps == 1 and tr.counters.events_trained == 8
     assert len(tr.replay) == 8
-    assert float(tr.l2sp.squared_distance()) > 0
+    assert float(tr.engine.l2sp.squared_distance()) > 0
     changed = [k for k, v in _params(tr).items() if not torch.equal(v, before[k])]
     assert "classifier.weight" in changed and any(k.startswith("bert.encoder") for k in changed)
-    tr.step(events[8:16])  # now with replay
+    step(tr, events[8:16])  # now with replay
     assert tr.counters.examples_replayed == 8
-    assert tr.metrics.value("stream_learner_steps_total") == 2
+    assert metrics(tr).value("stream_learner_steps_total") == 2
 
 
 def test_training_reduces_loss_on_the_data_it_sees():
     s = small_settings(training={"learning_rate": 1e-3, "replay_per_step": 0, "l2sp_lambda": 0.0})
     tr = make_trainer(s)
     events = tokenized(tiny_rows(16), s)
-    first = tr.step(events[:16])
+    first = step(tr, events[:16])
     for _ in range(20):
-        last = tr.step(events[:16])
+        last = step(tr, events[:16])
     assert last < 0.5 * first
 
 
@@ -44,11 +59,11 @@ def test_nonfinite_loss_skips_the_step_and_is_counted():
     tr = make_trainer(s)
     events = tokenized(tiny_rows(8), s)
     with torch.no_grad():
-        tr.model.classifier.bias.fill_(float("nan"))
+        tr.engine.model.classifier.bias.fill_(float("nan"))
     before = _params(tr)
-    assert np.isnan(tr.step(events))
+    assert np.isnan(step(tr, events))
     assert tr.counters.nonfinite_skipped == 1 and tr.counters.steps == 0
-    assert tr.metrics.value("stream_learner_nonfinite_steps_skipped_total") == 1
+    assert metrics(tr).value("stream_learner_nonfinite_steps_skipped_total") == 1
     for k, v in _params(tr).items():
         torch.testing.assert_close(v, before[k], equal_nan=True)
     assert len(tr.replay) == 0
@@ -61,16 +76,16 @@ def test_offsets_cover_exactly_the_events_trained():
     events = events[:6] + events[12:] + events[6:12]  # p0 0..5, p1 0..3, p0 6..11
     tr.fresh_queue.put(batch(events, {0: 12, 1: 4}))
     tr.fresh_queue.put(batch([], {0: 15}))  # three dead-lettered messages after them
-    tr.step(tr._take_fresh())
-    tr._advance_offsets()
+    step(tr, tr.take_fresh(8))
+    tr.ledger.advance()
     # a snapshot now (mid-batch) must cover the 8 events counted, no more, no less
-    assert tr.counters.events_ingested == 8 and tr.covered == {0: 6, 1: 2}
-    tr.step(tr._take_fresh())
-    tr._advance_offsets()
-    assert tr.covered == {0: 12, 1: 4}
-    assert tr._take_fresh() == []  # the next turn of the loop picks up the all-dead-letter batch
-    tr._advance_offsets()
-    assert tr.covered == {0: 15, 1: 4}
+    assert tr.counters.events_trained == 8 and tr.ledger.covered == {0: 6, 1: 2}
+    step(tr, tr.take_fresh(8))
+    tr.ledger.advance()
+    assert tr.ledger.covered == {0: 12, 1: 4}
+    assert tr.take_fresh(8) == []  # the next turn of the loop picks up the all-dead-letter batch
+    tr.ledger.advance()
+    assert tr.ledger.covered == {0: 15, 1: 4}
 
 
 def test_a_finished_batch_never_moves_covered_offsets_back():
@@ -79,48 +94,39 @@ def test_a_finished_batch_never_moves_covered_offsets_back():
     events = tokenized(tiny_rows(12), s)
     tr.accept(batch(events[:6]))  # offsets 0..5
     tr.accept(batch(events[6:]))  # offsets 6..11
-    tr.step(tr._take_fresh())  # trains 0..7: the first batch is done, the second half-way
-    tr._advance_offsets()
-    assert tr.counters.events_ingested == 8 and tr.covered == {0: 8}
+    step(tr, tr.take_fresh(8))  # trains 0..7: the first batch is done, the second half-way
+    tr.ledger.advance()
+    assert tr.counters.events_trained == 8 and tr.ledger.covered == {0: 8}
 
 
 def test_snapshot_restore_is_exact():
-    from stream_learner.training.trainer import Restored
-
     s = small_settings()
     tr = make_trainer(s)
     events = tokenized(tiny_rows(40), s)
     for i in range(3):
-        tr.step(events[i * 8 : (i + 1) * 8])
+        step(tr, events[i * 8 : (i + 1) * 8])
     snap = tr.snapshot()
-    restored = Restored(
-        snap.model_state,
-        snap.optimizer_state,
-        snap.replay_arrays,
-        snap.replay_meta,
-        snap.torch_rng,
-        snap.counters,
-        {0: 24},
-        version=1,
-    )
+    restored = dataclasses.replace(snap, offsets={0: 24}, version=1)
     tr2 = make_trainer(s, restored=restored)
-    for k, v in tr.model.state_dict().items():
-        torch.testing.assert_close(tr2.model.state_dict()[k], v, rtol=0, atol=0)
-    assert tr2.counters == tr.counters and tr2.covered == {0: 24}
+    for k, v in tr.engine.model.state_dict().items():
+        torch.testing.assert_close(tr2.engine.model.state_dict()[k], v, rtol=0, atol=0)
+    assert tr2.counters == tr.counters and tr2.ledger.covered == {0: 24}
     # θ0 stays the pretrained weights, not the restored ones
-    assert float(tr2.l2sp.squared_distance()) == pytest.approx(float(tr.l2sp.squared_distance()))
+    assert float(tr2.engine.l2sp.squared_distance()) == pytest.approx(
+        float(tr.engine.l2sp.squared_distance())
+    )
     # the next step is identical: same replay draw, same optimizer moments
-    assert tr2.step(events[24:32]) == pytest.approx(tr.step(events[24:32]), abs=1e-6)
-    for k, v in tr.model.state_dict().items():
-        torch.testing.assert_close(tr2.model.state_dict()[k], v)
+    assert step(tr2, events[24:32]) == pytest.approx(step(tr, events[24:32]), abs=1e-6)
+    for k, v in tr.engine.model.state_dict().items():
+        torch.testing.assert_close(tr2.engine.model.state_dict()[k], v)
 
 
 def test_bf16_autocast_path_runs_on_cpu():
     """The CUDA precision branch, exercised on CPU (autocast supports bf16 there)."""
     s = small_settings(training={"precision": "bf16"})
     tr = make_trainer(s)
-    assert tr.bf16 and tr.device.type == "cpu"
-    assert np.isfinite(tr.step(tokenized(tiny_rows(8), s)))
+    assert tr.engine.bf16 and tr.engine.device.type == "cpu"
+    assert np.isfinite(step(tr, tokenized(tiny_rows(8), s)))
 
 
 @pytest.mark.slow  # compiling even a one-layer model's forward and backward takes ≈ 45 s
@@ -140,23 +146,22 @@ def test_compiled_forward_trains_like_eager(tmp_path, monkeypatch):
     eager = make_trainer(s)
     theta0 = _params(eager)
     compiled = _restored_twin(eager, small_settings(training={"compile": True}))  # the same head
-    assert compiled.forward_model is not compiled.model and eager.forward_model is eager.model
+    assert compiled.engine.forward_model is not compiled.engine.model
+    assert eager.engine.forward_model is eager.engine.model
     rows = tiny_rows(24 + 64)
     for part in (rows[:8], rows[8:14], rows[14:24]):  # three lengths and batch sizes: dynamic shapes
         events = tokenized(part, s)
-        losses, scores = [], []
-        for tr in (eager, compiled):
-            losses.append(tr.step(events, replayed=[]))
-            scores.append(tr.last_scores)
+        scores = [tr.engine.step(list(events), len(events)) for tr in (eager, compiled)]
+        losses = [o.loss for o in scores]
         assert np.isfinite(losses[0]) and losses[1] == pytest.approx(losses[0], rel=2e-5)
         np.testing.assert_allclose(scores[1].losses, scores[0].losses, rtol=2e-5, atol=1e-6)
         np.testing.assert_array_equal(scores[1].predictions, scores[0].predictions)
 
     # the weights as trained predict alike: logits on 64 events neither saw
-    held_out = collate(tokenized(rows[24:], s), eager.pad_id, eager.with_token_types)
+    held_out = collate(tokenized(rows[24:], s), eager.engine.pad_id, eager.engine.with_token_types)
     held_out.pop("labels")
     with torch.no_grad():
-        z_eager, z_compiled = (tr.model(**held_out).logits for tr in (eager, compiled))
+        z_eager, z_compiled = (tr.engine.model(**held_out).logits for tr in (eager, compiled))
     assert float((z_compiled - z_eager).norm() / z_eager.norm()) < 1e-4
     top2 = z_eager.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 1e-5  # a near-tie may flip on rounding
@@ -164,9 +169,9 @@ def test_compiled_forward_trains_like_eager(tmp_path, monkeypatch):
     assert torch.equal(z_compiled.argmax(-1)[clear], z_eager.argmax(-1)[clear])
 
     # and the weights themselves, relative to their norm and to the update the steps made
-    trained = compiled.model.state_dict()
+    trained = compiled.engine.model.state_dict()
     squares = np.zeros(3)  # Σ ‖Δ‖², Σ ‖W − W₀‖², Σ ‖W‖² over the model's tensors
-    for k, w in eager.model.state_dict().items():
+    for k, w in eager.engine.model.state_dict().items():
         if not w.is_floating_point():
             continue
         d = trained[k] - w
@@ -192,7 +197,7 @@ def test_collate_pads_and_sets_token_types():
 
 
 def test_prequential_window_macro_f1():
-    w = PrequentialWindow(size=4, num_labels=2)
+    w = PrequentialWindow(size=4)
     w.add([1, 1, 0, 0, 1], [1, 0, 0, 0, 1], [0.1] * 5)  # window keeps the last 4
     out = w.summary()
     assert out["prequential_accuracy"] == 0.75
@@ -204,20 +209,7 @@ def test_prequential_window_macro_f1():
 # --------------------------------------------------------------------- length-bucketed windows
 def _restored_twin(tr, settings):
     """A second trainer in exactly ``tr``'s state (same head initialisation, optimizer, replay, RNG)."""
-    from stream_learner.training.trainer import Restored
-
-    snap = tr.snapshot()
-    restored = Restored(
-        snap.model_state,
-        snap.optimizer_state,
-        snap.replay_arrays,
-        snap.replay_meta,
-        snap.torch_rng,
-        snap.counters,
-        dict(snap.offsets),
-        version=1,
-    )
-    return make_trainer(settings, restored=restored)
+    return make_trainer(settings, restored=dataclasses.replace(tr.snapshot(), version=1))
 
 
 def test_a_window_is_its_micro_batches_stepped_in_turn():
@@ -226,28 +218,25 @@ def test_a_window_is_its_micro_batches_stepped_in_turn():
     tr = make_trainer(s)
     twin = _restored_twin(tr, s)
     events = tokenized(tiny_rows(16), s)
-    records, scored = [], []
-
-    def watch(record):
-        records.append(record)
-        scored.append(tr.last_scores.losses.copy())
-
-    tr.on_step = watch
+    log = StepLog()
+    tr.observers.append(log)
+    records = log.records
     losses = tr.train_window(events)
     assert len(losses) == len(records) == 4 and tr.counters.steps == 4
     offsets = [e.offset for r in records for e in r.fresh]
     assert sorted(offsets) == list(range(16)) and offsets != sorted(offsets)  # reordered by length
     lengths = [len(e.input_ids) for r in records for e in r.fresh]
     assert lengths == sorted(lengths)
-    for record, loss, preq in zip(records, losses, scored, strict=True):
-        assert twin.step(list(record.fresh), replayed=[]) == pytest.approx(loss, abs=1e-6)
-        np.testing.assert_allclose(twin.last_scores.losses, preq, atol=1e-6)
+    for record, loss in zip(records, losses, strict=True):
+        again = twin.engine.step(list(record.fresh), len(record.fresh))
+        assert again.loss == pytest.approx(loss, abs=1e-6)
+        np.testing.assert_allclose(again.losses, record.losses, atol=1e-6)
 
 
 def test_snapshots_between_windows_cover_exactly_the_events_trained():
     """The lineage guarantee with reordering: every snapshot's offsets are the trained prefix.
 
-    One partition, offsets 0..n-1, no dead letters: a snapshot must cover ``events_ingested`` offsets
+    One partition, offsets 0..n-1, no dead letters: a snapshot must cover ``events_trained`` offsets
     exactly. Taken inside a window, it would cover more (a later, shorter event already trained).
     """
     import contextlib
@@ -261,8 +250,9 @@ def test_snapshots_between_windows_cover_exactly_the_events_trained():
     )
     tr = make_trainer(s)
     events = tokenized(tiny_rows(48), s)
-    records = []
-    tr.on_step = records.append
+    log = StepLog()
+    tr.observers.append(log)
+    records = log.records
     for i in range(0, 48, 16):
         tr.fresh_queue.put(batch(events[i : i + 16]))
     snapshots = []
@@ -276,17 +266,17 @@ def test_snapshots_between_windows_cover_exactly_the_events_trained():
     drainer = threading.Thread(target=drain)
     thread.start()
     drainer.start()
-    while tr.counters.events_ingested < 48 and thread.is_alive():
+    while tr.counters.events_trained < 48 and thread.is_alive():
         thread.join(0.1)
     tr.stop_event.set()
     thread.join(60)
     drainer.join(60)
-    assert not thread.is_alive() and tr.counters.events_ingested == 48
+    assert not thread.is_alive() and tr.counters.events_trained == 48
     offsets = [e.offset for r in records for e in r.fresh]
     assert offsets != sorted(offsets), "the windows did not reorder anything: the test proves nothing"
     assert len(snapshots) >= 2
     for snap in snapshots:
-        assert snap.offsets.get(0, 0) == snap.counters.events_ingested
+        assert snap.offsets.get(0, 0) == snap.counters.events_trained
     assert snapshots[-1].offsets == {0: 48}
 
 
@@ -295,12 +285,13 @@ def test_a_snapshot_inside_a_window_is_refused():
     tr = make_trainer(s)
     refused = []
 
-    def snapshot_now(_record):
-        with pytest.raises(RuntimeError, match="inside a bucketed window"):
-            tr.snapshot()
-        refused.append(True)
+    class SnapshotNow(LoopObserver):
+        def on_step(self, record):
+            with pytest.raises(RuntimeError, match="inside a bucketed window"):
+                tr.snapshot()
+            refused.append(True)
 
-    tr.on_step = snapshot_now
+    tr.observers.append(SnapshotNow())
     tr.train_window(tokenized(tiny_rows(8), s))
     assert len(refused) == 2
     tr.snapshot()  # between windows it is fine
@@ -313,8 +304,9 @@ def test_bucketed_windows_pad_less_than_plain_micro_batches():
         events = tokenized(tiny_rows(96), s)
         for e in events[64:]:
             tr.replay.add(e.input_ids, e.label)
-        records = []
-        tr.on_step = records.append
+        log = StepLog()
+        tr.observers.append(log)
+        records = log.records
         for i in range(0, 64, 8 * window):
             tr.train_window(events[i : i + 8 * window])
         assert sum(len(r.fresh) for r in records) == 64 and len(records) == 8
@@ -328,10 +320,11 @@ def test_a_window_ends_where_a_publish_falls_due():
     """Snapshots wait for a window's end: windows shrink so that publish.every_steps keeps its cadence."""
     s = small_settings(training={"bucket_window": 8}, publish={"every_steps": 5})
     tr = make_trainer(s)
-    assert tr._window_steps() == 5
+    per_step = s.training.fresh_per_step
+    assert tr._window_size() == 5 * per_step
     tr.counters.steps = 3
-    assert tr._window_steps() == 2
+    assert tr._window_size() == 2 * per_step
     tr.counters.steps = 5  # due now; if the publisher is busy the snapshot waits, the windows do not
-    assert tr._window_steps() == 8
+    assert tr._window_size() == 8 * per_step
     tr.maybe_publish()
-    assert tr._window_steps() == 5
+    assert tr._window_size() == 5 * per_step

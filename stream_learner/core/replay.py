@@ -34,6 +34,15 @@ _REPACK_CHUNK = 8192
 _INT32 = np.iinfo(np.int32)
 
 
+def token_dtype(vocab_size: int) -> np.dtype:
+    """How the replay buffer stores token ids: ``uint16`` when the vocabulary fits, else ``int32``.
+
+    >>> token_dtype(30522), token_dtype(250002)
+    (dtype('uint16'), dtype('int32'))
+    """
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.int32)
+
+
 @dataclass(frozen=True, slots=True)
 class StoredExample:
     """One example held by a replay buffer (a copy: later changes to the buffer do not affect it).
@@ -81,6 +90,14 @@ class ReservoirBuffer:
     would still have 1/8 headroom, else into a new array of 9/8 of the live tokens), and it is shrunk
     when it exceeds 5/4 of the live tokens, so memory stays under 2.5 bytes per stored ``uint16`` token
     while every token is copied O(1) times on average.
+
+    Why this class is long (≈ 400 lines): the compact pool. A list of :class:`StoredExample` would be
+    ≈ 100 lines and meets the memory bound at the default capacity (10,000: 2.5 MB against 0.9 MB);
+    measured on 200,000 examples of 10–60 tokens it holds 245 bytes per example against 88 here
+    (2.8×), i.e. ≈ 160 MB more per million examples, and snapshots cost the same (0.10 s against
+    0.13 s). It stays for now: every published version stores the buffer in this layout
+    (``state_dict``), so a simpler buffer needs a format migration; whether capacities of millions of
+    examples are realistic for users decides it.
 
     Parameters
     ----------
@@ -146,7 +163,7 @@ class ReservoirBuffer:
         self.seen: int = 0
         self.seed: int = operator.index(seed)
         self.vocab_size: int = vocab_size
-        self.token_dtype: np.dtype = np.dtype(np.uint16 if vocab_size <= 65536 else np.int32)
+        self.token_dtype: np.dtype = token_dtype(vocab_size)
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
 
         self._size = 0  # stored examples; slots [0, _size) are in use

@@ -22,7 +22,7 @@ import queue
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from stream_learner.core.intake import Tokenize
 from stream_learner.core.model import check_max_length, load_model, load_tokenizer
 from stream_learner.service.consumer import EventConsumer
 from stream_learner.service.limits import MiB, memory_budget
-from stream_learner.service.metrics import Metrics
+from stream_learner.service.metrics import Metrics, MetricsObserver
 from stream_learner.service.publisher import (
     CorruptVersion,
     Publisher,
@@ -47,7 +47,10 @@ from stream_learner.service.staging import remove_stale_staging_dirs, staging_di
 from stream_learner.service.storage import ObjectStore, check_reachable, open_store
 from stream_learner.service.topics import ensure_topics, partition_count, require_topics
 from stream_learner.training.distributed import Group, restored_for_rank
-from stream_learner.training.trainer import Restored, Trainer, pick_device
+from stream_learner.training.engine import pick_device
+from stream_learner.training.factory import build_trainer
+from stream_learner.training.observers import LoopObserver
+from stream_learner.training.state import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +180,17 @@ def check_lineage_matches(
 
 
 class Learner:
-    """One online learner: construct, :meth:`start`, then :meth:`stop` (or :meth:`wait`)."""
+    """One online learner: construct, :meth:`start`, then :meth:`stop` (or :meth:`wait`).
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    ``observers`` hear of every training step beside the metrics (the bench's step log).
+    """
+
+    def __init__(
+        self, settings: Settings, metrics: Metrics | None = None, observers: Sequence[LoopObserver] = ()
+    ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.observers = list(observers)
         self.error: BaseException | None = None
         self.restored_version: int | None = None
         self._threads: dict[str, threading.Thread] = {}
@@ -237,20 +246,17 @@ class Learner:
         self.publisher_stop = threading.Event()
         self.publish_failed = threading.Event()  # the publisher gave up (fenced out): no final handoff
 
-        self.trainer = Trainer(
+        self.trainer = build_trainer(
             s,
-            loaded,
-            pad_id=tokenizer.pad_token_id or 0,
-            with_token_types="token_type_ids" in tokenizer.model_input_names,
-            vocab_size=len(tokenizer),
+            tokenizer,
+            loaded=loaded,
             fresh_queue=self.fresh_queue,
             publish_queue=self.publish_queue,
-            metrics=self.metrics,
             stop=self.trainer_stop,
+            observers=[MetricsObserver(self.metrics), *self.observers],
             restored=restored,
-            publish_failed=self.publish_failed,
             probe=probe,
-            special_token_ids=tokenizer.all_special_ids,
+            publish_failed=self.publish_failed,
             group=self.group,
         )
         publishes = self.group is None or self.group.is_root
@@ -285,7 +291,7 @@ class Learner:
             self._spawn("publisher", self.publisher.run)
         return self
 
-    def _restore(self, model_config: object | None = None) -> Restored | None:
+    def _restore(self, model_config: object | None = None) -> Snapshot | None:
         """Load LATEST or, if it is corrupt, the nearest intact version on its parent chain (never another
         branch: ``publisher.load_newest_intact``), verifying every file's sha256. ``model_config``, the
         loaded model's config, is checked against the version's ``config.json`` (same architecture)."""
@@ -313,7 +319,7 @@ class Learner:
         log.info(
             "resuming from version %d (%d events, offsets %s)",
             version,
-            manifest["events_ingested"],
+            manifest["events_trained"],
             manifest["offsets"],
         )
         return restored

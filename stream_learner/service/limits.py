@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from stream_learner.core.config import Settings
+from stream_learner.core.replay import token_dtype
 
 MiB = 1 << 20
 # an idle learner with a 1-layer MiniLM measured 590 MiB; the allocator keeps freed snapshot memory in
@@ -69,7 +70,7 @@ def memory_budget(settings: Settings, model: torch.nn.Module) -> MemoryBudget:
     heads = getattr(cfg, "num_attention_heads", 12)
     t, k, length = settings.training, settings.kafka, settings.model.max_length
     batch = t.fresh_per_step + t.replay_per_step
-    token_bytes = 2 if getattr(cfg, "vocab_size", 1 << 17) <= 1 << 16 else 4
+    token_bytes = token_dtype(getattr(cfg, "vocab_size", 1 << 17)).itemsize
     return MemoryBudget(
         runtime=RUNTIME_BYTES,
         model=params * 4 * 5,

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 
 from stream_learner.core.drift import DRIFT_SIGNALS
 from stream_learner.core.events import Reason
+from stream_learner.training.observers import LoopObserver, StepRecord
 
 PREFIX = "stream_learner"
 
@@ -156,3 +157,52 @@ class Metrics:
         """Current value of a sample, named as exposed (``stream_learner_steps_total``); 0 if absent."""
         v = self.registry.get_sample_value(name, labels or {})
         return 0.0 if v is None else v
+
+
+class MetricsObserver(LoopObserver):
+    """The training loop's events as Prometheus metrics (a :class:`LoopObserver` of ``training``).
+
+    Rates are exponentially weighted over steps (weight 0.1 for the newest step).
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._rate = self._fresh_rate = 0.0
+
+    def on_step(self, r: StepRecord) -> None:
+        m, n = self.metrics, len(r.fresh)
+        m.events_trained.inc(n)
+        for name in r.drift_fired:
+            m.drift_detections.labels(name).inc()
+        for name, score in r.drift_scores.items():
+            m.drift_score.labels(name).set(score)
+        if r.skipped:
+            m.nonfinite_skipped.inc()
+            return
+        seconds = max(r.ended - r.started, 1e-9)
+        if r.param_distance is not None:
+            m.l2sp_penalty.set(r.penalty)
+            m.param_distance.set(r.param_distance)
+        m.steps.inc()
+        m.examples_replayed.inc(r.replayed)
+        m.step_seconds.observe(seconds)
+        m.training_loss.set(r.loss + r.penalty)
+        rate, fresh_rate = (n + r.replayed) / seconds, n / seconds
+        self._rate = rate if self._rate == 0 else 0.9 * self._rate + 0.1 * rate
+        self._fresh_rate = fresh_rate if self._fresh_rate == 0 else 0.9 * self._fresh_rate + 0.1 * fresh_rate
+        m.examples_per_second.set(self._rate)
+        m.events_per_second.set(self._fresh_rate)
+        m.replay_size.set(r.replay_size)
+        m.replay_bytes.set(r.replay_bytes)
+        for key in ("prequential_loss", "prequential_accuracy", "prequential_f1"):
+            if key in r.prequential:
+                getattr(m, key).set(r.prequential[key])
+
+    def on_take(self, queue_depth: int) -> None:
+        self.metrics.queue_depth.set(queue_depth)
+
+    def on_probe(self, accuracy: float) -> None:
+        self.metrics.probe_accuracy.set(accuracy)
+
+    def on_weight_check(self) -> None:
+        self.metrics.weight_checks.inc()

@@ -89,7 +89,7 @@ from stream_learner.core.config import Settings
 from stream_learner.service.metrics import Metrics
 from stream_learner.service.staging import LOCK, staging_dir
 from stream_learner.service.storage import ObjectStore, PreconditionFailed
-from stream_learner.training.trainer import Counters, Restored, Snapshot
+from stream_learner.training.state import Counters, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,9 @@ REPLAY = "trainer_state/replay.safetensors"
 REPLAY_OF_RANK = "trainer_state/replay-rank{rank}.safetensors"  # ranks 1… of a data-parallel group
 RNG = "trainer_state/rng.safetensors"
 STATE = "trainer_state/state.json"
-MANIFEST_FORMAT = 1
+DRIFT = "trainer_state/drift.safetensors"  # the drift signals' windows (format 2 on)
+# 2: "events_trained" (format 1 called it "events_ingested"), the drift signals' state
+MANIFEST_FORMAT = 2
 RETRY_MAX_WAIT_S = 10.0  # backoff cap while storage is down: a recovered store is used within ~10 s
 
 
@@ -161,7 +163,15 @@ def read_latest(store: ObjectStore) -> tuple[int | None, str | None]:
 
 
 def read_manifest(store: ObjectStore, version: int) -> dict:
-    return json.loads(store.get(f"{version_dir(version)}/{MANIFEST}"))
+    return upgraded(json.loads(store.get(f"{version_dir(version)}/{MANIFEST}")))
+
+
+def upgraded(manifest: dict) -> dict:
+    """A manifest of any format as the current one reads: format 1's ``events_ingested`` is
+    ``events_trained``. The other fields of format 1 are those of format 2."""
+    if "events_ingested" in manifest and "events_trained" not in manifest:
+        manifest["events_trained"] = manifest.pop("events_ingested")
+    return manifest
 
 
 def list_versions(store: ObjectStore) -> list[dict]:
@@ -201,7 +211,7 @@ def survey_versions(store: ObjectStore, read_manifests: bool = True) -> dict[int
 
 def _parse_manifest(store: ObjectStore, version: int) -> tuple[dict | None, str | None]:
     try:
-        manifest = json.loads(store.get(f"{version_dir(version)}/{MANIFEST}"))
+        manifest = upgraded(json.loads(store.get(f"{version_dir(version)}/{MANIFEST}")))
     except KeyError:
         return None, "manifest missing"
     except ValueError as err:  # not UTF-8, not JSON
@@ -294,6 +304,10 @@ def _write_trainer_state(snap: Snapshot, root: Path) -> None:
             {k: np.ascontiguousarray(v) for k, v in arrays.items()}, root / REPLAY_OF_RANK.format(rank=rank)
         )
     safetensors.torch.save_file({"torch": snap.torch_rng}, root / RNG)
+    if snap.drift is not None:
+        safetensors.numpy.save_file(
+            {k: np.ascontiguousarray(v) for k, v in snap.drift[0].items()}, root / DRIFT
+        )
     state = {
         "counters": vars(snap.counters),
         "offsets": {str(p): o for p, o in snap.offsets.items()},
@@ -301,18 +315,19 @@ def _write_trainer_state(snap: Snapshot, root: Path) -> None:
         "optimizer_scalars": scalars,
         "replay_meta": snap.replay_meta,
         "replay_meta_of_ranks": [meta for _, meta in snap.replay_shards],
+        "drift_meta": snap.drift[1] if snap.drift is not None else None,
     }
     (root / STATE).write_text(json.dumps(state, indent=1))
 
 
-def _read_trainer_state(root: Path, model_state: dict[str, torch.Tensor], version: int) -> Restored:
+def _read_trainer_state(root: Path, model_state: dict[str, torch.Tensor], version: int) -> Snapshot:
     state = json.loads((root / STATE).read_text())
     tensors = safetensors.torch.load_file(root / OPTIMIZER)
     opt_state: dict[int, dict] = {}
     for key, v in [*tensors.items(), *state["optimizer_scalars"].items()]:
         idx, name = key.split(".", 1)
         opt_state.setdefault(int(idx), {})[name] = v
-    return Restored(
+    return Snapshot(
         model_state=model_state,
         optimizer_state={"state": opt_state, "param_groups": state["optimizer_param_groups"]},
         replay_arrays=safetensors.numpy.load_file(root / REPLAY),
@@ -322,13 +337,16 @@ def _read_trainer_state(root: Path, model_state: dict[str, torch.Tensor], versio
             for rank, meta in enumerate(state.get("replay_meta_of_ranks", []), start=1)
         ],
         torch_rng=safetensors.torch.load_file(root / RNG)["torch"],
-        counters=Counters(**state["counters"]),
+        counters=Counters.from_dict(state["counters"]),
         offsets={int(p): int(o) for p, o in state["offsets"].items()},
+        drift=(safetensors.numpy.load_file(root / DRIFT), state["drift_meta"])
+        if state.get("drift_meta")
+        else None,
         version=version,
     )
 
 
-def load_version(store: ObjectStore, version: int, workdir: Path) -> tuple[Restored, dict]:
+def load_version(store: ObjectStore, version: int, workdir: Path) -> tuple[Snapshot, dict]:
     """Download version ``version``, verify every file's sha256, and return its state and manifest.
 
     Raises :class:`CorruptVersion` when the manifest is unreadable, a file is missing, or a file's
@@ -359,7 +377,7 @@ def load_version(store: ObjectStore, version: int, workdir: Path) -> tuple[Resto
 
 def load_newest_intact(
     store: ObjectStore, workdir: Path, on_corrupt: Callable[[CorruptVersion], None]
-) -> tuple[Restored, dict] | None:
+) -> tuple[Snapshot, dict] | None:
     """Load the version LATEST names or, if it is corrupt, the nearest intact one on LATEST's chain.
 
     The walk goes from a corrupt version to its parent (named by its manifest, or by its claim when the
@@ -604,7 +622,7 @@ class Publisher:
         log.info(
             "published version %d (%d events, %d steps) in %.1fs to %s",
             version,
-            snap.counters.events_ingested,
+            snap.counters.events_trained,
             snap.counters.steps,
             seconds,
             self.store.describe(),
@@ -628,7 +646,7 @@ class Publisher:
             "training": s.training.model_dump(),
             "replay": s.replay.model_dump(),
             "offsets": {s.kafka.topic: {str(p): o for p, o in sorted(snap.offsets.items())}},
-            "events_ingested": snap.counters.events_ingested,
+            "events_trained": snap.counters.events_trained,
             "steps": snap.counters.steps,
             "examples_replayed": snap.counters.examples_replayed,
             "nonfinite_skipped": snap.counters.nonfinite_skipped,

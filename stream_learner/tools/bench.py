@@ -11,8 +11,8 @@ VADER stream, all four domains) and the same model (the bundled all-MiniLM-L6-v2
    ``6 × (encoder parameters × real tokens + head parameters)`` (the usual 2 forward + 4 backward FLOPs
    per parameter and token, Kaplan et al. 2020, §2.1; embeddings cost no matmul); the rate at the
    model's own largest matmul is reported beside it;
-2. **trainer alone** — the service's :class:`~stream_learner.training.trainer.Trainer` thread fed from memory
-   (events tokenized up front), no publishing: the ceiling of the pipeline;
+2. **trainer alone** — the service's :class:`~stream_learner.training.loop.TrainingLoop` thread fed from
+   memory (events tokenized up front), no publishing: the ceiling of the pipeline;
 3. **pipeline** — the real thing: a local Kafka-protocol broker (Tansu), the events produced to it, a
    :class:`~stream_learner.service.app.Learner` (consumer → queue → trainer → publisher to a local directory).
    A backlog first (throughput, publishes included), then events produced at half that rate
@@ -93,7 +93,9 @@ from stream_learner.tools.ceilings import (
 )
 from stream_learner.tools.datasets import STREAM, bundled_path, read_jsonl
 from stream_learner.training.distributed import Group
-from stream_learner.training.trainer import StepRecord, Trainer, pick_device
+from stream_learner.training.engine import pick_device
+from stream_learner.training.factory import build_trainer
+from stream_learner.training.observers import StepLog, StepRecord
 
 FORMAT = 2  # 2: repeated runs (the fastest counts), the roofline's square and model-shape matmuls
 TUTORIAL_LENGTH = 512  # what the common fine-tuning tutorials pad every example to
@@ -357,19 +359,6 @@ def fastest(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return best
 
 
-def build_trainer(settings: Settings, tokenizer: Any, group: Group | None = None) -> Trainer:
-    """The service's trainer fed from memory, with the service's queue bound (see ``evaluation``)."""
-    from stream_learner.tools.evaluation import build_trainer as wired
-
-    return wired(settings, tokenizer, fresh_queue_size=settings.kafka.queue_max_batches, group=group)
-
-
-def plain_adamw(trainer: Trainer) -> None:
-    """Swap the trainer's fused AdamW for ``torch.optim.AdamW`` as constructed by default (ablation)."""
-    groups = [{k: g[k] for k in ("params", "lr", "weight_decay")} for g in trainer.optimizer.param_groups]
-    trainer.optimizer = torch.optim.AdamW(groups)
-
-
 def run_trainer_alone(
     settings: Settings,
     tokenizer: Any,
@@ -378,10 +367,10 @@ def run_trainer_alone(
     fused: bool = True,
     group: Group | None = None,
 ) -> dict[str, Any]:
-    """The trainer thread (``Trainer.run``) on events fed from memory in consumer-sized batches.
+    """The trainer thread (``TrainingLoop.run``) on events fed from memory in consumer-sized batches.
 
     In a data-parallel ``group`` (``scaling.py``) each rank runs this on its share of the events.
-    ``fused`` False swaps in ``torch.optim.AdamW()`` (ablation).
+    ``fused`` False builds AdamW without the fused kernel (ablation).
     """
     s = settings.model_copy(
         update={
@@ -390,11 +379,9 @@ def run_trainer_alone(
             )
         }
     )
-    trainer = build_trainer(s, tokenizer, group)
-    if not fused:
-        plain_adamw(trainer)
-    records: list[StepRecord] = []
-    trainer.on_step = records.append
+    log = StepLog()
+    trainer = build_trainer(s, tokenizer, observers=[log], group=group, fused=fused)
+    records = log.records
     size = settings.kafka.poll_max_messages
 
     def feed() -> None:
@@ -407,12 +394,12 @@ def run_trainer_alone(
     with PeakRSS() as rss:
         feeder.start()
         runner.start()
-        while trainer.counters.events_ingested < len(events) and runner.is_alive():
+        while trainer.counters.events_trained < len(events) and runner.is_alive():
             runner.join(0.05)
         trainer.stop_event.set()
         runner.join()
     out = summarize_steps(records, warmup)
-    out["total_steps"], out["events_trained"] = trainer.counters.steps, trainer.counters.events_ingested
+    out["total_steps"], out["events_trained"] = trainer.counters.steps, trainer.counters.events_trained
     out["peak_rss_mib"] = rss.mib
     out["optimizer"] = "fused AdamW" if fused else "torch.optim.AdamW()"
     out["bucket_window"] = settings.training.bucket_window
@@ -579,16 +566,15 @@ def run_pipeline(cfg: BenchConfig, data: BenchData, console: Console) -> dict[st
         client = k.librdkafka()
         ensure_topics(client, {k.topic: 1, k.dead_letter_topic: 1})
         produce_lines(client, k.topic, data.values[:backlog], partition=0)
-        learner = Learner(settings).start()
-        trainer = learner.trainer
-        records: list[StepRecord] = []
-        trainer.on_step = records.append  # the consumer's first group join takes seconds: no step yet
+        log = StepLog()
+        learner = Learner(settings, observers=[log]).start()
+        trainer, records = learner.trainer, log.records
         try:
             watch = VersionWatch(
                 lambda: learner.publisher.published, lambda v: read_manifest(learner.store, v)
             )
             with PeakRSS() as rss, watch as versions:
-                learner.wait_until(lambda: trainer.counters.events_ingested >= backlog, timeout=7200)
+                learner.wait_until(lambda: trainer.counters.events_trained >= backlog, timeout=7200)
                 backlog_steps = len(records)
                 throughput = summarize_steps(records[:backlog_steps], cfg.warmup_events)
                 rate = cfg.paced_share * throughput["events_per_second"]
@@ -598,7 +584,7 @@ def run_pipeline(cfg: BenchConfig, data: BenchData, console: Console) -> dict[st
                 )
                 paced_from = time.time()
                 produce_lines(client, k.topic, data.values[backlog:total], rate=rate, partition=0)
-                learner.wait_until(lambda: trainer.counters.events_ingested >= total, timeout=3600)
+                learner.wait_until(lambda: trainer.counters.events_trained >= total, timeout=3600)
                 # the first version containing the last event (publish.every_seconds at most), then stop
                 learner.wait_until(lambda: versions.covers(topic, total), timeout=600)
         finally:

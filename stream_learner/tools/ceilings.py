@@ -26,10 +26,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from stream_learner.core.batching import collate
 from stream_learner.core.config import Settings
 from stream_learner.core.events import TokenizedEvent
 from stream_learner.core.model import L2SP, load_model
-from stream_learner.training.trainer import collate, pick_device
+from stream_learner.training.engine import pick_device
 
 
 def synchronize(device: torch.device) -> None:

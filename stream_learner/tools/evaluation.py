@@ -1,11 +1,14 @@
 """The quality benchmark: does the learner follow a drifting stream without forgetting, and at what cost?
 
 ``stream-learner eval`` replays labeled streams built from the bundled VADER data through the
-service's own :class:`~stream_learner.training.trainer.Trainer` — in process, one ``trainer.step`` per
-micro-batch, exactly the calls the trainer thread makes — under several strategies, and measures:
+service's own training loop (``training.factory.build_trainer``) — in process, one
+``train_window`` per window of ``bucket_window × fresh_per_step`` events, the calls the trainer thread
+makes: the same length-bucketed micro-batches, the same replay draws, nothing patched — under
+several strategies, and measures:
 
-* **prequential** accuracy and loss of every event (test-then-train, Gama et al. 2013): the trainer's
-  ``last_scores`` after each step, i.e. the prediction of the weights *before* they learned it;
+* **prequential** accuracy and loss of every event (test-then-train, Gama et al. 2013): each step's
+  scores of its fresh events (an observer of the loop), i.e. the prediction of the weights *before*
+  they learned it;
 * **held-out** accuracy and macro-F1 per domain at checkpoints (every ``eval_every`` events and at
   each domain boundary), from which come the final average accuracy and macro-F1, the average
   forgetting (Chaudhry et al. 2018) and the backward transfer (Lopez-Paz & Ranzato 2017);
@@ -53,46 +56,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from stream_learner.core.batching import collate
 from stream_learner.core.config import Settings, load_settings
 from stream_learner.core.events import LabeledEvent, LabelSet, TokenizedEvent
 from stream_learner.core.intake import Tokenize
-from stream_learner.core.model import load_model, load_tokenizer
+from stream_learner.core.model import load_tokenizer
+from stream_learner.core.prequential import accuracy, macro_f1
 from stream_learner.service.metrics import Metrics
 from stream_learner.tools.datasets import DOMAINS, HELDOUT, STREAM, bundled_path, read_jsonl
 from stream_learner.tools.evaluation_report import write_plots
-from stream_learner.training.distributed import Group
-from stream_learner.training.trainer import Trainer, collate
+from stream_learner.training.factory import build_trainer
+from stream_learner.training.observers import LoopObserver, StepRecord
 
 FORMAT = 1
 CORE_STRATEGIES = ("default", "naive", "offline")  # the ones the issue wants with ≥ 3 seeds
 MAX_DEFAULT_JOBS = 4  # each job holds a model, its optimizer state and the streams (≈ 1 GB)
 
 # ============================================================================================ metrics
-
-
-def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of correct predictions (NaN for no examples)."""
-    predictions, labels = np.asarray(predictions), np.asarray(labels)
-    return float(np.mean(predictions == labels)) if len(labels) else math.nan
-
-
-def macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
-    """Unweighted mean of the per-class F1 over the classes present in ``labels`` or ``predictions``.
-
-    A model that predicts one class only scores 0 on the other: on a balanced set that is ≈ 0.33,
-    where its accuracy still reads 0.5.
-
-    >>> round(macro_f1(np.array([1, 1, 1, 1]), np.array([1, 1, 0, 0])), 6)  # F1(1) = 2/3, F1(0) = 0
-    0.333333
-    >>> macro_f1(np.array([0, 1]), np.array([0, 1]))
-    1.0
-    """
-    predictions, labels = np.asarray(predictions), np.asarray(labels)
-    f1s = []
-    for c in np.union1d(predictions, labels):
-        tp = np.sum((predictions == c) & (labels == c))
-        f1s.append(2 * tp / (np.sum(predictions == c) + np.sum(labels == c)))
-    return float(np.mean(f1s)) if f1s else math.nan
 
 
 def backward_transfer(acc: np.ndarray) -> float:
@@ -525,37 +505,6 @@ def evaluate_heldout(model: torch.nn.Module, heldout: HeldOut) -> tuple[list[flo
     return accs, f1s
 
 
-def build_trainer(
-    settings: Settings, tokenizer: Any, fresh_queue_size: int = 1, group: Group | None = None
-) -> Trainer:
-    """A :class:`Trainer` wired as the service wires it, fed from memory (the bench uses it too)."""
-    return Trainer(
-        settings,
-        load_model(settings.model, settings.training.seed),
-        pad_id=tokenizer.pad_token_id or 0,
-        with_token_types="token_type_ids" in tokenizer.model_input_names,
-        vocab_size=len(tokenizer),
-        fresh_queue=queue.Queue(maxsize=fresh_queue_size),
-        publish_queue=queue.Queue(maxsize=1),
-        metrics=Metrics(),
-        stop=threading.Event(),
-        special_token_ids=tokenizer.all_special_ids,
-        group=group,
-    )
-
-
-def freeze_encoder(trainer: Trainer) -> None:
-    """Learning rate 0 and no gradient for the pretrained weights: only the new head learns.
-
-    Group 0 of the trainer's AdamW holds the pretrained parameters (see ``Trainer``); they also leave
-    the group, so that the optimizer does not spend a pass over 22M weights that cannot move.
-    """
-    group = trainer.optimizer.param_groups[0]
-    for p in group["params"]:
-        p.requires_grad_(False)
-    group["lr"], group["params"] = 0.0, []
-
-
 def checkpoint_positions(n_events: int, boundaries: Sequence[int], every: int) -> list[int]:
     """Event counts at which the held-out set is scored: 0, every ``every`` events, each boundary, the end."""
     return sorted({0, n_events, *boundaries, *range(every, n_events, every)})
@@ -574,6 +523,19 @@ def drift_report(positions: Mapping[str, Sequence[int]], boundaries: Sequence[in
 # ========================================================================================== one run
 
 
+class PrequentialRecord(LoopObserver):
+    """Each event's prequential score (correct?, loss), kept at its stream position (its offset)."""
+
+    def __init__(self, n: int) -> None:
+        self.correct = np.zeros(n, dtype=bool)
+        self.losses = np.zeros(n, dtype=np.float32)
+
+    def on_step(self, record: StepRecord) -> None:
+        at = np.array([e.offset for e in record.fresh], dtype=np.int64)
+        self.correct[at] = record.predictions == record.labels
+        self.losses[at] = record.losses
+
+
 def run_one(
     scenario: Scenario,
     heldout: HeldOut,
@@ -585,47 +547,47 @@ def run_one(
 ) -> dict[str, Any]:
     """Train one strategy on one scenario's stream with one seed; score prequentially and on held-out."""
     settings = run_settings(cfg, strategy, seed)
-    torch.manual_seed(seed)  # the new head's initialisation, inside load_model
-    trainer = build_trainer(settings, tokenizer)
-    if strategy.freeze_encoder:
-        freeze_encoder(trainer)
-    if not (cfg.drift and strategy.name == "default"):
-        trainer.drift = None  # the trainer's own drift signals, as in the service: on one strategy only
-
     # the stream: as it is, or shuffled i.i.d. (offline); checkpoints at the same event counts either way
     order = np.random.default_rng(seed).permutation(len(scenario.events)) if strategy.shuffle else None
     events = scenario.events if order is None else [scenario.events[i] for i in order]
+    events = [
+        dataclasses.replace(e, partition=0, offset=i) for i, e in enumerate(events)
+    ]  # i: stream position
     domains = scenario.domains if order is None else scenario.domains[order]
     n = len(events)
     checkpoints = checkpoint_positions(n, scenario.boundaries, cfg.checkpoint_every())
 
-    correct = np.zeros(n, dtype=bool)
-    losses = np.zeros(n, dtype=np.float32)
+    scores = PrequentialRecord(n)
+    trainer = build_trainer(
+        settings, tokenizer, observers=[scores], drift=cfg.drift and strategy.name == "default"
+    )
+    if strategy.freeze_encoder:
+        trainer.engine.freeze_pretrained()
     curve: list[dict[str, Any]] = []
     t_train = t_eval = 0.0
 
     def checkpoint(at: int) -> None:
         nonlocal t_eval
         t0 = time.perf_counter()
-        acc, f1 = evaluate_heldout(trainer.model, heldout)
+        acc, f1 = evaluate_heldout(trainer.engine.model, heldout)
         t_eval += time.perf_counter() - t0
         curve.append({"events": at, "accuracy": acc, "f1": f1})
 
     checkpoint(0)
+    # the production loop's windows: bucket_window steps' worth of events, sorted by length with their
+    # replayed examples and cut into micro-batches (plan_window); a window never straddles a checkpoint
+    window = settings.training.fresh_per_step * settings.training.bucket_window
     pos, steps = 0, 0
     for stop in checkpoints[1:]:
-        while pos < stop:  # micro-batches never straddle a checkpoint: every strategy takes the same steps
-            fresh = events[pos : min(pos + settings.training.fresh_per_step, stop)]
+        while pos < stop:
+            fresh = events[pos : min(pos + window, stop)]
             t0 = time.perf_counter()
-            trainer.step(fresh)  # scores the fresh events with the weights before the step, then learns
+            steps += len(trainer.train_window(fresh))  # each event scored before its step learns it
             t_train += time.perf_counter() - t0
-            scores = trainer.last_scores
-            correct[pos : pos + len(fresh)] = scores.predictions == scores.labels
-            losses[pos : pos + len(fresh)] = scores.losses
             pos += len(fresh)
-            steps += 1
             on_step(len(fresh))
         checkpoint(stop)
+    correct, losses = scores.correct, scores.losses
 
     # the accuracy matrix at the domain boundaries: row i = after the events of block i
     ends = [*scenario.boundaries, n]
@@ -641,7 +603,7 @@ def run_one(
         "examples_replayed": trainer.counters.examples_replayed,
         "settings": settings.model_dump(mode="json", include={"model", "training", "replay"}),
         "seconds": {"train": t_train, "eval": t_eval, "total": t_train + t_eval},  # train includes drift
-        "param_distance": float(trainer.l2sp.squared_distance()) ** 0.5,
+        "param_distance": float(trainer.engine.l2sp.squared_distance()) ** 0.5,
         "checkpoints": curve,
         "boundary_events": ends,
         "accuracy_matrix": matrix.tolist(),
@@ -661,7 +623,7 @@ def run_one(
         },
     }
     if trainer.drift is not None:
-        positions = trainer.drift.detection_positions()
+        positions = trainer.drift.monitor.detection_positions()
         result["drift"] = {"positions": positions, "report": drift_report(positions, scenario.boundaries, n)}
     return result
 

@@ -120,7 +120,7 @@ def _rank_main(spec_path: Path) -> None:
     """One rank: its share of the bench's events through the trainer alone; a JSON summary out."""
     from stream_learner.core.model import load_tokenizer
     from stream_learner.tools.bench import load_data, run_trainer_alone
-    from stream_learner.training.trainer import pick_device
+    from stream_learner.training.engine import pick_device
 
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(spec["threads"])

@@ -13,7 +13,7 @@
 * keeps its own replay buffer, part of every version (``trainer_state/replay-rank<r>.safetensors``).
 
 Rank 0 alone publishes. The lockstep, followed by
-:meth:`Trainer.run <stream_learner.training.trainer.Trainer.run>`:
+:meth:`TrainingLoop.run <stream_learner.training.loop.TrainingLoop.run>`:
 
 1. **agree** — each rank takes its window of fresh events, then one all-reduce MAX of (steps it
    wants, stop?, publish?: rank 0's decision) (:meth:`Group.agree`). Every rank trains the agreed
@@ -46,15 +46,13 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from stream_learner.core.config import DistributedSettings
-
-if TYPE_CHECKING:  # the trainer imports this module
-    from stream_learner.training.trainer import Counters, Restored
+from stream_learner.training.state import Counters, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -197,12 +195,12 @@ def merge_counters(parts: Sequence[Counters]) -> Counters:
     every rank (the lockstep), rank 0's are taken."""
     return dataclasses.replace(
         parts[0],
-        events_ingested=sum(c.events_ingested for c in parts),
+        events_trained=sum(c.events_trained for c in parts),
         examples_replayed=sum(c.examples_replayed for c in parts),
     )
 
 
-def restored_for_rank(restored: Restored, group: Group) -> Restored:
+def restored_for_rank(restored: Snapshot, group: Group) -> Snapshot:
     """What rank ``group.rank`` resumes from: the shared weights, optimizer and offsets; its own replay
     buffer (an empty one for a rank the version did not have); the counters on rank 0 only, so that
     the next merge adds up (the other ranks count from 0, with the group's steps).
@@ -230,7 +228,7 @@ def restored_for_rank(restored: Restored, group: Group) -> Restored:
         )
     counters = restored.counters
     if not group.is_root:
-        counters = dataclasses.replace(counters, events_ingested=0, examples_replayed=0)
+        counters = dataclasses.replace(counters, events_trained=0, examples_replayed=0)
     return dataclasses.replace(
         restored, replay_arrays=arrays, replay_meta=meta, counters=counters, replay_shards=[]
     )

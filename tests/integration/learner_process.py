@@ -151,7 +151,7 @@ def assert_exact_lineage(store: ObjectStore, topic: str, valid: dict[int, list[b
     """Every valid event of ``topic`` is counted exactly once along the chain of versions to LATEST.
 
     ``valid[p][o]`` says whether the event at offset ``o`` of partition ``p`` is valid. For each
-    version, the events it added (``events_ingested`` minus its parent's) must equal the valid
+    version, the events it added (``events_trained`` minus its parent's) must equal the valid
     events between its parent's offsets and its own: a re-trained event would count twice, a lost
     one would be missing. The chain starts at offset 0 and LATEST ends at each partition's end.
     """
@@ -165,12 +165,12 @@ def assert_exact_lineage(store: ObjectStore, topic: str, valid: dict[int, list[b
         for p, end in offsets.items():
             assert end >= before[p], f"version {m['version']} moves partition {p} back: {before[p]} → {end}"
             added += sum(valid[p][before[p] : end])
-        assert m["events_ingested"] - ingested == added, (
-            f"version {m['version']} (parent {m['parent']}) added {m['events_ingested'] - ingested} events "
+        assert m["events_trained"] - ingested == added, (
+            f"version {m['version']} (parent {m['parent']}) added {m['events_trained'] - ingested} events "
             f"for {added} valid events in its offset ranges {before} → {offsets}"
         )
         before.update(offsets)
-        ingested = m["events_ingested"]
+        ingested = m["events_trained"]
     assert before == {p: len(v) for p, v in valid.items()}, f"LATEST ends at {before}"
     assert ingested == sum(sum(v) for v in valid.values())
     return chain

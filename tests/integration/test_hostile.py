@@ -106,7 +106,7 @@ def test_ten_thousand_hostile_events_no_crash_every_one_accounted_for(
     assert all(len(d.value()) < int(dict(d.headers())[HEADER_TRUNCATED]) for d in cut)
     # the published lineage has exactly the valid events
     last = list_versions(learner.store)[-1]
-    assert last["events_ingested"] == n_valid
+    assert last["events_trained"] == n_valid
     assert last["offsets"][topic] == {str(p): len(items[p::PARTITIONS]) for p in range(PARTITIONS)}
 
 
@@ -128,8 +128,8 @@ def test_dead_letter_topic_unavailable_nothing_is_skipped(
     try:
         time.sleep(2)
         # stuck on the batch with the undeliverable dead letters: nothing past them is covered
-        assert all(learner.trainer.covered.get(p, 0) <= first_bad[p] for p in first_bad), (
-            learner.trainer.covered
+        assert all(learner.trainer.ledger.covered.get(p, 0) <= first_bad[p] for p in first_bad), (
+            learner.trainer.ledger.covered
         )
         assert learner.healthy
         ensure_topics(s.kafka.librdkafka(), {s.kafka.dead_letter_topic: PARTITIONS})  # it comes back
@@ -140,5 +140,5 @@ def test_dead_letter_topic_unavailable_nothing_is_skipped(
     n_bad = sum(1 for _, ok in batch if not ok)
     assert len(read_topic(kafka_bootstrap, s.kafka.dead_letter_topic, expect=n_bad)) == n_bad
     last = list_versions(learner.store)[-1]
-    assert last["events_ingested"] == len(batch) - n_bad
+    assert last["events_trained"] == len(batch) - n_bad
     assert last["offsets"][topic] == {str(p): len(batch[p::PARTITIONS]) for p in range(PARTITIONS)}

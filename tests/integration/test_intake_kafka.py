@@ -63,7 +63,7 @@ def test_poison_records_are_dead_lettered_the_learner_stays_up_and_restarts_clea
     assert all(dict(m.headers())[HEADER_DETAIL] for m in dlq)
     assert {dict(m.headers())[HEADER_REASON] for m in dlq} == {b"not_json", b"duplicate_field", b"bad_text"}
     last = list_versions(learner.store)[-1]
-    assert last["events_ingested"] == 100
+    assert last["events_trained"] == 100
 
     # the restart resumes after them: nothing to read again, nothing dead-lettered twice, no crash
     produce_hostile(kafka_bootstrap, topic, [("", v, None) for v in [POISON_NESTED, *valid_values(10, 100)]])
@@ -75,7 +75,7 @@ def test_poison_records_are_dead_lettered_the_learner_stays_up_and_restarts_clea
         assert again.stop()
     assert again.error is None
     assert (dead_lettered(again), again.metrics.value("stream_learner_events_trained_total")) == (1, 10)
-    assert list_versions(again.store)[-1]["events_ingested"] == 110
+    assert list_versions(again.store)[-1]["events_trained"] == 110
 
 
 # the bound stated in docs/operations.md: one poll (poll_max_messages) of lead, measured 256 at 256

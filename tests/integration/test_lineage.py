@@ -97,7 +97,7 @@ def test_sigterm_publishes_a_final_version_and_commits_before_exit(kafka_bootstr
     assert "SIGTERM: stopping gracefully" in learner.log
     store = open_store(url)
     [final] = list_versions(store)
-    assert read_latest(store)[0] == final["version"] and final["events_ingested"] >= 40
+    assert read_latest(store)[0] == final["version"] and final["events_trained"] >= 40
     # every event the final version covers was trained once, and Kafka has exactly its offsets
     covered = {p: v[: final["offsets"][topic].get(str(p), 0)] for p, v in valid.items()}
     assert_exact_lineage(store, topic, covered)
@@ -214,7 +214,7 @@ def test_chaos_sigkill_at_random_moments_keeps_the_lineage_exact(
 
     assert kills >= 5 and during_publish >= 2, (kills, during_publish)
     chain = assert_exact_lineage(store, topic, valid)
-    assert chain[-1]["events_ingested"] == sum(sum(v) for v in valid.values())
+    assert chain[-1]["events_trained"] == sum(sum(v) for v in valid.values())
     # the cut-short uploads skipped version numbers, and retention removed their leftovers
     # (keep_versions = 0 too): no incomplete version is left below the newest complete one
     statuses = version_statuses(store)

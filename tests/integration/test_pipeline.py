@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -113,7 +114,7 @@ def test_valid_events_trained_malformed_dead_lettered_offsets_at_end(kafka_boots
     assert len(manifests) >= 2
     last = manifests[-1]
     assert read_latest(learner.store)[0] == last["version"]
-    assert last["events_ingested"] == len(rows)
+    assert last["events_trained"] == len(rows)
     assert last["offsets"] == {topic: {str(p): len(v) for p, v in by_partition.items()}}
     # the chain of versions is a lineage: each names its parent
     assert [m["parent"] for m in manifests] == [None, *[m["version"] for m in manifests[:-1]]]
@@ -149,9 +150,9 @@ def test_restart_resumes_from_latest_without_retraining(kafka_bootstrap, unique_
         # resumed from LATEST: same weights, optimizer state, replay contents, counters and offsets
         assert b.restored_version == version_a
         tb, ta = b.trainer, a.trainer
-        for k, v in ta.model.state_dict().items():
-            assert torch.equal(tb.model.state_dict()[k], v), k
-        sa, sb = ta.optimizer.state_dict()["state"], tb.optimizer.state_dict()["state"]
+        for k, v in ta.engine.model.state_dict().items():
+            assert torch.equal(tb.engine.model.state_dict()[k], v), k
+        sa, sb = ta.engine.optimizer.state_dict()["state"], tb.engine.optimizer.state_dict()["state"]
         assert sa.keys() == sb.keys()
         for i in sa:
             assert torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) and torch.equal(
@@ -161,7 +162,11 @@ def test_restart_resumes_from_latest_without_retraining(kafka_bootstrap, unique_
         arrays_b, meta_b = tb.replay.state_dict()
         assert meta_a == meta_b and arrays_a.keys() == arrays_b.keys()
         assert all((arrays_a[k] == arrays_b[k]).all() for k in arrays_a)
-        assert tb.counters == ta.counters and tb.covered == {0: 20, 1: 20}
+        assert tb.counters == ta.counters and tb.ledger.covered == {0: 20, 1: 20}
+        # and the drift signals carry on where they were, not warmed up again
+        assert ta.drift is not None and tb.drift is not None
+        assert tb.drift.monitor.events_seen == ta.drift.monitor.events_seen == 40
+        assert tb.drift.state_dict()[1] == json.loads(json.dumps(ta.drift.state_dict()[1]))
 
         second = {
             0: [encode_event(r["text"], r["label"]) for r in rows[40::2]],
@@ -175,7 +180,7 @@ def test_restart_resumes_from_latest_without_retraining(kafka_bootstrap, unique_
     assert b.error is None
     assert b.metrics.value("stream_learner_events_trained_total") == 40
     last = list_versions(b.store)[-1]
-    assert last["events_ingested"] == 80
+    assert last["events_trained"] == 80
     assert last["offsets"][topic] == {"0": 40, "1": 40}
     assert last["parent"] is not None and last["version"] > version_a
 

@@ -71,4 +71,4 @@ def test_versions_and_latest_in_s3_with_matching_sha256(kafka_bootstrap, unique_
             data = get(f"{vdir}/{name}")
             assert hashlib.sha256(data).hexdigest() == info["sha256"], name
             assert len(data) == info["bytes"]
-    assert json.loads(get(f"{latest}/manifest.json"))["events_ingested"] == len(rows)
+    assert json.loads(get(f"{latest}/manifest.json"))["events_trained"] == len(rows)
