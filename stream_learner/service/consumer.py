@@ -38,14 +38,10 @@ from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from stream_learner.core.config import Settings
 from stream_learner.core.events import (
-    DEAD_LETTER_CUT_VALUE_BYTES,
-    DEAD_LETTER_MAX_VALUE_BYTES,
-    HEADER_TRUNCATED,
     InvalidEvent,
     LabeledEvent,
     LabelSet,
     TokenizedEvent,
-    dead_letter_headers,
 )
 from stream_learner.core.intake import (
     DeadLetterWatch,
@@ -54,13 +50,13 @@ from stream_learner.core.intake import (
     tokenize_records,
     validate_record,
 )
+from stream_learner.service.dead_letters import FLUSH_SLICE_S, DeadLetters
 from stream_learner.service.limits import PREFETCH_KBYTES
 from stream_learner.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 LAG_INTERVAL_S = 5.0
-FLUSH_SLICE_S = 0.5  # the dead-letter wait checks for a stop this often
 # a partition that delivered nothing for this long while it could fetch is taken to have no backlog:
 # the others no longer wait for it (intake.PartitionBuffers)
 PARTITION_IDLE_S = 2.0
@@ -132,9 +128,8 @@ class EventConsumer:
             settings.events.dead_letter_alert_share, settings.events.dead_letter_alert_window
         )
         self.paused: set[int] = set()  # partitions paused because their buffer is full
-        self._outage = False  # every partition paused while the dead-letter topic is unavailable
         self._pending = None  # a batch taken from the buffers that the full queue did not accept
-        self._delivery_failures: list[tuple[Message, InvalidEvent, KafkaError]] = []
+        self.dead_letters: DeadLetters | None = None  # made with the clients, in the thread (run)
         self._last_lag = 0.0
 
     # --------------------------------------------------------------------------------------- clients
@@ -171,6 +166,15 @@ class EventConsumer:
     def run(self) -> None:
         """Thread target: consume until ``stop`` is set, commit until ``close_event`` is set."""
         consumer, producer = self._make_consumer(), self._make_producer()
+        self.dead_letters = DeadLetters(
+            producer,
+            self.kafka.dead_letter_topic,
+            self.metrics,
+            closing=self._closing,
+            on_outage_start=lambda: consumer.pause(consumer.assignment()),
+            on_outage_end=lambda: self._end_outage(consumer),
+            keep_alive=lambda seconds: self._keep_alive(consumer, seconds),
+        )
         if self.partitions is None:
             consumer.subscribe([self.kafka.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         else:  # no group membership, no rebalancing: this rank's static share
@@ -184,7 +188,7 @@ class EventConsumer:
                 msgs = consumer.consume(self.kafka.poll_max_messages, self.kafka.poll_timeout_s)
                 if msgs:
                     try:
-                        self._process(msgs, consumer, producer)
+                        self._process(msgs)
                     except Exception as err:
                         raise IntakeFailed(
                             f"the consumer failed while processing {describe_messages(msgs)}: "
@@ -198,7 +202,7 @@ class EventConsumer:
             producer.flush(10)
             consumer.close()
 
-    def _process(self, msgs: list[Message], consumer: Consumer, producer: Producer) -> None:
+    def _process(self, msgs: list[Message]) -> None:
         """Validate, dead-letter the bad, tokenize the good, buffer them all by partition.
 
         The dead letters are acknowledged before anything of the poll is buffered; if the intake closes
@@ -230,8 +234,8 @@ class EventConsumer:
             )
         dead = [(v, m) for v, m in zip(verdicts, records, strict=True) if isinstance(v, InvalidEvent)]
         for err, m in dead:
-            self._produce_dead_letter(producer, m, err)
-        if dead and not self._flush_dead_letters(consumer, producer):
+            self.dead_letters.send(m, err)  # type: ignore[union-attr]
+        if dead and not self.dead_letters.acknowledge():  # type: ignore[union-attr]
             return
         for err, _ in dead:
             self.metrics.events_dead_lettered.labels(reason=err.reason.value).inc()
@@ -288,78 +292,14 @@ class EventConsumer:
             self.metrics.consumer_resumes.inc(len(drained))
         self.metrics.consumer_paused.set(len(self.paused & assigned))
 
-    # ----------------------------------------------------------------------------------- dead letters
-    def _produce_dead_letter(
-        self, producer: Producer, m: Message, err: InvalidEvent, cut: bool = False
-    ) -> None:
-        """Queue one dead-letter record; ``cut``: the value is cut to fit (it was too large to deliver)."""
-        headers = dead_letter_headers(m.headers(), err, m.topic(), m.partition(), m.offset())
-        value = m.value()
-        limit = DEAD_LETTER_CUT_VALUE_BYTES if cut else DEAD_LETTER_MAX_VALUE_BYTES
-        if value is not None and len(value) > limit:
-            headers.append((HEADER_TRUNCATED, str(len(value)).encode()))
-            value = value[:limit]
-
-        def on_delivery(error: KafkaError | None, _msg: Message) -> None:
-            if error is not None:
-                self._delivery_failures.append((m, err, error))
-
-        while True:
-            try:
-                producer.produce(
-                    self.kafka.dead_letter_topic,
-                    value=value,
-                    key=m.key(),
-                    headers=headers,
-                    on_delivery=on_delivery,
-                )
-                return
-            except BufferError:  # the producer's local queue is full: let it deliver some first
-                producer.poll(0.1)
-
+    # ----------------------------------------------------------------------- the dead-letter outage
     def _closing(self) -> bool:
         return self.stop_event.is_set() or self.close_event.is_set()
 
-    def _flush_dead_letters(self, consumer: Consumer, producer: Producer) -> bool:
-        """Wait until every queued dead letter is acknowledged: none may be skipped. False if the
-        intake closed first.
-
-        While the dead-letter topic is unavailable (deleted, no permission, broker trouble) the
-        consumer stays on this poll, retrying with backoff and counting failures — an event that could
-        be neither trained nor dead-lettered is never passed over. Meanwhile every partition is paused
-        and the consumer keeps polling (:meth:`_keep_alive`), so it keeps its group membership; a stop
-        ends the wait.
-        """
-        delay = 0.5
-        while True:
-            while len(producer) and not self._closing():
-                producer.flush(FLUSH_SLICE_S)
-                if self._outage:
-                    self._keep_alive(consumer, 0)
-            if self._closing():
-                return False
-            failed, self._delivery_failures = self._delivery_failures, []
-            if not failed:
-                if self._outage:
-                    self._end_outage(consumer)
-                return True
-            self.metrics.dead_letter_failures.inc(len(failed))
-            log.warning(
-                "dead-letter topic %s unavailable (%s): %d records to retry in %.1fs",
-                self.kafka.dead_letter_topic,
-                failed[0][2],
-                len(failed),
-                delay,
-            )
-            if not self._outage:
-                self._outage = True
-                consumer.pause(consumer.assignment())
-            if not self._keep_alive(consumer, delay):
-                return False
-            delay = min(delay * 2, 10.0)
-            for m, err, error in failed:
-                too_large = error.code() == KafkaError.MSG_SIZE_TOO_LARGE
-                self._produce_dead_letter(producer, m, err, cut=too_large)
+    @property
+    def _outage(self) -> bool:
+        """The dead-letter topic is unavailable: every partition stays paused (``dead_letters.py``)."""
+        return self.dead_letters is not None and self.dead_letters.outage
 
     def _keep_alive(self, consumer: Consumer, seconds: float) -> bool:
         """Poll the paused consumer for ``seconds`` (group membership, rebalances); False on a stop.
@@ -381,8 +321,6 @@ class EventConsumer:
                 return True
 
     def _end_outage(self, consumer: Consumer) -> None:
-        self._outage = False
-        log.info("dead-letter topic %s available again", self.kafka.dead_letter_topic)
         consumer.resume([tp for tp in consumer.assignment() if tp.partition not in self.paused])
 
     # ------------------------------------------------------------------------------ offsets and lag
