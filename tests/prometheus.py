@@ -12,17 +12,15 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from stream_learner.tools.local_broker import log_tail, spawn_server, terminate_process
+from stream_learner.tools.child_process import ServerProcess
 from tests.services import free_port
 
 INSTALL_HINT = (
@@ -43,7 +41,7 @@ class PrometheusError(RuntimeError):
     """Prometheus answered a query with an error (``status: error``)."""
 
 
-class PrometheusServer:
+class PrometheusServer(ServerProcess):
     """``prometheus`` scraping ``targets`` (host:port) as job ``job``, with its data in ``workdir``."""
 
     def __init__(
@@ -60,17 +58,11 @@ class PrometheusServer:
         self.rule_files = [Path(p).resolve() for p in rule_files]
         self.interval = interval
         self.port = free_port()
-        self.log_path = self.workdir / "prometheus.log"
-        self._proc: subprocess.Popen | None = None
-        self._finalizer: weakref.finalize | None = None
+        super().__init__(self.workdir / "prometheus.log")
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def config(self) -> dict[str, Any]:
         """The prometheus.yml written at start (JSON is YAML)."""
@@ -101,49 +93,19 @@ class PrometheusServer:
             f"--web.listen-address=127.0.0.1:{self.port}",
             "--log.level=warn",
         ]
-        self._proc, self._finalizer = spawn_server(self, args, self.log_path, cwd=self.workdir)
-        try:
-            self._wait_ready(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
+        self._spawn(args, cwd=self.workdir)
+        self._wait_ready(timeout_s, self._ready)
         return self
 
-    def _wait_ready(self, timeout_s: float) -> None:
-        assert self._proc is not None
-        deadline = time.monotonic() + timeout_s
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"prometheus exited with code {self._proc.returncode}; log {self.log_path}:\n"
-                    + log_tail(self.log_path)
-                )
-            try:
-                with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError) as err:
-                last = err
-            time.sleep(0.1)
-        raise RuntimeError(
-            f"prometheus on {self.url} not ready within {timeout_s:g}s ({last}); log {self.log_path}:\n"
-            + log_tail(self.log_path)
-        )
+    def _ready(self) -> str | None:
+        try:
+            with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as r:
+                return None if r.status == 200 else f"HTTP {r.status}"
+        except (urllib.error.URLError, OSError) as err:
+            return str(err)
 
-    def stop(self) -> None:
-        """SIGTERM (a clean TSDB shutdown takes well under a second), then SIGKILL. Idempotent."""
-        if self._proc is not None:
-            terminate_process(self._proc, grace_s=5)
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-
-    def __enter__(self) -> PrometheusServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def describe(self) -> str:
+        return f"prometheus on {self.url}"
 
     # ---------------------------------------------------------------------------------- the API
     def api(self, path: str, **params: str) -> dict[str, Any]:

@@ -13,11 +13,8 @@ import random
 import secrets
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
-import time
-import weakref
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -26,7 +23,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from stream_learner.tools.local_broker import log_tail, spawn_server, terminate_process
+from stream_learner.tools.child_process import ServerProcess
 
 _READY_BUCKET = "ready-probe"
 
@@ -81,32 +78,28 @@ def weed_binary() -> Path:
     return Path(found)
 
 
-class SeaweedS3:
+class SeaweedS3(ServerProcess):
     """A SeaweedFS server with its S3 gateway, in ``workdir``, on free ports of 127.0.0.1.
 
     :meth:`stop` kills it (SIGKILL: SIGTERM takes ~30 s); :meth:`restart` brings it back on the same
     ports and data directory, which is how tests simulate an object-store outage.
     """
 
+    stop_grace_s = 0.0
+
     def __init__(self, workdir: Path) -> None:
         self.workdir = Path(workdir)
         self.data_dir = self.workdir / "data"
-        self.log_path = self.workdir / "weed.log"
+        super().__init__(self.workdir / "weed.log")
         self.access_key_id = "AK" + secrets.token_hex(8).upper()
         self.secret_access_key = secrets.token_urlsafe(30)
         self.region = "us-east-1"
         names = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc")
         self.ports: dict[str, int] = dict(zip(names, free_ports(len(names)), strict=True))
-        self._proc: subprocess.Popen | None = None
-        self._finalizer: weakref.finalize | None = None
 
     @property
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['s3']}"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def client(self, **config: Any) -> Any:
         """A boto3 S3 client for this server (path-style addressing)."""
@@ -176,46 +169,27 @@ class SeaweedS3:
             # small volumes, one per new collection (master.toml), room for many
             "-master.volumeSizeLimitMB=64", "-volume.max=200",
         ]  # fmt: skip
-        self._proc, self._finalizer = spawn_server(self, args, self.log_path, cwd=self.workdir)
-        try:
-            self._wait_ready(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _wait_ready(self, timeout_s: float) -> None:
-        assert self._proc is not None
+        self._spawn(args, cwd=self.workdir)
         # one short attempt per probe: the loop, not botocore, does the retrying
         client = self.client(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5)
-        deadline = time.monotonic() + timeout_s
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"weed server exited with code {self._proc.returncode}; log {self.log_path}:\n"
-                    + log_tail(self.log_path)
-                )
-            try:
-                # a write, not just a listing: the volume server registers with the master later
-                self.make_bucket(_READY_BUCKET, client)
-                client.put_object(Bucket=_READY_BUCKET, Key="probe", Body=b"ok")
-                return
-            except (ClientError, BotoCoreError) as err:
-                last = err
-                time.sleep(0.2)
-        raise RuntimeError(
-            f"SeaweedFS S3 on {self.endpoint_url} not ready within {timeout_s:g}s ({last}); "
-            f"log {self.log_path}:\n" + log_tail(self.log_path)
-        )
+        self._wait_ready(timeout_s, lambda: self._writable(client), interval_s=0.2)
+        return self
+
+    def _writable(self, client: Any) -> str | None:
+        try:
+            # a write, not just a listing: the volume server registers with the master later
+            self.make_bucket(_READY_BUCKET, client)
+            client.put_object(Bucket=_READY_BUCKET, Key="probe", Body=b"ok")
+        except (ClientError, BotoCoreError) as err:
+            return str(err)
+        return None
+
+    def describe(self) -> str:
+        return f"SeaweedFS S3 on {self.endpoint_url}"
 
     def stop(self) -> None:
         """Kill the server (SIGKILL) and reap it. Idempotent."""
-        if self._proc is not None:
-            terminate_process(self._proc, grace_s=0)
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
+        super().stop()
         # killed, weed leaves its gRPC/filer unix sockets behind as /tmp/seaweedfs-<what>-<port>.sock
         for port in self.ports.values():
             for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):

@@ -16,33 +16,25 @@ process dies without running its exit handlers (``PR_SET_PDEATHSIG``).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import importlib.resources
 import importlib.util
 import logging
 import os
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from urllib.parse import urlsplit
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from stream_learner.tools.child_process import ServerProcess
+
 log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE_URL = "memory://tansu/"
-STOP_GRACE_S = 5.0
-_PR_SET_PDEATHSIG = 1
 
 
 def tansu_binary() -> Path:
@@ -103,78 +95,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def parent_death_preexec() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get SIGKILL when this process dies, or None.
-
-    Linux only, and only from the main thread: the kernel sends the signal when the *thread* that
-    forked the child exits, so a child started from a worker thread would die with that thread.
-    """
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    parent = os.getpid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-    def preexec() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
-def terminate_process(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM, then SIGKILL after ``grace_s``; always waits, so no zombie remains."""
-    if proc.poll() is None:
-        if grace_s > 0:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=grace_s)
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-    proc.wait()
-
-
-def spawn_server(
-    owner: object,
-    args: list[str],
-    log_path: Path,
-    *,
-    env: dict[str, str] | None = None,
-    cwd: Path | None = None,
-    grace_s: float = 0.0,
-) -> tuple[subprocess.Popen, weakref.finalize]:
-    """Start a server as a child process: output appended to ``log_path``, its own session (a Ctrl-C
-    meant for Python does not reach it), killed when this process dies (:func:`parent_death_preexec`)
-    and terminated when ``owner`` is collected or the interpreter exits, whichever comes first."""
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            args,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env if env is not None else os.environ.copy(),
-            start_new_session=True,
-            preexec_fn=parent_death_preexec(),
-        )
-    return proc, weakref.finalize(owner, terminate_process, proc, grace_s)
-
-
-def log_tail(path: Path, lines: int = 30) -> str:
-    """The last ``lines`` lines of a log file, for error messages ('' if unreadable)."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-class LocalBroker:
+class LocalBroker(ServerProcess):
     """A Tansu broker on 127.0.0.1, as a child process.
 
     Use as a context manager or call :meth:`start` / :meth:`stop`. The port is fixed at construction
@@ -211,25 +132,13 @@ class LocalBroker:
             fd, name = tempfile.mkstemp(prefix="tansu-", suffix=".log")
             os.close(fd)
             log_path = Path(name)
-        self.log_path = Path(log_path)
-        self._proc: subprocess.Popen | None = None
-        self._finalizer: weakref.finalize | None = None
+        super().__init__(log_path)
 
     # ------------------------------------------------------------------------------ properties
     @property
     def bootstrap_servers(self) -> str:
         """``127.0.0.1:PORT``, for librdkafka's ``bootstrap.servers``."""
         return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        """The broker's process id while it runs."""
-        return self._proc.pid if self.running else None
-
-    @property
-    def running(self) -> bool:
-        """Whether the child process is alive (not whether it answers)."""
-        return self._proc is not None and self._proc.poll() is None
 
     # ------------------------------------------------------------------------------- lifecycle
     def start(self, timeout_s: float = 30.0) -> LocalBroker:
@@ -263,86 +172,49 @@ class LocalBroker:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(args)}\n".encode())
-        self._proc, self._finalizer = spawn_server(
-            self, args, self.log_path, env={**os.environ, "NO_COLOR": "1", **self.env}, grace_s=1.0
-        )
-        try:
-            self._wait_ready(timeout_s)
-        except BaseException:
-            self._terminate(grace_s=0)  # keeps the log, which the error message points to
-            raise
+        self._spawn(args, env={**os.environ, "NO_COLOR": "1", **self.env})
+        self._wait_ready(timeout_s, self._answers())
         self._port_was_picked = False
         return self
 
-    def _wait_ready(self, timeout_s: float) -> None:
-        assert self._proc is not None
-        deadline = time.monotonic() + timeout_s
+    def _answers(self) -> Callable[[], str | None]:
+        """The readiness probe: a metadata request answered (after a bare TCP check, since librdkafka
+        would log every refused connection to stderr)."""
         admin: AdminClient | None = None
-        last_error = "no answer"
-        while True:
-            if self._proc.poll() is not None:
-                raise RuntimeError(self._failure(f"exited with code {self._proc.returncode}"))
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RuntimeError(self._failure(f"did not answer within {timeout_s:g}s ({last_error})"))
-            # a bare TCP check first: librdkafka would log every refused connection to stderr
+
+        def probe() -> str | None:
+            nonlocal admin
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
             except OSError as err:
-                last_error = str(err)
-                time.sleep(0.05)
-                continue
+                return str(err)
             if admin is None:
                 admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, "logger": log})
             try:
-                admin.list_topics(timeout=min(2.0, max(remaining, 0.1)))
-                return
+                admin.list_topics(timeout=2.0)
             except KafkaException as err:
-                last_error = str(err)
-                time.sleep(0.1)
+                return str(err)
+            return None
 
-    def _failure(self, what: str) -> str:
-        tail = log_tail(self.log_path)
-        return (
-            f"local Tansu broker on {self.bootstrap_servers} (storage {self.storage_url}) {what}; "
-            f"log {self.log_path}:\n{tail}"
-        )
+        return probe
 
-    def _terminate(self, grace_s: float) -> None:
-        if self._proc is not None:
-            terminate_process(self._proc, grace_s)
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
+    def describe(self) -> str:
+        return f"local Tansu broker on {self.bootstrap_servers} (storage {self.storage_url})"
 
-    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """Stop the broker: SIGTERM, SIGKILL after ``grace_s``; reaps the child. Idempotent.
+    def stop(self) -> None:
+        """Stop the broker: SIGTERM, SIGKILL after ``stop_grace_s``; reaps the child. Idempotent.
 
-        Also removes the log file when it is a temporary one this object made.
+        Also removes the log file when it is a temporary one this object made. (:meth:`kill` is a crash;
+        :meth:`start` brings the broker back on the same port.)
         """
-        self._terminate(grace_s)
+        super().stop()
         if self._own_log:
             self.log_path.unlink(missing_ok=True)
 
-    def kill(self) -> None:
-        """Kill the broker at once (SIGKILL), as a crash would; :meth:`start` brings it back."""
-        self._terminate(grace_s=0)
-
     def restart(self, timeout_s: float = 30.0) -> LocalBroker:
         """Stop and start again on the same port (with memory storage, all data is gone)."""
-        self._terminate(STOP_GRACE_S)
+        self._terminate(self.stop_grace_s)
         return self.start(timeout_s)
-
-    def __enter__(self) -> LocalBroker:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self.running else "stopped"

@@ -20,7 +20,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from stream_learner.service.publisher import read_latest, read_manifest
 from stream_learner.service.storage import ObjectStore
-from stream_learner.tools.local_broker import log_tail, parent_death_preexec, terminate_process
+from stream_learner.tools.child_process import log_tail, parent_death_preexec, terminate_process
 from tests.services import free_ports
 
 SMALL_MODEL = {"num_hidden_layers": 1, "max_length": 32}
