@@ -435,3 +435,20 @@ def test_a_restored_monitor_does_not_report_a_shift_again_and_a_fresh_one_does()
 
     assert after_restored == after_through == []
     assert [name for _, name in after_fresh] == ["label_mix"]
+
+
+def test_page_hinkley_detects_as_rivers_does():
+    """Our Page-Hinkley fires on exactly the values River's ``drift.PageHinkley`` (alpha 1) fires on,
+    both directions, on random streams whose mean jumps (River only as a reference, in the tests)."""
+    river_drift = pytest.importorskip("river.drift")
+    from stream_learner.core.drift import PageHinkley
+
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        mode = "up" if trial % 2 else "down"
+        x = np.r_[rng.random(300) * rng.random() * 4, rng.random(300) * rng.random() * 4]
+        ours = PageHinkley(mode, delta=0.05, threshold=3.0, min_instances=30)
+        theirs = river_drift.PageHinkley(min_instances=30, delta=0.05, threshold=3.0, alpha=1.0, mode=mode)
+        for v in x:
+            theirs.update(v)
+            assert ours.update(v) == theirs.drift_detected

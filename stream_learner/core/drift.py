@@ -33,7 +33,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from river import drift as river_drift
 from scipy import stats
 
 from stream_learner.core.config import DriftSettings
@@ -56,49 +55,122 @@ LOSS_CLIP = math.log(100.0)
 _FORMAT = 1
 
 
-def _ph_statistic(ph: river_drift.PageHinkley) -> float:
-    """The statistic River's Page-Hinkley compares with its threshold for an increase (0 while warming up).
+class PageHinkley:
+    """Page-Hinkley test for a change of the mean of a stream, in one direction.
 
-    River exposes only ``drift_detected``; the cumulative sums are private attributes (stable since 0.21,
-    and tests/test_drift.py pins that ``score >= 1`` coincides with River's own detection).
+    After values ``x_1..x_t`` with running means ``x̄_i``, the cumulative sums are
+    ``m_t = Σ_{i≤t} (x_i − x̄_i − δ)`` (for an increase) and ``M_t = Σ_{i≤t} (x_i − x̄_i + δ)`` (for a
+    decrease). The test statistic is ``m_t − min_{k≤t} m_k`` for an increase, ``max_{k≤t} M_k − M_t``
+    for a decrease; the detector fires when it exceeds ``threshold`` after at least ``min_instances``
+    values, and starts afresh with the next value. With ``alpha < 1`` the sums fade by ``alpha`` per
+    value. The same test as River's ``drift.PageHinkley`` (written here so that its statistic and state
+    are public: the drift score and the snapshot need them).
+
+    Parameters
+    ----------
+    mode
+        ``"up"`` detects an increase of the mean, ``"down"`` a decrease.
+    delta
+        Tolerated change of the mean per value.
+    threshold
+        λ: the detection threshold of the cumulative statistic.
+    min_instances
+        Values seen since the last start before any detection.
+    alpha
+        Fading factor of the sums (1: none).
+
+    Examples
+    --------
+    >>> ph = PageHinkley("up", delta=0.01, threshold=5.0, min_instances=10)
+    >>> for t, x in enumerate([0.0] * 50 + [1.0] * 20):  # the mean rises at value 50
+    ...     if ph.update(x):
+    ...         print(f"fired at value {t}, statistic {ph.statistic:.2f}")
+    fired at value 55, statistic 5.55
+
+    References
+    ----------
+    [^1]: E. S. Page. Continuous Inspection Schemes. Biometrika 41 (1/2), 100-115, 1954.
+    [^2]: D. V. Hinkley. Inference about the change-point from cumulative sum tests. Biometrika 58 (3),
+    509-523, 1971.
+
     """
-    if ph._x_mean.n < ph.min_instances:
-        return 0.0
-    return max(0.0, ph._sum_increase - ph._min_increase)
 
+    def __init__(
+        self,
+        mode: str,
+        delta: float = 0.005,
+        threshold: float = 50.0,
+        min_instances: int = 30,
+        alpha: float = 1.0,
+    ) -> None:
+        if mode not in ("up", "down"):
+            raise ValueError(f"mode must be 'up' or 'down', got {mode!r}")
+        self.mode, self.delta, self.threshold = mode, delta, threshold
+        self.min_instances, self.alpha = min_instances, alpha
+        self.reset()
 
-def _ph_state(ph: river_drift.PageHinkley) -> dict[str, Any]:
-    def finite(x: float) -> float | None:  # JSON has no infinity
-        return float(x) if math.isfinite(x) else None
+    def reset(self) -> None:
+        """Start afresh: no values seen."""
+        self.n = 0
+        self.mean = 0.0
+        self.sum_increase = 0.0
+        self.min_increase = math.inf
+        self.sum_decrease = 0.0
+        self.max_decrease = -math.inf
+        self.drift_detected = False
 
-    return {
-        "n": float(ph._x_mean.n),
-        "mean": float(ph._x_mean.get()),
-        "sum_increase": float(ph._sum_increase),
-        "min_increase": finite(ph._min_increase),
-        "sum_decrease": float(ph._sum_decrease),
-        "max_decrease": finite(ph._max_decrease),
-        "drift_detected": bool(ph.drift_detected),
-    }
+    @property
+    def statistic(self) -> float:
+        """The statistic compared with ``threshold`` (0 while fewer than ``min_instances`` values)."""
+        if self.n < self.min_instances:
+            return 0.0
+        if self.mode == "up":
+            return max(0.0, self.sum_increase - self.min_increase)
+        return max(0.0, self.max_decrease - self.sum_decrease)
 
+    def update(self, x: float) -> bool:
+        """Feed one value; ``True`` if the mean changed in this detector's direction."""
+        if self.drift_detected:
+            self.reset()
+        self.n += 1
+        self.mean += (x - self.mean) / self.n
+        dev = x - self.mean
+        self.sum_increase = self.alpha * self.sum_increase + dev - self.delta
+        self.sum_decrease = self.alpha * self.sum_decrease + dev + self.delta
+        self.min_increase = min(self.min_increase, self.sum_increase)
+        self.max_decrease = max(self.max_decrease, self.sum_decrease)
+        self.drift_detected = bool(self.n >= self.min_instances and self.statistic > self.threshold)
+        return self.drift_detected
 
-def _ph_restore(ph: river_drift.PageHinkley, s: Mapping[str, Any]) -> None:
-    from river import stats as river_stats
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state (infinities as None)."""
 
-    ph._reset()
-    ph._x_mean = river_stats.Mean._from_state(s["n"], s["mean"])
-    ph._sum_increase = s["sum_increase"]
-    ph._min_increase = math.inf if s["min_increase"] is None else s["min_increase"]
-    ph._sum_decrease = s["sum_decrease"]
-    ph._max_decrease = -math.inf if s["max_decrease"] is None else s["max_decrease"]
-    ph._drift_detected = s["drift_detected"]
+        def finite(x: float) -> float | None:
+            return float(x) if math.isfinite(x) else None
+
+        return {
+            "n": float(self.n),
+            "mean": self.mean,
+            "sum_increase": self.sum_increase,
+            "min_increase": finite(self.min_increase),
+            "sum_decrease": self.sum_decrease,
+            "max_decrease": finite(self.max_decrease),
+            "drift_detected": self.drift_detected,
+        }
+
+    def load_state_dict(self, s: Mapping[str, Any]) -> None:
+        self.n, self.mean = int(s["n"]), float(s["mean"])
+        self.sum_increase, self.sum_decrease = float(s["sum_increase"]), float(s["sum_decrease"])
+        self.min_increase = math.inf if s["min_increase"] is None else float(s["min_increase"])
+        self.max_decrease = -math.inf if s["max_decrease"] is None else float(s["max_decrease"])
+        self.drift_detected = bool(s["drift_detected"])
 
 
 class LossDrift:
     """Page-Hinkley test for an increase of the prequential error (or loss) of the fresh events.
 
-    Two of River's :class:`~river.drift.PageHinkley` detectors read the same stream: one for
-    increases of its mean, one for decreases, both without the fading factor (``alpha=1``). An increase
+    Two :class:`PageHinkley` detectors read the same stream: one for increases of its mean, one for
+    decreases, both without the fading factor (``alpha=1``). An increase
     is drift: :meth:`update` returns ``True`` and ``detections`` counts it. A decrease is the model
     learning — the error of a new head falls from ~0.5 to ~0.15 over the first few hundred events, and
     again after it adapted to a new domain — so it is not reported; it restarts the increase detector,
@@ -151,9 +223,8 @@ class LossDrift:
         self, delta: float = 0.05, threshold: float = 15.0, min_instances: int = 100, clip: float = 1.0
     ) -> None:
         self.delta, self.threshold, self.min_instances, self.clip = delta, threshold, min_instances, clip
-        kw = {"min_instances": min_instances, "delta": delta, "threshold": threshold, "alpha": 1.0}
-        self._up = river_drift.PageHinkley(mode="up", **kw)
-        self._down = river_drift.PageHinkley(mode="down", **kw)
+        self._up = PageHinkley("up", delta, threshold, min_instances)
+        self._down = PageHinkley("down", delta, threshold, min_instances)
         self.score = 0.0
         self.detections = 0
         self.last_detection: int | None = None  # index (in values seen) of the value that fired
@@ -168,22 +239,22 @@ class LossDrift:
                 continue
             self._up.update(v)
             self._down.update(v)
-            peak = max(peak, _ph_statistic(self._up) / self.threshold)
+            peak = max(peak, self._up.statistic / self.threshold)
             if self._up.drift_detected:
                 fired = True
                 self.detections += 1
                 self.last_detection = self.seen
-                self._down = self._down.clone()  # both restart on the new level
+                self._down.reset()  # both restart on the new level
             elif self._down.drift_detected:
-                self._up = self._up.clone()  # silent re-anchoring after an improvement
+                self._up.reset()  # silent re-anchoring after an improvement
             self.seen += 1
         self.score = peak
         return fired
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "up": _ph_state(self._up),
-            "down": _ph_state(self._down),
+            "up": self._up.state_dict(),
+            "down": self._down.state_dict(),
             "detections": self.detections,
             "seen": self.seen,
             "last_detection": self.last_detection,
@@ -191,8 +262,8 @@ class LossDrift:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        _ph_restore(self._up, state["up"])
-        _ph_restore(self._down, state["down"])
+        self._up.load_state_dict(state["up"])
+        self._down.load_state_dict(state["down"])
         self.detections, self.seen = state["detections"], state["seen"]
         self.last_detection, self.score = state["last_detection"], state["score"]
 
