@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stream_learner.core.batching import collate
-from stream_learner.core.prequential import PrequentialWindow
+from stream_learner.core.prequential import PrequentialScores
 from stream_learner.service.metrics import Metrics, MetricsObserver
 from stream_learner.training.observers import LoopObserver, StepLog
 from tests.factories import batch, make_trainer, small_settings, tiny_rows, tokenized
@@ -197,7 +197,7 @@ def test_collate_pads_and_sets_token_types():
 
 
 def test_prequential_window_macro_f1():
-    w = PrequentialWindow(size=4)
+    w = PrequentialScores(size=4)
     w.add([1, 1, 0, 0, 1], [1, 0, 0, 0, 1], [0.1] * 5)  # window keeps the last 4
     out = w.summary()
     assert out["prequential_accuracy"] == 0.75

@@ -43,15 +43,15 @@ def macro_f1(predictions: Sequence[int] | np.ndarray, labels: Sequence[int] | np
     return float(np.mean(f1s)) if f1s else math.nan
 
 
-class PrequentialWindow:
+class PrequentialScores:
     """Loss, accuracy and macro-F1 of the last ``size`` fresh events, and accuracy over the whole run.
 
     Parameters
     ----------
     size
-        How many of the most recent events the window scores (``training.metrics_window``).
+        How many of the most recent events are scored (``training.metrics_window``).
 
-    >>> w = PrequentialWindow(size=3)
+    >>> w = PrequentialScores(size=3)
     >>> w.add([1, 1, 0, 1], [0, 1, 0, 1], [0.9, 0.1, 0.2, 0.1])
     >>> w.summary()["prequential_accuracy"], w.run_accuracy
     (1.0, 0.75)

@@ -136,7 +136,7 @@ def _summary(learner: Learner, console: Console) -> dict:
     summary = {
         "events_trained": int(m.value("stream_learner_events_trained_total")),
         "dead_lettered": dead,
-        "prequential_accuracy_run": learner.trainer.window.run_accuracy,
+        "prequential_accuracy_run": learner.trainer.prequential.run_accuracy,
         "versions": published,
         "storage": learner.store.describe(),
         "newest_version_path": None,

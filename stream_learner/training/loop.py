@@ -41,7 +41,7 @@ from stream_learner.core.batching import Example, plan_window
 from stream_learner.core.config import Settings
 from stream_learner.core.events import TokenizedEvent
 from stream_learner.core.intake import ConsumedBatch
-from stream_learner.core.prequential import PrequentialWindow
+from stream_learner.core.prequential import PrequentialScores
 from stream_learner.core.replay import ReservoirBuffer, StoredExample
 from stream_learner.training.cadence import PublishCadence
 from stream_learner.training.distributed import Group, merge_counters, merge_offsets
@@ -88,7 +88,7 @@ class TrainingLoop:
         self.publish_failed = publish_failed or threading.Event()
         self.observers = list(observers)
         self.probe = sorted(probe, key=lambda e: len(e.input_ids))  # scored with little padding
-        self.window = PrequentialWindow(settings.training.metrics_window)
+        self.prequential = PrequentialScores(settings.training.metrics_window)
         self.counters = Counters()
         self.ledger = OffsetLedger()
         self.version = 0
@@ -216,7 +216,7 @@ class TrainingLoop:
         out = self.engine.step([*fresh, *replayed], len(fresh))
         fired: list[str] = []
         if fresh:  # a bucketed micro-batch may hold replayed examples only
-            self.window.add(out.predictions.tolist(), out.labels.tolist(), out.losses.tolist())
+            self.prequential.add(out.predictions.tolist(), out.labels.tolist(), out.losses.tolist())
             if self.drift is not None:
                 fired = self.drift.observe(
                     fresh, out.predictions, out.labels, out.losses, replayed, self.replay
@@ -255,7 +255,7 @@ class TrainingLoop:
             param_distance=distance,
             replay_size=len(self.replay),
             replay_bytes=self.replay.nbytes(),
-            prequential=self.window.summary(),
+            prequential=self.prequential.summary(),
             drift_fired=fired,
             drift_scores=self.drift.scores() if self.drift is not None else {},
         )
@@ -339,7 +339,7 @@ class TrainingLoop:
     def _local_snapshot(self) -> Snapshot:
         model_state, opt_state = self.engine.state()
         arrays, meta = self.replay.state_dict()
-        metrics = {"training_loss": self.last_loss, **self.window.summary()}
+        metrics = {"training_loss": self.last_loss, **self.prequential.summary()}
         metrics["param_distance"] = float(self.engine.l2sp.squared_distance()) ** 0.5
         if self.probe:
             metrics["probe_accuracy"] = self.probe_accuracy()

@@ -37,7 +37,7 @@ class StepRecord:
     param_distance: float | None  # ‖θ_S − θ0_S‖ when measured at this step (every few steps), else None
     replay_size: int
     replay_bytes: int
-    prequential: dict[str, float] = field(default_factory=dict)  # PrequentialWindow.summary()
+    prequential: dict[str, float] = field(default_factory=dict)  # PrequentialScores.summary()
     drift_fired: list[str] = field(default_factory=list)  # signals that detected a shift at this step
     drift_scores: dict[str, float] = field(default_factory=dict)
 
