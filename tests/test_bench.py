@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stream_learner.tools.bench import BenchConfig, fastest, rate_inside, run_bench, summarize_steps
+from stream_learner.tools.bench import BenchConfig, fastest, rate_inside, run_bench
 from stream_learner.tools.bench_report import (
     MARK_END,
     MARK_START,
@@ -22,6 +22,7 @@ from stream_learner.tools.bench_report import (
     pipeline_over_trainer,
     write_markdown,
 )
+from stream_learner.tools.harness import summarize_steps
 from stream_learner.training.trainer import StepRecord
 from tests.factories import small_settings, tiny_rows, tokenized
 
