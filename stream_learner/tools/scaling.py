@@ -1,6 +1,6 @@
 """Data-parallel scaling, measured: N ranks training one model against one rank, on this machine.
 
-:func:`measure_scaling` runs the bench's trainer alone (``bench.run_trainer_alone``: the service's
+:func:`measure_scaling` runs the bench's trainer alone (``harness.run_trainer_alone``: the service's
 trainer thread fed from memory) in fresh processes, as ``torchrun`` would start them — each with
 ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` set and the same per-rank settings (so the
 group's micro-batch is N times a rank's):
@@ -119,7 +119,7 @@ def measure_scaling(
 def _rank_main(spec_path: Path) -> None:
     """One rank: its share of the bench's events through the trainer alone; a JSON summary out."""
     from stream_learner.core.model import load_tokenizer
-    from stream_learner.tools.bench import load_data, run_trainer_alone
+    from stream_learner.tools.harness import load_data, run_trainer_alone
     from stream_learner.training.engine import pick_device
 
     spec = json.loads(spec_path.read_text())

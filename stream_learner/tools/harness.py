@@ -1,0 +1,184 @@
+"""The trainer alone: the service's trainer thread fed from memory, measured.
+
+Shared by ``stream-learner bench`` (``bench.py``: the trainer-alone runs and the ablation), the
+data-parallel scaling run (``scaling.py``: each rank runs :func:`run_trainer_alone` on its share) and
+``benchmarks/compile.py``. Here rather than in ``bench.py`` so that ``scaling.py`` and ``bench.py`` do
+not import each other (the tools layer has no import cycles: docs/architecture.md, "Rules").
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psutil
+
+from stream_learner.core.config import Settings
+from stream_learner.core.events import LabeledEvent, LabelSet, TokenizedEvent, encode_event
+from stream_learner.core.intake import ConsumedBatch, Tokenize
+from stream_learner.service.limits import MiB
+from stream_learner.tools.datasets import STREAM, bundled_path, read_jsonl
+from stream_learner.training.distributed import Group
+from stream_learner.training.factory import build_trainer
+from stream_learner.training.observers import StepLog, StepRecord
+
+# ============================================================================================ data
+
+
+@dataclass
+class BenchData:
+    """The bench's events: an evenly spaced sample of the bundled stream, as rows, values and tokens."""
+
+    rows: list[dict]
+    values: list[bytes]  # the Kafka message values
+    events: list[TokenizedEvent]  # tokenized as the consumer does; partition 0, offset = index
+    all_values: list[bytes]  # the whole stream, in its order (the consumer's rate)
+    all_tokens: list[np.ndarray]  # the whole stream's token ids (replay memory)
+    all_labels: list[int]
+
+
+def load_data(settings: Settings, n: int, tokenizer: Any) -> BenchData:
+    """``n`` events spread evenly over the bundled stream (its four domains in their proportions), in
+    stream order; more than the stream holds repeats it."""
+    rows = list(read_jsonl(bundled_path(STREAM)))
+    labels = LabelSet(settings.model.labels)
+    parsed = [LabeledEvent(text=r["text"], label=labels.index(r["label"])) for r in rows]
+    tokens = [ids for ids, _ in Tokenize(tokenizer, settings.model.max_length)(parsed)]
+    values = [encode_event(r["text"], r["label"], id=str(k)) for k, r in enumerate(rows)]
+    if n <= len(rows):
+        pick = np.linspace(0, len(rows) - 1, num=n).round().astype(int).tolist()
+    else:
+        pick = np.resize(np.arange(len(rows)), n).tolist()
+    events = [
+        TokenizedEvent(tokens[i], parsed[i].label, 0, partition=0, offset=k, timestamp_ms=0)
+        for k, i in enumerate(pick)
+    ]
+    return BenchData(
+        [rows[i] for i in pick],
+        [values[i] for i in pick],
+        events,
+        values,
+        tokens,
+        [e.label for e in parsed],
+    )
+
+
+# ===================================================================================== measurements
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (psutil, sampled every 20 ms)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._proc = psutil.Process()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def mib(self) -> float:
+        return self.peak / MiB
+
+
+def summarize_steps(records: Sequence[StepRecord], warmup_events: int) -> dict[str, Any]:
+    """Rates, busy fraction and padding of the steps after the first ``warmup_events`` fresh events.
+
+    The span runs from the first measured step's start to the last one's end, so what happens between
+    steps (waiting for events, snapshots) counts against the rates; ``busy`` is the share of the span
+    spent inside steps.
+    """
+    seen, measured = 0, []
+    for r in records:
+        if seen >= warmup_events:
+            measured.append(r)
+        seen += len(r.fresh)
+    if not measured:
+        raise ValueError(f"no step after the {warmup_events} warm-up events: measure more events")
+    span = measured[-1].ended - measured[0].started
+    fresh = sum(len(r.fresh) for r in measured)
+    examples = fresh + sum(r.replayed for r in measured)
+    return {
+        "steps": len(measured),
+        "fresh_events": fresh,
+        "examples": examples,
+        "seconds": span,
+        "events_per_second": fresh / span,
+        "examples_per_second": examples / span,
+        "busy_fraction": sum(r.ended - r.started for r in measured) / span,
+        # with one torch thread, the share of the cores the trainer thread got while in its steps
+        "trainer_cpu_share": sum(r.cpu_seconds for r in measured)
+        / sum(r.ended - r.started for r in measured),
+        "padding_efficiency": sum(r.real_tokens for r in measured) / sum(r.padded_tokens for r in measured),
+        # the warm-up's steps, first step's start to the first measured one's (compiling, if any)
+        "warmup_seconds": measured[0].started - records[0].started,
+        "first_measured": measured[0].started,
+        "last_measured": measured[-1].ended,
+    }
+
+
+# ========================================================================================== harnesses
+
+
+def run_trainer_alone(
+    settings: Settings,
+    tokenizer: Any,
+    events: Sequence[TokenizedEvent],
+    warmup: int,
+    fused: bool = True,
+    group: Group | None = None,
+) -> dict[str, Any]:
+    """The trainer thread (``TrainingLoop.run``) on events fed from memory in consumer-sized batches.
+
+    In a data-parallel ``group`` (``scaling.py``) each rank runs this on its share of the events.
+    ``fused`` False builds AdamW without the fused kernel (ablation).
+    """
+    s = settings.model_copy(
+        update={
+            "publish": settings.publish.model_copy(
+                update={"every_steps": 10**9, "every_seconds": 1e12, "on_stop": False}
+            )
+        }
+    )
+    log = StepLog()
+    trainer = build_trainer(s, tokenizer, observers=[log], group=group, fused=fused)
+    records = log.records
+    size = settings.kafka.poll_max_messages
+
+    def feed() -> None:
+        for i in range(0, len(events), size):
+            chunk = list(events[i : i + size])
+            trainer.fresh_queue.put(ConsumedBatch(chunk, {0: chunk[-1].offset + 1}))
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    runner = threading.Thread(target=trainer.run, daemon=True)
+    with PeakRSS() as rss:
+        feeder.start()
+        runner.start()
+        while trainer.counters.events_trained < len(events) and runner.is_alive():
+            runner.join(0.05)
+        trainer.stop_event.set()
+        runner.join()
+    out = summarize_steps(records, warmup)
+    out["total_steps"], out["events_trained"] = trainer.counters.steps, trainer.counters.events_trained
+    out["peak_rss_mib"] = rss.mib
+    out["optimizer"] = "fused AdamW" if fused else "torch.optim.AdamW()"
+    out["bucket_window"] = settings.training.bucket_window
+    return out
