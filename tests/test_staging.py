@@ -108,3 +108,24 @@ def test_the_default_root_is_the_system_temporary_directory(tmp_path: Path, monk
         assert Path(path).parent == tmp_path
         assert remove_stale_staging_dirs() == 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_sweep_survives_directories_removed_while_it_walks_them(tmp_path: Path, monkeypatch) -> None:
+    """Another process removing its own staging directory (its lock file goes first, then the rest) while
+    a learner starts and sweeps: the sweep must not fail on what vanishes under it. A test run once
+    failed so (FileNotFoundError counting the sizes) when a rollback elsewhere finished meanwhile; here
+    a subdirectory vanishes between being listed and being read."""
+    stale = tmp_path / f"stream-learner-rollback-{os.getpid()}-0123456789ab"
+    for v in ("000001", "000002"):
+        (stale / "versions" / v).mkdir(parents=True)
+        (stale / "versions" / v / "model.safetensors").write_bytes(b"x" * 100)
+    real_scandir = os.scandir
+
+    def vanishing(path=".", *args, **kwargs):
+        if str(path).endswith("000001"):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_scandir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", vanishing)
+    assert remove_stale_staging_dirs(tmp_path) == 1
+    assert not stale.exists()

@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 import weakref
@@ -116,13 +117,25 @@ def remove_stale_staging_dirs(root: Path | None = None) -> int:
         with _lock_if_free(path) as free:
             if not free:
                 continue
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+            size = _size(path)
             shutil.rmtree(path, ignore_errors=True)
             if not path.exists():
                 removed, freed = removed + 1, freed + size
     if removed:
         log.info("removed %d staging directories of killed learners (%.0f MB)", removed, freed / 1e6)
     return removed
+
+
+def _size(path: Path) -> int:
+    """Bytes of the files under ``path``; files and directories that vanish meanwhile count 0 (the
+    directory may be another process's, being removed by it right now: its lock file goes first)."""
+    total = 0
+    for parent, _dirs, files in os.walk(path):  # os.walk ignores directories that vanish
+        for name in files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(parent, name))
+                total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
 
 
 @contextlib.contextmanager

@@ -263,14 +263,6 @@ def test_run_installs_the_limit_on_every_kafka_client_logger():
     )
 
 
-def test_logs_doctest():
-    import doctest
-
-    import stream_learner.service.logs
-
-    assert doctest.testmod(stream_learner.service.logs).failed == 0
-
-
 # ----------------------------------------------------------------------- the model against storage
 def error_line(run: Run) -> str:
     """The one error line of a learner that got as far as logging (topics created, memory bound)."""
