@@ -1,6 +1,5 @@
 """Settings: env nesting, YAML, and one-line errors that name the setting (acceptance 4.7)."""
 
-import doctest
 import json
 import math
 import os
@@ -16,7 +15,6 @@ from annotated_types import Le
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import stream_learner.core.config
 from stream_learner.core.config import (
     ENV_PREFIX,
     ConfigError,
@@ -199,10 +197,6 @@ def clean_env(monkeypatch):
         if name.upper().startswith(ENV_PREFIX) and not name.upper().startswith("STREAM_LEARNER_TEST_"):
             monkeypatch.delenv(name)
     return monkeypatch
-
-
-def test_config_doctests():
-    assert doctest.testmod(stream_learner.core.config).failed == 0
 
 
 @pytest.mark.parametrize("name", FLOATS)

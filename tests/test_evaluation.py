@@ -237,13 +237,6 @@ def test_cli_rejects_zero_jobs(tmp_path):
     assert "jobs must be at least 1" in result.output
 
 
-def test_docstring_examples_of_the_metrics():
-    # evaluation.py is not in pytest's doctest paths (pyproject): run its examples here
-    import doctest
-
-    assert doctest.testmod(ev, optionflags=doctest.ELLIPSIS).failed == 0
-
-
 def test_stream_through_the_broker_equals_the_in_process_stream(stream_rows, kafka_bootstrap):
     """``--broker``: the events the service's consumer makes from the topic are those tokenized in process."""
     from stream_learner.core.events import LabelSet
