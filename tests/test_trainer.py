@@ -1,11 +1,12 @@
-"""The trainer on the real (1-layer) MiniLM: steps, guards, offsets, snapshots, the bf16 twin."""
+"""The trainer: steps, guards, offsets, snapshots, the bf16 twin on the tiny model; learning on the
+1-layer MiniLM."""
 
 import numpy as np
 import pytest
 import torch
 
 from stream_learner.training.trainer import PrequentialWindow, collate
-from tests.factories import batch, make_trainer, small_settings, tiny_rows, tokenized
+from tests.factories import batch, make_trainer, pretrained_settings, small_settings, tiny_rows, tokenized
 
 
 def _params(trainer):
@@ -30,7 +31,7 @@ def test_step_learns_fills_replay_and_moves_from_theta0():
 
 
 def test_training_reduces_loss_on_the_data_it_sees():
-    s = small_settings(training={"learning_rate": 1e-3, "replay_per_step": 0, "l2sp_lambda": 0.0})
+    s = pretrained_settings(training={"learning_rate": 1e-3, "replay_per_step": 0, "l2sp_lambda": 0.0})
     tr = make_trainer(s)
     events = tokenized(tiny_rows(16), s)
     first = tr.step(events[:16])

@@ -24,12 +24,12 @@ from stream_learner.service.topics import ensure_topics
 from stream_learner.tools.datasets import malformed_events
 from tests.factories import tiny_rows
 from tests.integration.learner_process import (
-    SMALL_MODEL,
     SMALL_TRAINING,
     LearnerProcess,
     assert_exact_lineage,
     committed_offsets,
     lineage,
+    small_model,
 )
 
 PARTITIONS = 2
@@ -46,7 +46,7 @@ def config(bootstrap: str, topic: str, storage: dict, **publish) -> dict:
             "topic_partitions": PARTITIONS,
             "poll_max_messages": 50,
         },
-        "model": SMALL_MODEL,
+        "model": small_model(),
         "training": SMALL_TRAINING,
         "replay": {"capacity": 200},
         # keep every version: the tests walk the whole lineage
