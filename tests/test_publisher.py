@@ -52,7 +52,7 @@ from tests.factories import batch, make_trainer, small_settings, tiny_rows, toke
 
 @functools.cache
 def _trained() -> tuple:
-    """A 1-layer trainer after two steps, and the settings it ran with (built once: loading costs)."""
+    """A trainer (the tiny model) after two steps, and the settings it ran with (built once)."""
     s = small_settings()
     trainer = make_trainer(s)
     for k in range(2):
