@@ -11,6 +11,7 @@ Both are lazy: a test that asks for neither starts neither.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from stream_learner.tools.local_broker import LocalBroker
+from tests import tiny_model
 from tests.services import SeaweedS3
 
 BOOTSTRAP_ENV = "STREAM_LEARNER_TEST_BOOTSTRAP"
@@ -29,6 +31,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(1)
+
+
+_tiny_model_owned: list[Path] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Where the session's tiny model (:mod:`tests.tiny_model`) goes: chosen once, by the controller,
+    before xdist starts its workers (they inherit ``$SL_TESTS_TINY_MODEL``); built on first use."""
+    if not os.environ.get(tiny_model.ENV):
+        _tiny_model_owned.append(tiny_model.choose_dir().parent)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for path in _tiny_model_owned:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _docker_available() -> bool:

@@ -6,9 +6,10 @@ Scenarios:
 * ``equivalence`` — one step, rank 0 with 6 fresh events and rank 1 with 2 others, no replay; rank 0
   then steps a single-process trainer on all 8 and saves both weights: the group's step must be it.
 * ``lockstep`` — :meth:`Trainer.run` on both ranks with the weight check after every step; rank 0 gets
-  40 events of partition 0, rank 1 nothing for a while, then 12 of partition 1; rank 0 stops the
-  group once every event was trained. Each rank saves its weights and counters; rank 0 the final
-  (merged) snapshot's offsets, counters and replay shards.
+  40 events of partition 0, rank 1 nothing for its first two steps, then 12 of partition 1; rank 0
+  stops the group once every event was trained (its own 40, and rank 1 says so of its 12). Each rank
+  saves its weights and counters; rank 0 the final (merged) snapshot's offsets, counters and replay
+  shards.
 """
 
 from __future__ import annotations
@@ -66,16 +67,25 @@ def lockstep(group: Group, out: Path) -> None:
             trainer.fresh_queue.put(batch(events[i : i + 8]))
     import threading
 
+    fed = out / "lockstep-rank1-trained"  # rank 1 has trained its 12 events: rank 0 may stop the group
+
+    def wait_for(condition, what: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {group.rank}: {what} not within {timeout} s")
+            time.sleep(0.05)
+
     def feed_and_stop() -> None:
         if group.rank == 1:  # idle at first: it takes part in the steps with replay or weight 0
-            time.sleep(3)
+            wait_for(lambda: trainer.counters.steps >= 2, "two steps taken idle")
             events = tokenized(rows[40:52], settings, partition=1)
             for i in range(0, 12, 6):
                 trainer.fresh_queue.put(batch(events[i : i + 6]))
+            wait_for(lambda: trainer.counters.events_trained >= 12, "its 12 events trained")
+            fed.touch()
         else:
-            while trainer.counters.events_trained < 40:
-                time.sleep(0.05)
-            time.sleep(5)  # rank 1's events arrive meanwhile
+            wait_for(lambda: trainer.counters.events_trained >= 40 and fed.exists(), "every event trained")
             trainer.stop_event.set()
 
     threading.Thread(target=feed_and_stop, daemon=True).start()

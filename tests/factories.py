@@ -1,4 +1,5 @@
-"""Building real pieces for tests: settings for a 1-layer MiniLM, tokenized events, a trainer."""
+"""Building real pieces for tests: settings (the tiny model, or the 1-layer MiniLM where a test asserts
+learning), tokenized events, a trainer."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ from stream_learner.training.distributed import Group
 from stream_learner.training.factory import build_trainer
 from stream_learner.training.loop import TrainingLoop
 from stream_learner.training.state import Snapshot
+from tests.tiny_model import tiny_model_dir
 
 
-def small_settings(**sections: dict) -> Settings:
-    """Settings for fast tests: the bundled MiniLM cut to 1 layer, short sequences, no HTTP."""
+def _settings(model: dict, sections: dict[str, dict]) -> Settings:
     base: dict[str, dict] = {
-        "model": {"num_hidden_layers": 1, "max_length": 64},
+        "model": {**model, "max_length": 64},
         "training": {"fresh_per_step": 8, "replay_per_step": 8, "max_wait_s": 0.2, "learning_rate": 1e-4},
         "replay": {"capacity": 200},
         "http": {"enabled": False},
@@ -30,9 +31,22 @@ def small_settings(**sections: dict) -> Settings:
     return load_settings(**base)
 
 
+def small_settings(**sections: dict) -> Settings:
+    """Settings for tests of mechanics: the tiny random model (:mod:`tests.tiny_model`, 1 M parameters,
+    the real tokenizer), short sequences, no HTTP."""
+    return _settings({"name_or_path": tiny_model_dir()}, sections)
+
+
+def pretrained_settings(**sections: dict) -> Settings:
+    """Settings for tests that assert learning: the bundled MiniLM cut to 1 layer (14 M parameters),
+    otherwise as :func:`small_settings`."""
+    return _settings({"num_hidden_layers": 1}, sections)
+
+
 @functools.cache
 def tokenizer():
-    return load_tokenizer(small_settings().model)
+    """The bundled tokenizer: the tiny model's is a copy of it."""
+    return load_tokenizer(pretrained_settings().model)
 
 
 def tiny_rows(n: int | None = None) -> list[dict]:

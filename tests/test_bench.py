@@ -26,6 +26,7 @@ from stream_learner.tools.bench_report import (
 from stream_learner.tools.harness import summarize_steps
 from stream_learner.training.observers import StepRecord
 from tests.factories import small_settings, tiny_rows, tokenized
+from tests.tiny_model import tiny_model_dir
 
 LOOPS = ("roofline", "trainer_alone", "pipeline", "hand_written", "tutorial")
 
@@ -34,7 +35,10 @@ def test_quick_run_is_complete_and_consistent(tmp_path: Path) -> None:
     """One ``--quick`` run, every check below on it: in one test, so that the two xdist workers do not
     each run the bench (≈ 2 min of CPU apiece, competing) as a module-scoped fixture did."""
     out = tmp_path / "bench.json"
-    returned = run_bench(BenchConfig.quick(), out)
+    quick = BenchConfig.quick()
+    # the tiny model (tests/tiny_model.py): this test checks the JSON, never a speed or an accuracy
+    model = {"name_or_path": tiny_model_dir()}
+    returned = run_bench(BenchConfig.quick(layers=None, settings={**quick.settings, "model": model}), out)
     results = json.loads(out.read_text())
     assert results["ratios"] == pytest.approx(returned["ratios"])
     check_every_figure_is_there_and_positive(results)

@@ -132,9 +132,9 @@ def test_probe_lines_are_validated_like_events(tmp_path):
 
 def test_a_lineage_of_another_model_or_label_set_is_not_resumed():
     from stream_learner.service.app import check_lineage_matches
-    from tests.factories import small_settings
+    from tests.factories import pretrained_settings
 
-    s = small_settings()
+    s = pretrained_settings()  # model.name_or_path "bundled", as the manifests below (no model is loaded)
     check_lineage_matches(s, {"base_model": "bundled", "labels": ["neg", "pos"]}, "file:///m")
     with pytest.raises(ConfigError, match=r"model\.name_or_path / model\.labels: file:///m holds versions"):
         check_lineage_matches(s, {"base_model": "bundled", "labels": ["neg", "neu", "pos"]}, "file:///m")

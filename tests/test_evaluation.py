@@ -14,6 +14,7 @@ from stream_learner.cli import app
 from stream_learner.tools import evaluation as ev
 from stream_learner.tools import evaluation_report as report
 from stream_learner.tools.datasets import DOMAINS, STREAM, bundled_path, read_jsonl
+from tests.tiny_model import tiny_model_dir
 
 # ------------------------------------------------------------------------------------------- metrics
 
@@ -120,11 +121,22 @@ def test_checkpoints_and_variants():
 # ---------------------------------------------------------------------------------------- quick run
 
 
+def quick_config(**changes) -> ev.EvalConfig:
+    """The quick run on the tiny model (tests/tiny_model.py): the tests below check the tool's results,
+    their structure and consistency, never how well a model learns (docs/quality.md measures that)."""
+    return ev.EvalConfig.quick(
+        scenarios=("covariate",),
+        strategies=("frozen", "default", "offline"),
+        layers=None,
+        settings={"model": {"name_or_path": tiny_model_dir()}},
+        **changes,
+    )
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("eval")
-    cfg = ev.EvalConfig.quick(scenarios=("covariate",), strategies=("frozen", "default", "offline"))
-    ev.run_benchmark(cfg, out, progress=False)
+    ev.run_benchmark(quick_config(), out, progress=False)
     return json.loads((out / "results.json").read_text()), out
 
 
@@ -178,7 +190,7 @@ def test_quick_run_strategies_do_what_they_say(quick):
     assert runs["frozen"]["param_distance"] == 0.0
     assert runs["default"]["param_distance"] > 0.0 and runs["default"]["examples_replayed"] > 0
     assert runs["default"]["settings"]["training"]["l2sp_lambda"] > 0
-    assert runs["frozen"]["settings"]["model"]["num_hidden_layers"] == 1
+    assert runs["frozen"]["settings"]["model"]["name_or_path"] == tiny_model_dir()
 
 
 def test_quick_run_records_drift_for_the_default_strategy(quick):
@@ -202,7 +214,7 @@ def test_quick_run_writes_png_plots(quick):
 def test_runs_in_worker_processes_equal_the_runs_in_process(quick, tmp_path):
     # the same three runs of the quick fixture, on two spawned workers (costliest first): same results
     results, _ = quick
-    cfg = ev.EvalConfig.quick(scenarios=("covariate",), strategies=("frozen", "default", "offline"), jobs=2)
+    cfg = quick_config(jobs=2)
     parallel = ev.run_benchmark(cfg, tmp_path, progress=False)
     assert parallel["config"]["jobs"] == 2
     assert [(r["strategy"], r["seed"]) for r in parallel["runs"]] == [

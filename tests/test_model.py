@@ -5,11 +5,17 @@ import torch
 
 from stream_learner.core.config import ModelSettings
 from stream_learner.core.model import L2SP, load_model
+from tests.tiny_model import tiny_model_dir
+
+
+def tiny(**fields) -> ModelSettings:
+    """The tiny random BERT (tests/tiny_model.py): a pretrained body without a head, as MiniLM."""
+    return ModelSettings(name_or_path=tiny_model_dir(), **fields)
 
 
 @pytest.fixture(scope="module")
 def loaded():
-    return load_model(ModelSettings(num_hidden_layers=1))
+    return load_model(tiny())
 
 
 def test_head_is_new_and_excluded(loaded):
@@ -24,9 +30,7 @@ def test_new_head_is_drawn_from_the_seed_alone():
     on what ran before it in the process (a test worker's earlier tests)."""
 
     def head(seed: int) -> torch.Tensor:
-        return dict(load_model(ModelSettings(num_hidden_layers=1), seed=seed).model.named_parameters())[
-            "classifier.weight"
-        ]
+        return dict(load_model(tiny(), seed=seed).model.named_parameters())["classifier.weight"]
 
     first = head(0)
     torch.manual_seed(12345)
@@ -86,15 +90,15 @@ def test_lambda_zero_adds_nothing():
 
 
 def test_a_max_length_over_the_models_positions_is_refused_at_start():
-    """model.max_length 1024 on MiniLM (512 positions): the first long event used to stop the trainer
-    with a tensor-size error, and every restart stopped again."""
+    """model.max_length 1024 on a model of 512 positions (MiniLM's, and the tiny model's): the first long
+    event used to stop the trainer with a tensor-size error, and every restart stopped again."""
     from stream_learner.core.config import ConfigError, load_settings
     from stream_learner.core.model import check_max_length
 
-    settings = load_settings(model={"max_length": 1024, "num_hidden_layers": 1})
+    settings = load_settings(model={"max_length": 1024, "name_or_path": tiny_model_dir()})
     model = load_model(settings.model, seed=0).model
     with pytest.raises(ConfigError) as info:
         check_max_length(settings.model, model)
     line = str(info.value)
     assert "\n" not in line and line.startswith("model.max_length") and "at most 512" in line
-    check_max_length(load_settings(model={"max_length": 512}).model, model)
+    check_max_length(load_settings(model={"max_length": 512, "name_or_path": tiny_model_dir()}).model, model)

@@ -52,7 +52,7 @@ from tests.factories import batch, make_trainer, small_settings, tiny_rows, toke
 
 @functools.cache
 def _trained() -> tuple:
-    """A 1-layer trainer after two steps, and the settings it ran with (built once: loading costs)."""
+    """A trainer (the tiny model) after two steps, and the settings it ran with (built once)."""
     s = small_settings()
     trainer = make_trainer(s)
     for k in range(2):
@@ -658,5 +658,5 @@ def test_an_architecture_other_than_latests_fails_at_start_naming_the_setting(tm
     assert learner._restore(one_layer).version == 1
     # another width is another model: named as such
     wide = one_layer.to_dict() | {"hidden_size": 768}
-    with pytest.raises(ConfigError, match=r"^model\.name_or_path: .*hidden_size 384 there, 768 here"):
+    with pytest.raises(ConfigError, match=r"^model\.name_or_path: .*hidden_size 32 there, 768 here"):
         learner._restore(wide)

@@ -22,8 +22,14 @@ from stream_learner.service.publisher import read_latest, read_manifest
 from stream_learner.service.storage import ObjectStore
 from stream_learner.tools.child_process import log_tail, parent_death_preexec, terminate_process
 from tests.services import free_ports
+from tests.tiny_model import tiny_model_dir
 
-SMALL_MODEL = {"num_hidden_layers": 1, "max_length": 32}
+
+def small_model() -> dict:
+    """``model`` settings for a learner process: the session's tiny model (:mod:`tests.tiny_model`)."""
+    return {"name_or_path": tiny_model_dir(), "max_length": 32}
+
+
 SMALL_TRAINING = {"fresh_per_step": 8, "replay_per_step": 8, "max_wait_s": 0.2, "learning_rate": 1e-4}
 
 

@@ -1,4 +1,5 @@
-"""The demo's code path, small: its own local broker, a 1-layer model, versions in a temp dir."""
+"""The demo's code path, small: its own local broker, the tiny model (tests/tiny_model.py), versions in a
+temp dir."""
 
 from rich.console import Console
 

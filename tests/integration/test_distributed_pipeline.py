@@ -17,10 +17,10 @@ from stream_learner.service.publisher import list_versions, read_latest, read_ma
 from stream_learner.service.storage import ObjectStore, open_store
 from stream_learner.service.topics import ensure_topics
 from tests.integration.learner_process import (
-    SMALL_MODEL,
     SMALL_TRAINING,
     LearnerProcess,
     assert_exact_lineage,
+    small_model,
 )
 from tests.integration.test_lineage import events
 
@@ -51,7 +51,7 @@ def group_config(bootstrap: str, topic: str, url: str, every_steps: int) -> dict
             "topic_partitions": PARTITIONS,
             "poll_max_messages": 50,
         },
-        "model": SMALL_MODEL,
+        "model": small_model(),
         "training": SMALL_TRAINING,
         "replay": {"capacity": 200},
         "publish": {"keep_versions": 0, "storage_url": url, "every_steps": every_steps, "every_seconds": 5},

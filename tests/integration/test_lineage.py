@@ -24,12 +24,12 @@ from stream_learner.service.topics import ensure_topics
 from stream_learner.tools.datasets import malformed_events
 from tests.factories import tiny_rows
 from tests.integration.learner_process import (
-    SMALL_MODEL,
     SMALL_TRAINING,
     LearnerProcess,
     assert_exact_lineage,
     committed_offsets,
     lineage,
+    small_model,
 )
 
 PARTITIONS = 2
@@ -46,7 +46,7 @@ def config(bootstrap: str, topic: str, storage: dict, **publish) -> dict:
             "topic_partitions": PARTITIONS,
             "poll_max_messages": 50,
         },
-        "model": SMALL_MODEL,
+        "model": small_model(),
         "training": SMALL_TRAINING,
         "replay": {"capacity": 200},
         # keep every version: the tests walk the whole lineage
@@ -162,13 +162,16 @@ def test_chaos_sigkill_at_random_moments_keeps_the_lineage_exact(
     valid: dict[int, list[bool]] = {}
     chunks = [events(60, bad_every=15, start=60 * i) for i in range(14)]
     stop_producing = threading.Event()
+    # events keep flowing through the kills: two chunks produced from each start of the learner on
+    # (7 starts), while it starts, trains, publishes and is killed
+    may_produce = threading.Semaphore(0)
 
-    def producer() -> None:  # events keep flowing through the kills
+    def producer() -> None:
         for chunk in chunks:
-            if stop_producing.is_set():
-                return
+            while not may_produce.acquire(timeout=0.2):
+                if stop_producing.is_set():
+                    return
             produce(kafka_bootstrap, topic, chunk, valid)
-            time.sleep(4)
 
     feeder = threading.Thread(target=producer, daemon=True)
     feeder.start()
@@ -177,6 +180,7 @@ def test_chaos_sigkill_at_random_moments_keeps_the_lineage_exact(
     try:
         while kills < 6:
             learner.start()
+            may_produce.release(2)
             if kills % 2 == 0:  # kill while uploading a version: after it starts, before LATEST moves
                 found = learner.wait_for_log(r"publishing version (\d+)", timeout=180)
                 time.sleep(rng.uniform(0.0, 0.4))
@@ -191,11 +195,11 @@ def test_chaos_sigkill_at_random_moments_keeps_the_lineage_exact(
                 during_publish += 1
                 # LATEST never names the version whose upload was cut short
                 assert read_latest(store)[0] != publishing
-        feeder.join(timeout=300)
-        assert not feeder.is_alive()
-
         # a final clean run catches up with every event, then stops on SIGTERM
         learner.start()
+        may_produce.release(2)
+        feeder.join(timeout=120)
+        assert not feeder.is_alive(), "the last chunks were not produced within 120 s"
         ends = {p: len(v) for p, v in valid.items()}
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -204,7 +208,7 @@ def test_chaos_sigkill_at_random_moments_keeps_the_lineage_exact(
                 offsets = {int(p): o for p, o in read_manifest(store, latest)["offsets"][topic].items()}
                 if offsets == ends:
                     break
-            time.sleep(1)
+            time.sleep(0.2)
         else:
             raise AssertionError(f"LATEST never covered the whole stream {ends} in the final run")
         assert learner.terminate(timeout=120) == 0, learner.log

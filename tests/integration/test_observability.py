@@ -1,6 +1,6 @@
 """A real Prometheus scraping a real learner on the real broker runs every dashboard and alert query.
 
-Issue 7, acceptance 2. One learner (the bundled MiniLM cut to 1 layer, publishing every 4 steps to a
+Issue 7, acceptance 2. One learner (the tiny model of tests/tiny_model.py, publishing every 4 steps to a
 temporary directory) serves /metrics on a free port; a Prometheus server (Debian's binary) scrapes it
 every second as job ``stream-learner`` and loads ``alerts.yaml``, evaluated every second. After the
 first scrape, valid events and one malformed event of every kind are produced, so that counters move
@@ -171,7 +171,7 @@ def test_dashboard_and_alert_queries_on_a_real_learner(
         assert not errors, f"rules that fail to evaluate: {errors}"
         assert active.get("StreamLearnerDeadLetterRateHigh") == "pending", active
         # nothing is wrong with this learner: no critical alert fires (warning/info ones may react to
-        # what 48 events do to a 1-layer model: drift, a candidate the poisoning gate rejects)
+        # what 48 events do to a small model: drift, a candidate the poisoning gate rejects)
         critical = {r["alert"] for r in alert_rules() if r["labels"]["severity"] == "critical"}
         assert not {n for n, state in active.items() if state == "firing" and n in critical}, active
     finally:

@@ -57,9 +57,12 @@ def test_two_hundred_thousand_events_memory_bounded_consumer_pauses(kafka_bootst
             samples.append((round(time.monotonic() - t0, 1), rss >> 20))
             time.sleep(0.25)
         feeder.join()
-        steps_before = learner.metric("stream_learner_steps_total")
-        time.sleep(5)
-        steps_after = learner.metric("stream_learner_steps_total")
+        # still learning: the step counter moves on (polled, up to 30 s)
+        steps_before = steps_after = learner.metric("stream_learner_steps_total")
+        deadline = time.monotonic() + 30
+        while steps_after <= steps_before and time.monotonic() < deadline:
+            time.sleep(0.2)
+            steps_after = learner.metric("stream_learner_steps_total")
         pauses = learner.metric("stream_learner_consumer_pauses_total")
         resumes = learner.metric("stream_learner_consumer_resumes_total")
         lag = learner.metric("stream_learner_consumer_lag")

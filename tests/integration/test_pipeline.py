@@ -26,8 +26,10 @@ from tests.factories import small_settings, tiny_rows
 PARTITIONS = 2
 
 
-def learner_settings(bootstrap: str, topic: str, storage_url: str, **publish):
-    return small_settings(
+def learner_settings(bootstrap: str, topic: str, storage_url: str, make=small_settings, **publish):
+    """An in-process learner's settings on ``topic``: the tiny model (``make=pretrained_settings`` for the
+    1-layer MiniLM, where a test asserts learning)."""
+    return make(
         kafka={
             "bootstrap_servers": bootstrap,
             "topic": topic,

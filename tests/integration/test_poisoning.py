@@ -12,7 +12,7 @@ from stream_learner.service.app import Learner
 from stream_learner.service.publisher import list_versions, read_latest, read_manifest
 from stream_learner.service.topics import ensure_topics
 from stream_learner.tools.datasets import HELDOUT, bundled_path, read_jsonl
-from tests.factories import tiny_rows
+from tests.factories import pretrained_settings, tiny_rows
 from tests.integration.test_pipeline import PARTITIONS, handled, learner_settings, produce_events
 
 MAX_DROP = 0.05
@@ -25,8 +25,10 @@ def test_label_flipped_burst_is_held_back_by_the_gate(kafka_bootstrap, unique_to
     topic = unique_topic("poison")
     # every_seconds: when the clean burst ends between two multiples of every_steps (a window cut short
     # by a slow poll), the last steps are still published once the stream goes quiet
+    # the pretrained model: the gate judges what the model learned (a random tiny one learns too little)
+    url = tmp_path.joinpath("store").as_uri()
     s = learner_settings(
-        kafka_bootstrap, topic, tmp_path.joinpath("store").as_uri(), every_steps=10, every_seconds=3
+        kafka_bootstrap, topic, url, make=pretrained_settings, every_steps=10, every_seconds=3
     )
     s = s.model_copy(
         update={

@@ -24,6 +24,7 @@ from stream_learner.service.logs import KAFKA_CLIENT_LOGGERS, RepeatFilter, inst
 from stream_learner.service.storage import StoreUnreachable, check_reachable, open_store
 from stream_learner.service.topics import CONNECT_TIMEOUT_S, BrokerUnreachable, ensure_topics, require_topics
 from tests.services import SeaweedS3, free_port
+from tests.tiny_model import tiny_model_dir
 
 # measured on a 2-core machine: a refused setting ≈ 0.25 s; an unreachable broker ≈ 12.7 s (the
 # CONNECT_TIMEOUT_S of 10 s plus the interpreter and its imports); a missing topic ≈ 3 s; an S3
@@ -274,7 +275,7 @@ def error_line(run: Run) -> str:
 
 def test_a_model_architecture_other_than_latests_is_refused(run_cli, kafka_bootstrap, unique_topic, tmp_path):
     """A 1-layer model's version in storage, a learner asked for 2 layers: this died with a raw
-    state_dict dump."""
+    state_dict dump. (The tiny model, tests/tiny_model.py: the versions of tiny_publisher are its.)"""
     from stream_learner.service.storage import LocalStore
     from tests.test_publisher import tiny_publisher, tiny_snapshot
 
@@ -282,6 +283,7 @@ def test_a_model_architecture_other_than_latests_is_refused(run_cli, kafka_boots
     run = run_cli(
         STREAM_LEARNER_KAFKA__BOOTSTRAP_SERVERS=kafka_bootstrap,
         STREAM_LEARNER_KAFKA__TOPIC=unique_topic("arch"),
+        STREAM_LEARNER_MODEL__NAME_OR_PATH=tiny_model_dir(),
         STREAM_LEARNER_MODEL__NUM_HIDDEN_LAYERS="2",
     )
     assert run.returncode == 2 and run.seconds < OUTAGE_BOUND_S + SETTING_BOUND_S
@@ -293,12 +295,12 @@ def test_a_model_architecture_other_than_latests_is_refused(run_cli, kafka_boots
 
 
 def test_a_max_length_over_the_models_positions_is_refused(run_cli, kafka_bootstrap, unique_topic):
-    """model.max_length 1024 on MiniLM (512 positions): the first long event stopped the trainer, and
-    every restart stopped again."""
+    """model.max_length 1024 on a model of 512 positions (MiniLM's and the tiny model's): the first long
+    event stopped the trainer, and every restart stopped again."""
     run = run_cli(
         STREAM_LEARNER_KAFKA__BOOTSTRAP_SERVERS=kafka_bootstrap,
         STREAM_LEARNER_KAFKA__TOPIC=unique_topic("positions"),
-        STREAM_LEARNER_MODEL__NUM_HIDDEN_LAYERS="1",
+        STREAM_LEARNER_MODEL__NAME_OR_PATH=tiny_model_dir(),
         STREAM_LEARNER_MODEL__MAX_LENGTH="1024",
     )
     assert run.returncode == 2 and run.seconds < OUTAGE_BOUND_S + SETTING_BOUND_S
