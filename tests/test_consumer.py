@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from stream_learner.core.config import Settings, load_settings
 from stream_learner.core.events import (
+    DEAD_LETTER_CUT_VALUE_BYTES,
     DEAD_LETTER_MAX_VALUE_BYTES,
     HEADER_OFFSET,
     HEADER_PARTITION,
@@ -433,7 +434,7 @@ def test_a_record_too_large_for_the_dead_letter_topic_is_cut_and_sent_again():
     run.check_every_record_once_in_order()
     [record] = run.dead_letters().values()
     assert record["headers"][HEADER_TRUNCATED] == str(len(big)).encode()
-    assert len(record["value"]) == consumer_module.DEAD_LETTER_CUT_VALUE_BYTES
+    assert len(record["value"]) == DEAD_LETTER_CUT_VALUE_BYTES
 
 
 def test_a_record_level_kafka_error_is_logged_not_fatal(caplog):
