@@ -4,7 +4,7 @@ Both are lazy: a test that asks for neither starts neither.
 
 * ``kafka_bootstrap``: ``$STREAM_LEARNER_TEST_BOOTSTRAP`` if set; else a Kafka container when a Docker
   engine answers; else a local Tansu broker (:class:`stream_learner.tools.local_broker.LocalBroker`).
-* ``s3_server``: a SeaweedFS server (:class:`tests.services.SeaweedS3`); ``s3_bucket``: a fresh bucket
+* ``s3_server``: a SeaweedFS server (:class:`tests.support.services.SeaweedS3`); ``s3_bucket``: a fresh bucket
   on it for one test.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from stream_learner.tools.local_broker import LocalBroker
-from tests import tiny_model
-from tests.services import SeaweedS3
+from tests.support import tiny_model
+from tests.support.services import SeaweedS3
 
 BOOTSTRAP_ENV = "STREAM_LEARNER_TEST_BOOTSTRAP"
 
@@ -37,7 +37,7 @@ _tiny_model_owned: list[Path] = []
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Where the session's tiny model (:mod:`tests.tiny_model`) goes: chosen once, by the controller,
+    """Where the session's tiny model (:mod:`tests.support.tiny_model`) goes: chosen once, by the controller,
     before xdist starts its workers (they inherit ``$SL_TESTS_TINY_MODEL``); built on first use."""
     if not os.environ.get(tiny_model.ENV):
         _tiny_model_owned.append(tiny_model.choose_dir().parent)
@@ -108,13 +108,14 @@ def unique_topic() -> Callable[[str], str]:
 
 @pytest.fixture
 def prometheus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., object]]:
-    """Factory of real Prometheus servers (:class:`tests.prometheus.PrometheusServer`), stopped at the end.
+    """Factory of real Prometheus servers (:class:`tests.support.prometheus.PrometheusServer`), stopped at
+    the end.
 
     ``prometheus_server(["127.0.0.1:9108"], rule_files=[...])`` starts one scraping those targets every
     second as job ``stream-learner`` and returns it once ready.
     """
     # imported here: this fixture was appended, the module's imports stay as they were
-    from tests.prometheus import PrometheusServer
+    from tests.support.prometheus import PrometheusServer
 
     servers: list[PrometheusServer] = []
 

@@ -1,11 +1,11 @@
-"""The demo's code path, small: its own local broker, the tiny model (tests/tiny_model.py), versions in a
-temp dir."""
+"""The demo's code path, small: its own local broker, the tiny model (tests/support/tiny_model.py),
+versions in a temp dir."""
 
 from rich.console import Console
 
 from stream_learner.tools.datasets import malformed_events
 from stream_learner.tools.demo import run_demo
-from tests.factories import small_settings
+from tests.support.factories import small_settings
 
 
 def test_demo_runs_to_its_summary_with_loadable_versions(tmp_path):

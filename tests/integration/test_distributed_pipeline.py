@@ -16,13 +16,13 @@ from stream_learner.service.producer import produce_lines
 from stream_learner.service.publisher import list_versions, read_latest, read_manifest
 from stream_learner.service.storage import ObjectStore, open_store
 from stream_learner.service.topics import ensure_topics
-from tests.integration.learner_process import (
+from tests.integration.test_lineage import events
+from tests.support.learner_process import (
     SMALL_TRAINING,
     LearnerProcess,
     assert_exact_lineage,
     small_model,
 )
-from tests.integration.test_lineage import events
 
 PARTITIONS = 4
 BUSY = (0, 1, 2)  # partition 3 gets nothing: rank 1 owns it and partition 1

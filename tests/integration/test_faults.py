@@ -12,9 +12,9 @@ from stream_learner.service.app import Learner
 from stream_learner.service.publisher import load_version, read_latest, read_manifest
 from stream_learner.service.topics import ensure_topics
 from stream_learner.tools.local_broker import LocalBroker, tansu_s3_env
-from tests.integration.learner_process import assert_exact_lineage, committed_offsets
 from tests.integration.test_lineage import NO_OFFSET, PARTITIONS, events, produce
 from tests.integration.test_pipeline import handled, learner_settings
+from tests.support.learner_process import assert_exact_lineage, committed_offsets
 
 
 def s3_publish(s3_server, bucket: str, prefix: str) -> dict:

@@ -17,9 +17,9 @@ from stream_learner.core.events import (
 from stream_learner.service.app import Learner
 from stream_learner.service.publisher import list_versions
 from stream_learner.service.topics import ensure_topics
-from tests.hostile import hostile_events
 from tests.integration.test_lineage import PARTITIONS, events
 from tests.integration.test_pipeline import handled, learner_settings, read_topic
+from tests.support.hostile import hostile_events
 
 
 def produce_hostile(bootstrap: str, topic: str, items) -> None:

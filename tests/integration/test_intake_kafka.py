@@ -16,9 +16,9 @@ from stream_learner.service.consumer import EventConsumer
 from stream_learner.service.metrics import Metrics
 from stream_learner.service.publisher import list_versions
 from stream_learner.service.topics import ensure_topics
-from tests.factories import tiny_rows, tokenizer
 from tests.integration.test_hostile import dead_lettered, produce_hostile, start_in_dead_letter_outage
 from tests.integration.test_pipeline import PARTITIONS, handled, learner_settings, read_topic
+from tests.support.factories import tiny_rows, tokenizer
 
 # the record that stopped the learner on every restart: ≈ 2 KB, 1,000 levels, a field name as a string
 POISON_NESTED = (

@@ -22,8 +22,8 @@ from stream_learner.service.publisher import (
 from stream_learner.service.storage import open_store
 from stream_learner.service.topics import ensure_topics
 from stream_learner.tools.datasets import malformed_events
-from tests.factories import tiny_rows
-from tests.integration.learner_process import (
+from tests.support.factories import tiny_rows
+from tests.support.learner_process import (
     SMALL_TRAINING,
     LearnerProcess,
     assert_exact_lineage,

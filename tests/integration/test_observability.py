@@ -1,7 +1,7 @@
 """A real Prometheus scraping a real learner on the real broker runs every dashboard and alert query.
 
-Issue 7, acceptance 2. One learner (the tiny model of tests/tiny_model.py, publishing every 4 steps to a
-temporary directory) serves /metrics on a free port; a Prometheus server (Debian's binary) scrapes it
+Issue 7, acceptance 2. One learner (the tiny model of tests/support/tiny_model.py, publishing every 4 steps
+to a temporary directory) serves /metrics on a free port; a Prometheus server (Debian's binary) scrapes it
 every second as job ``stream-learner`` and loads ``alerts.yaml``, evaluated every second. After the
 first scrape, valid events and one malformed event of every kind are produced, so that counters move
 while Prometheus watches and every dead-letter reason has a series. Once Prometheus has scraped the
@@ -33,8 +33,8 @@ from stream_learner.core.events import Reason, encode_event
 from stream_learner.service.app import Learner
 from stream_learner.service.producer import produce_lines
 from stream_learner.tools.datasets import malformed_events
-from tests.factories import small_settings, tiny_rows
-from tests.prometheus import (
+from tests.support.factories import small_settings, tiny_rows
+from tests.support.prometheus import (
     ALERTS_FILE,
     PrometheusError,
     PrometheusServer,

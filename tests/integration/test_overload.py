@@ -14,9 +14,9 @@ from stream_learner.core.events import encode_event
 from stream_learner.core.model import load_model
 from stream_learner.service.limits import memory_budget
 from stream_learner.service.topics import ensure_topics
-from tests.factories import tiny_rows
-from tests.integration.learner_process import LearnerProcess
 from tests.integration.test_lineage import PARTITIONS, config
+from tests.support.factories import tiny_rows
+from tests.support.learner_process import LearnerProcess
 
 EVENTS = 200_000
 

@@ -21,7 +21,7 @@ from stream_learner.service.producer import produce_lines
 from stream_learner.service.publisher import list_versions, read_latest
 from stream_learner.service.topics import ensure_topics
 from stream_learner.tools.datasets import malformed_events
-from tests.factories import small_settings, tiny_rows
+from tests.support.factories import small_settings, tiny_rows
 
 PARTITIONS = 2
 

@@ -11,7 +11,7 @@ from stream_learner.core.events import encode_event
 from stream_learner.service.app import Learner
 from stream_learner.service.producer import produce_lines
 from stream_learner.service.topics import ensure_topics
-from tests.factories import small_settings, tiny_rows
+from tests.support.factories import small_settings, tiny_rows
 
 
 def test_versions_and_latest_in_s3_with_matching_sha256(kafka_bootstrap, unique_topic, s3_server, s3_bucket):

@@ -7,8 +7,8 @@ import time
 from stream_learner.core.config import ConfigError, load_settings
 from stream_learner.service.storage import open_store
 from stream_learner.service.topics import ensure_topics
-from tests.integration.learner_process import LearnerProcess
 from tests.integration.test_lineage import PARTITIONS, config, events, produce
+from tests.support.learner_process import LearnerProcess
 
 SASL_PASSWORD = "sasl-SECRET-7f3a9c1e-do-not-leak"
 

@@ -13,7 +13,7 @@ from confluent_kafka.admin import AdminClient
 
 from stream_learner.service.topics import ensure_topics, partition_count
 from stream_learner.tools.local_broker import LocalBroker, tansu_binary, tansu_s3_env
-from tests.services import SeaweedS3, free_port
+from tests.support.services import SeaweedS3, free_port
 
 SESSION_TIMEOUT_MS = "6000"  # Tansu's first group join takes about half of it
 

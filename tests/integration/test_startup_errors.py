@@ -23,8 +23,8 @@ from stream_learner.core.config import ENV_PREFIX, ConfigError
 from stream_learner.service.logs import KAFKA_CLIENT_LOGGERS, RepeatFilter, install
 from stream_learner.service.storage import StoreUnreachable, check_reachable, open_store
 from stream_learner.service.topics import CONNECT_TIMEOUT_S, BrokerUnreachable, ensure_topics, require_topics
-from tests.services import SeaweedS3, free_port
-from tests.tiny_model import tiny_model_dir
+from tests.support.services import SeaweedS3, free_port
+from tests.support.tiny_model import tiny_model_dir
 
 # measured on a 2-core machine: a refused setting ≈ 0.25 s; an unreachable broker ≈ 12.7 s (the
 # CONNECT_TIMEOUT_S of 10 s plus the interpreter and its imports); a missing topic ≈ 3 s; an S3
@@ -275,9 +275,9 @@ def error_line(run: Run) -> str:
 
 def test_a_model_architecture_other_than_latests_is_refused(run_cli, kafka_bootstrap, unique_topic, tmp_path):
     """A 1-layer model's version in storage, a learner asked for 2 layers: this died with a raw
-    state_dict dump. (The tiny model, tests/tiny_model.py: the versions of tiny_publisher are its.)"""
+    state_dict dump. (The tiny model, tests/support/tiny_model.py: the versions of tiny_publisher are its.)"""
     from stream_learner.service.storage import LocalStore
-    from tests.test_publisher import tiny_publisher, tiny_snapshot
+    from tests.unit.service.test_publisher import tiny_publisher, tiny_snapshot
 
     tiny_publisher(LocalStore(tmp_path / "models")).publish_version(tiny_snapshot())
     run = run_cli(

@@ -1,0 +1,922 @@
+"""The Helm chart, checked with real tools and no cluster.
+
+* Helm itself (the Helm 4 Go library bundled by the PyPI package ``helm-python-sdk``): ``lint`` and
+  ``Chart.render`` (= ``helm template``, which enforces ``values.schema.json``).
+* ``kubernetes-validate`` in strict mode (unknown fields rejected) against Kubernetes 1.29 and the
+  newest version it ships schemas for. The prometheus-operator objects (ServiceMonitor,
+  PrometheusRule) are custom resources it has no schema for: their structure is checked here against
+  the fields of the monitoring.coreos.com/v1 CRDs the chart uses, their rules by ``promtool``.
+* ``stream_learner.core.config``: the rendered ConfigMap must load into ``Settings``, and every field of
+  ``Settings`` must be in values.yaml, so chart and code cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate.utils as kv
+import pydantic
+import pytest
+import yaml
+from annotated_types import Ge, Gt, Le, Lt
+
+from stream_learner.core.config import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "stream-learner"
+RELEASE, NAMESPACE = "sentiment", "ml"
+FULLNAME = f"{RELEASE}-stream-learner"
+CONFIG_PATH = "/etc/stream-learner/config.yaml"
+# 1.29 is the oldest version the chart supports (Chart.yaml kubeVersion); the newest is whatever
+# kubernetes-validate knows, so a release of it with new schemas tightens this test by itself.
+KUBE_VERSIONS = ["1.29", kv.major_minor(kv.latest_version())]
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+# Everything optional switched on: GPU, monitoring objects, every Secret reference, mutual TLS.
+FULL_VALUES: dict[str, Any] = {
+    "image": {"repository": "registry.example.com/ml/stream-learner", "tag": "0.1.0-cuda"},
+    "imagePullSecrets": [{"name": "registry-credentials"}],
+    "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/learner"}},
+    "podAnnotations": {"team": "ml"},
+    "podLabels": {"cost-center": "ml"},
+    "priorityClassName": "ml-training",
+    "gpu": {"count": 1},
+    "resources": {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "24Gi"}},
+    "nodeSelector": {"nvidia.com/gpu.present": "true"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {
+                        "matchExpressions": [
+                            {"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}
+                        ]
+                    }
+                ]
+            }
+        }
+    },
+    "hfHubOffline": False,
+    "persistence": {"enabled": True, "storageClass": "fast-ssd", "size": "50Gi"},
+    "s3Credentials": {"existingSecret": "learner-s3"},
+    "kafkaSasl": {"existingSecret": "learner-kafka-sasl"},
+    "kafkaTls": {
+        "existingSecret": "learner-kafka-tls",
+        "certKey": "tls.crt",
+        "keyKey": "tls.key",
+        "keyPasswordKey": "key-password",
+    },
+    "extraEnv": [{"name": "LOG_FORMAT", "value": "json"}],
+    "extraVolumes": [{"name": "extra", "emptyDir": {}}],
+    "extraVolumeMounts": [{"name": "extra", "mountPath": "/extra"}],
+    "serviceMonitor": {
+        "enabled": True,
+        "namespace": "monitoring",
+        "labels": {"release": "kube-prometheus-stack"},
+    },
+    "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+    "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "ML"}},
+    "config": {
+        "kafka": {
+            "bootstrap_servers": "kafka-0.kafka:9093,kafka-1.kafka:9093",
+            "topic": "reviews.labeled",
+            "dlq_topic": "reviews.labeled.dead",
+            "topic_partitions": 6,
+            "client_config": {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512"},
+        },
+        "model": {"labels": ["neg", "neu", "pos"], "num_hidden_layers": 4},
+        "training": {"device": "cuda", "learning_rate": 2.0e-5},
+        # a large integer: Helm must not turn it into 2e+06, which Settings would refuse
+        "replay": {"capacity": 2_000_000, "class_balanced": True},
+        "publish": {
+            "storage_url": "s3://models/sentiment",
+            "s3_endpoint_url": "http://minio.minio:9000",
+            "s3_region": "eu-west-1",
+            "stop_timeout_s": 600.5,
+        },
+    },
+}
+# The data-parallel mode: a StatefulSet of ranks and their headless Service, on an object store.
+DISTRIBUTED_VALUES: dict[str, Any] = {
+    "mode": "distributed",
+    "distributed": {"ranks": 4, "port": 29400},
+    "s3Credentials": {"existingSecret": "learner-s3"},
+    "config": {
+        "kafka": {"topic_partitions": 8},
+        "publish": {"storage_url": "s3://models/sentiment", "s3_endpoint_url": "http://minio.minio:9000"},
+        "distributed": {"timeout_s": 120.0},
+    },
+}
+VALUE_SETS = {"default": {}, "full": FULL_VALUES, "distributed": DISTRIBUTED_VALUES}
+
+
+# ----------------------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm.Chart]:
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def render(chart: helm.Chart, values: dict[str, Any]) -> dict[str, str]:
+    """``helm template RELEASE CHART -n NAMESPACE`` with these values: template path → rendered text."""
+    return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def manifests(rendered: dict[str, str]) -> list[dict[str, Any]]:
+    docs = []
+    for path, text in rendered.items():
+        if path.endswith(".txt"):  # NOTES.txt is shown to the user, not applied
+            continue
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def only(docs: list[dict[str, Any]], kind: str, name: str = FULLNAME) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{len(found)} {kind}/{name} rendered"
+    return found[0]
+
+
+def workload(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The learner's Deployment, or its StatefulSet in the distributed mode."""
+    [found] = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    return found
+
+
+def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (learner,) = workload(docs)["spec"]["template"]["spec"]["containers"]
+    return learner
+
+
+def rendered_settings_file(docs: list[dict[str, Any]]) -> str:
+    return only(docs, "ConfigMap")["data"]["config.yaml"]
+
+
+def chart_values() -> dict[str, Any]:
+    # PyYAML, not Helm: Helm drops null values, and a null setting must still be listed here
+    return yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = (
+            merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
+
+
+def settings_fields(model: type[pydantic.BaseModel] = Settings, prefix: str = "") -> dict[str, Any]:
+    """Every leaf setting, dotted (``kafka.topic``) → its pydantic FieldInfo; nested models are walked."""
+    leaves: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+            leaves |= settings_fields(annotation, f"{prefix}{name}.")
+        else:
+            leaves[f"{prefix}{name}"] = field
+    return leaves
+
+
+def leaf_paths(tree: dict[str, Any], stop_at: set[str], prefix: str = "") -> set[str]:
+    """Dotted paths of a values tree; a path in ``stop_at`` (a dict-valued setting) is a leaf."""
+    paths = set()
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and path not in stop_at:
+            paths |= leaf_paths(value, stop_at, f"{path}.")
+        else:
+            paths.add(path)
+    return paths
+
+
+def nested(path: str, value: Any) -> dict[str, Any]:
+    """``nested("a.b", 1)`` → ``{"a": {"b": 1}}``."""
+    head, _, rest = path.partition(".")
+    return {head: nested(rest, value) if rest else value}
+
+
+def lookup(tree: dict[str, Any], path: str) -> Any:
+    for key in path.split("."):
+        tree = tree[key]
+    return tree
+
+
+def dict_settings() -> set[str]:
+    """Settings whose value is a mapping (kafka.client_config): leaves, though dicts in YAML."""
+    return {p for p, f in settings_fields().items() if typing.get_origin(f.annotation) is dict}
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No STREAM_LEARNER_* variables of the developer's shell may leak into a Settings under test."""
+    for name in list(os.environ):
+        if name.upper().startswith("STREAM_LEARNER_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+# --------------------------------------------------------------------------------- lint and render
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_helm_lint_is_clean(value_set: str, kube_version: str) -> None:
+    report = helm.lint(
+        CHART, VALUE_SETS[value_set], strict=True, namespace=NAMESPACE, kube_version=f"v{kube_version}.0"
+    )
+    assert report["errors"] == []
+    # severity 2 = warning, 3 = error; 1 (info) is only "icon is recommended"
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_oldest_validated_kubernetes_is_the_charts_declared_minimum(chart: helm.Chart) -> None:
+    assert chart.metadata["kubeVersion"] == f">={KUBE_VERSIONS[0]}.0-0"
+
+
+def test_default_render_has_the_core_objects_only(chart: helm.Chart) -> None:
+    kinds = sorted(d["kind"] for d in manifests(render(chart, {})))
+    assert kinds == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "ServiceAccount"]
+
+
+def test_full_render_has_every_optional_object(chart: helm.Chart) -> None:
+    docs = manifests(render(chart, FULL_VALUES))
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == sorted(
+        [
+            ("ConfigMap", FULLNAME),
+            ("ConfigMap", f"{FULLNAME}-dashboard"),
+            ("Deployment", FULLNAME),
+            ("PersistentVolumeClaim", FULLNAME),
+            ("PodDisruptionBudget", FULLNAME),
+            ("PrometheusRule", FULLNAME),
+            ("Service", FULLNAME),
+            ("ServiceAccount", FULLNAME),
+            ("ServiceMonitor", FULLNAME),
+        ]
+    )
+
+
+def test_packaged_chart_renders_the_same(chart: helm.Chart, tmp_path: Path) -> None:
+    # what a chart repository serves is the .tgz: files/ and the schema must be inside it
+    archive = helm.package(CHART, destination=tmp_path)
+    with helm.Chart.load(archive) as packaged:
+        assert packaged.schema == json.loads((CHART / "values.schema.json").read_text())
+        assert render(packaged, FULL_VALUES) == render(chart, FULL_VALUES)
+        with pytest.raises(helm.HelmValuesError):
+            render(packaged, {"replicas": 2})
+
+
+# ------------------------------------------------------------------------------ kubernetes-validate
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_every_manifest_passes_kubernetes_validate_strict(
+    chart: helm.Chart, value_set: str, kube_version: str
+) -> None:
+    docs = manifests(render(chart, VALUE_SETS[value_set]))
+    validated = 0
+    for doc in docs:
+        what = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] in CRD_KINDS:
+            # no schema for custom resources: proven here, checked structurally below instead
+            with pytest.raises(kv.SchemaNotFoundError):
+                kv.validate(doc, kube_version, strict=True)
+            continue
+        try:
+            schema_version = kv.validate(doc, kube_version, strict=True)
+        except kv.ValidationError as err:
+            path = ".".join(str(p) for p in err.path)
+            pytest.fail(f"{what} is invalid for Kubernetes {kube_version} at {path}: {err.message}")
+        assert schema_version == kube_version  # validated against that version's own schemas
+        validated += 1
+    assert validated == len([d for d in docs if d["kind"] not in CRD_KINDS]) >= 5
+
+
+def test_kubernetes_validate_catches_an_unknown_field(chart: helm.Chart) -> None:
+    # the validator itself is strict, so a passing manifest means something
+    deployment = only(manifests(render(chart, {})), "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFS"] = True
+    with pytest.raises(kv.ValidationError):
+        kv.validate(deployment, KUBE_VERSIONS[0], strict=True)
+
+
+# ---------------------------------------------------------------- prometheus-operator custom resources
+# The parts of the monitoring.coreos.com/v1 CRDs (prometheus-operator) the chart renders, with their
+# field names and Duration pattern; unknown fields are refused as the API server's structural schema would.
+_DURATION = {
+    "type": "string",
+    "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+}
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_CR_ENVELOPE = {
+    "apiVersion": {"const": "monitoring.coreos.com/v1"},
+    "metadata": {"type": "object"},  # checked as ObjectMeta by kubernetes-validate below
+}
+SERVICE_MONITOR_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        **_CR_ENVELOPE,
+        "kind": {"const": "ServiceMonitor"},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "jobLabel": {"type": "string"},
+                "namespaceSelector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "any": {"type": "boolean"},
+                        "matchNames": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"matchLabels": _STRING_MAP, "matchExpressions": {"type": "array"}},
+                },
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "scheme": {"enum": ["http", "https"]},
+                            "interval": _DURATION,
+                            "scrapeTimeout": _DURATION,
+                            "honorLabels": {"type": "boolean"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        **_CR_ENVELOPE,
+        "kind": {"const": "PrometheusRule"},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["groups"],
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": _DURATION,
+                            "limit": {"type": "integer"},
+                            "partial_response_strategy": {"type": "string"},
+                            "query_offset": _DURATION,
+                            "labels": _STRING_MAP,
+                            "rules": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["expr"],
+                                    # an alerting rule or a recording rule, never both
+                                    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                    "properties": {
+                                        "alert": {"type": "string", "minLength": 1},
+                                        "record": {"type": "string", "minLength": 1},
+                                        "expr": {"type": ["string", "integer"], "minLength": 1},
+                                        "for": _DURATION,
+                                        "keep_firing_for": _DURATION,
+                                        "labels": _STRING_MAP,
+                                        "annotations": _STRING_MAP,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def _check_custom_resource(doc: dict[str, Any], schema: dict[str, Any]) -> None:
+    jsonschema.Draft202012Validator(schema).validate(doc)
+    # its metadata is a plain ObjectMeta: let kubernetes-validate check it inside an object it knows
+    for version in KUBE_VERSIONS:
+        kv.validate(
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc["metadata"]}, version, strict=True
+        )
+
+
+def test_service_monitor_scrapes_the_metrics_service(chart: helm.Chart) -> None:
+    docs = manifests(render(chart, FULL_VALUES))
+    monitor, service = only(docs, "ServiceMonitor"), only(docs, "Service")
+    _check_custom_resource(monitor, SERVICE_MONITOR_SCHEMA)
+    spec = monitor["spec"]
+    assert monitor["metadata"]["namespace"] == "monitoring"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"  # what Prometheus selects by
+    # it finds the Service: in its namespace, by its labels, on a port the Service has
+    assert spec["namespaceSelector"]["matchNames"] == [NAMESPACE]
+    assert service["metadata"]["namespace"] == NAMESPACE
+    assert spec["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = spec["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+    # job="stream-learner" whatever the release is called: the label it names is on the Service…
+    job = service["metadata"]["labels"][spec["jobLabel"]]
+    assert job == "stream-learner"
+    # …and every job matcher of files/alerts.yaml selects it (Prometheus regexes are anchored)
+    alerts = (CHART / "files" / "alerts.yaml").read_text()
+    for op, matcher in re.findall(r'\bjob\s*(=~|=)\s*"([^"]*)"', alerts):
+        assert re.fullmatch(matcher, job) if op == "=~" else matcher == job, f"job{op}{matcher!r}"
+
+
+def test_prometheus_rule_carries_files_alerts_yaml_unchanged(chart: helm.Chart) -> None:
+    rule = only(manifests(render(chart, FULL_VALUES)), "PrometheusRule")
+    _check_custom_resource(rule, PROMETHEUS_RULE_SCHEMA)
+    source = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
+    # .Files.Get | fromYaml | toYaml must not re-template ({{ $labels.x }}) nor retype anything
+    assert rule["spec"]["groups"] == source["groups"]
+    names = [g["name"] for g in rule["spec"]["groups"]]
+    assert len(names) == len(set(names))
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert alerts and all(str(r["expr"]).strip() for r in alerts)
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed"
+)
+def test_prometheus_rule_groups_pass_promtool(chart: helm.Chart, tmp_path: Path) -> None:
+    rule = only(manifests(render(chart, FULL_VALUES)), "PrometheusRule")
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}, sort_keys=False))
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(rules_file)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_grafana_dashboard_config_map_is_files_dashboard_json(chart: helm.Chart) -> None:
+    dashboard = only(manifests(render(chart, FULL_VALUES)), "ConfigMap", f"{FULLNAME}-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"  # the sidecar's default label
+    assert dashboard["metadata"]["annotations"] == {"grafana_folder": "ML"}
+    (data,) = dashboard["data"].values()
+    assert json.loads(data) == json.loads((CHART / "files" / "dashboard.json").read_text())
+
+
+# --------------------------------------------------------------------------------- values.schema.json
+@pytest.mark.parametrize(
+    ("bad", "where"),
+    [
+        ({"replicas": 2}, "/replicas"),
+        ({"mode": "parallel"}, "/mode"),
+        ({"mode": "distributed", "distributed": {"ranks": 1}}, "/distributed/ranks"),  # a group has ≥ 2
+        ({"resources": {"limits": {"cpu": "-1"}}}, "/resources/limits/cpu"),
+        ({"resources": {"requests": {"memory": -5}}}, "/resources/requests/memory"),
+        ({"gpu": {"count": -1}}, "/gpu/count"),
+        ({"gpu": {"count": "one"}}, "/gpu/count"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+        ({"serviceMonitor": {"interval": "30 seconds"}}, "/serviceMonitor/interval"),
+        ({"podDisruptionBudget": {"maxUnavailable": 2}}, "/podDisruptionBudget/maxUnavailable"),
+        ({"replicaCount": 1}, "replicaCount"),  # unknown top-level value: a typo must not pass silently
+        ({"config": {"kafka": {"topik": "x"}}}, "topik"),  # unknown setting
+        ({"config": {"publish": {"stop_timeout_s": "2m"}}}, "/config/publish/stop_timeout_s"),
+        ({"config": {"publish": {"storage_url": "gs://bucket/x"}}}, "/config/publish/storage_url"),
+        ({"config": {"http": {"enabled": False}}}, "/config/http/enabled"),  # probes need it
+        ({"config": {"http": {"port": 0}}}, "/config/http/port"),  # the Service needs a fixed port
+        # null would drop the setting from the ConfigMap (and the grace period is computed from it)
+        ({"config": {"publish": {"stop_timeout_s": None}}}, "stop_timeout_s"),
+        # credentials only from Secrets, never in the ConfigMap
+        (
+            {"config": {"publish": {"s3_secret_access_key": "hunter2"}}},
+            "/config/publish/s3_secret_access_key",
+        ),
+        ({"config": {"kafka": {"client_config": {"sasl.password": "hunter2"}}}}, "sasl.password"),
+    ],
+)
+def test_schema_rejects_a_bad_value_at_render(chart: helm.Chart, bad: dict[str, Any], where: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as err:
+        render(chart, bad)
+    assert where in str(err.value)
+
+
+def test_distributed_mode_renders_one_rank_per_pod_with_a_rendezvous(chart: helm.Chart) -> None:
+    docs = manifests(render(chart, DISTRIBUTED_VALUES))
+    assert not [d for d in docs if d["kind"] == "Deployment"]
+    sts = only(docs, "StatefulSet")["spec"]
+    assert sts["replicas"] == 4 and sts["podManagementPolicy"] == "Parallel"
+    headless = only(docs, "Service", f"{FULLNAME}-ranks")["spec"]
+    assert sts["serviceName"] == f"{FULLNAME}-ranks" and headless["clusterIP"] == "None"
+    assert headless["publishNotReadyAddresses"] and headless["ports"][0]["port"] == 29400
+    env = {e["name"]: e for e in container(docs)["env"]}
+    assert env["WORLD_SIZE"]["value"] == "4" and env["MASTER_PORT"]["value"] == "29400"
+    assert (
+        env["RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+    )
+    assert env["MASTER_ADDR"]["value"] == f"{FULLNAME}-0.{FULLNAME}-ranks.{NAMESPACE}.svc"
+    assert {"name": "rendezvous", "containerPort": 29400, "protocol": "TCP"} in container(docs)["ports"]
+    # the single mode has none of it
+    single = manifests(render(chart, {}))
+    assert "WORLD_SIZE" not in {e["name"] for e in container(single)["env"]}
+    assert not [d for d in single if d["metadata"]["name"].endswith("-ranks")]
+
+
+def test_distributed_mode_on_a_file_store_fails_with_the_fix() -> None:
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError) as err:
+        render(chart, {"mode": "distributed"})
+    assert "must be an object store all pods reach (s3://bucket/prefix)" in str(err.value)
+
+
+def _violations(field: Any) -> list[Any]:
+    """Values Settings refuses for this field: past each numeric bound, outside a Literal, wrong type."""
+    bad: list[Any] = []
+    for bound in field.metadata:
+        if isinstance(bound, Ge):
+            bad.append(bound.ge - (1 if isinstance(bound.ge, int) else 1e-9))
+        elif isinstance(bound, Gt):
+            bad.append(bound.gt)
+        elif isinstance(bound, Le):
+            bad.append(bound.le + 1)
+        elif isinstance(bound, Lt):
+            bad.append(bound.lt)
+    annotation = field.annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if typing.get_origin(annotation) is typing.Literal:
+        bad.append("none-of-these")
+    base = args[0]
+    if base in (int, float):
+        bad.append("not-a-number")
+    elif base is bool:
+        bad.append("maybe")
+    elif base is str:
+        bad.append(12)
+    elif typing.get_origin(base) in (list, dict):
+        bad.append("not-a-collection")
+    return bad
+
+
+_BOUNDED = [(path, value) for path, field in settings_fields().items() for value in _violations(field)]
+
+
+@pytest.mark.parametrize(("path", "value"), _BOUNDED, ids=[f"{p}={v!r}" for p, v in _BOUNDED])
+def test_schema_is_as_strict_as_settings(
+    chart: helm.Chart, clean_env: pytest.MonkeyPatch, path: str, value: Any
+) -> None:
+    with pytest.raises(pydantic.ValidationError):  # the learner would refuse it at start-up…
+        Settings(**nested(path, value))
+    with pytest.raises(helm.HelmValuesError):  # …so helm must refuse it at install time
+        chart.validate_schema(chart.merge_values({"config": nested(path, value)}))
+
+
+def test_default_and_full_values_pass_the_schema(chart: helm.Chart) -> None:
+    for values in VALUE_SETS.values():
+        chart.validate_schema(chart.merge_values(values))
+
+
+# -------------------------------------------------------------------------------- chart ↔ Settings
+def test_every_setting_is_in_values_yaml_and_nothing_else() -> None:
+    fields = settings_fields()
+    in_values = leaf_paths(chart_values()["config"], stop_at=dict_settings())
+    assert sorted(set(fields) - in_values) == [], "settings missing from values.yaml config:"
+    assert sorted(in_values - set(fields)) == [], "values.yaml config has keys Settings does not know:"
+
+
+def test_every_setting_is_in_the_schema() -> None:
+    def walk(node: dict[str, Any], prefix: str) -> set[str]:
+        if prefix.rstrip(".") in dict_settings() or "properties" not in node:
+            return {prefix.rstrip(".")}
+        # every object level refuses unknown keys, so a misspelt setting fails at install
+        assert node["additionalProperties"] is False, prefix or "config"
+        return set().union(*(walk(child, f"{prefix}{key}.") for key, child in node["properties"].items()))
+
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["config"]
+    assert walk(schema, "") == set(settings_fields())
+
+
+# Where the chart's default differs from the code's, and why.
+CHART_DEFAULTS = {
+    # the code's ./stream-learner-models is relative to a read-only working directory in the pod
+    "publish.storage_url": "file:///var/lib/stream-learner/models",
+}
+
+
+def test_values_yaml_defaults_are_the_settings_defaults(clean_env: pytest.MonkeyPatch) -> None:
+    code = Settings().model_dump()
+    chart = chart_values()["config"]
+    for path in settings_fields():
+        expected = CHART_DEFAULTS.get(path, lookup(code, path))
+        got = lookup(chart, path)
+        if isinstance(expected, pydantic.SecretStr) or expected is None:
+            assert got is None, path
+        else:
+            assert got == expected, f"{path}: values.yaml {got!r}, Settings {expected!r}"
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_rendered_config_map_loads_into_settings(
+    chart: helm.Chart, clean_env: pytest.MonkeyPatch, tmp_path: Path, value_set: str
+) -> None:
+    values = VALUE_SETS[value_set]
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(rendered_settings_file(manifests(render(chart, values))))
+    loaded = load_settings(config_file)  # ConfigError (a test failure) if the chart wrote a bad setting
+
+    # …and it holds exactly the values asked for, nothing mangled (types, big integers, floats)
+    expected = merge(chart_values()["config"], values.get("config", {}))
+    if values.get("kafkaTls", {}).get("existingSecret"):
+        mount = "/etc/stream-learner/kafka-tls"
+        expected["kafka"]["client_config"] |= {
+            "ssl.ca.location": f"{mount}/ca.crt",
+            "ssl.certificate.location": f"{mount}/tls.crt",
+            "ssl.key.location": f"{mount}/tls.key",
+        }
+    assert loaded.model_dump() == Settings(**expected).model_dump()
+
+
+def test_kafka_tls_locations_written_by_the_user_win(chart: helm.Chart) -> None:
+    values = merge(
+        FULL_VALUES, {"config": {"kafka": {"client_config": {"ssl.ca.location": "/etc/ssl/certs/ca.pem"}}}}
+    )
+    client = yaml.safe_load(rendered_settings_file(manifests(render(chart, values))))["kafka"][
+        "client_config"
+    ]
+    assert client["ssl.ca.location"] == "/etc/ssl/certs/ca.pem"
+    assert client["ssl.key.location"] == "/etc/stream-learner/kafka-tls/tls.key"
+
+
+def test_secrets_reach_settings_through_env_and_never_the_config_map(
+    chart: helm.Chart, clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    docs = manifests(render(chart, FULL_VALUES))
+    config_text = rendered_settings_file(docs)
+    # the env vars Kubernetes would set from the Secrets, each with a value naming its source
+    from_secrets = {}
+    for env in container(docs)["env"]:
+        ref = env.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            # a name Kubernetes accepts (letters, digits, '_', '-', '.'; not starting with a digit)
+            assert re.fullmatch(r"[-._a-zA-Z][-._a-zA-Z0-9]*", env["name"]), env["name"]
+            from_secrets[env["name"]] = f"{ref['name']}/{ref['key']}"
+            clean_env.setenv(env["name"], from_secrets[env["name"]])
+    assert len(from_secrets) == 5
+    for secret_value in from_secrets.values():
+        assert secret_value not in config_text
+
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(config_text)
+    settings = load_settings(config_file)
+    publish, client = settings.publish, settings.kafka.client_config
+    assert publish.s3_access_key_id is not None and publish.s3_secret_access_key is not None
+    assert publish.s3_access_key_id.get_secret_value() == "learner-s3/access-key-id"
+    assert publish.s3_secret_access_key.get_secret_value() == "learner-s3/secret-access-key"
+    assert client["sasl.username"] == "learner-kafka-sasl/username"
+    assert client["sasl.password"] == "learner-kafka-sasl/password"
+    assert client["ssl.key.password"] == "learner-kafka-tls/key-password"
+    # merged with, not replacing, the file's librdkafka settings
+    assert client["security.protocol"] == "SASL_SSL" and client["sasl.mechanism"] == "SCRAM-SHA-512"
+    assert client["ssl.ca.location"] == "/etc/stream-learner/kafka-tls/ca.crt"
+
+
+# ------------------------------------------------------------------------------------ the Deployment
+def test_deployment_runs_one_learner_with_recreate(chart: helm.Chart) -> None:
+    docs = manifests(render(chart, {}))
+    spec = workload(docs)["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}
+    learner = container(docs)
+    assert (
+        "command" not in learner
+    )  # the image's entrypoint, stream-learner (tests/project/test_dockerfile.py)
+    assert learner["args"] == ["run", "--config", CONFIG_PATH]
+    (mount,) = [m for m in learner["volumeMounts"] if m["mountPath"] == CONFIG_PATH]
+    volume = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}[mount["name"]]
+    assert volume["configMap"]["name"] == FULLNAME and mount["subPath"] == "config.yaml"
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_probes_service_and_port_follow_http_settings(chart: helm.Chart, value_set: str) -> None:
+    values = merge(VALUE_SETS[value_set], {"config": {"http": {"port": 9200}}})
+    docs = manifests(render(chart, values))
+    learner = container(docs)
+    assert learner["ports"][0] == {"name": "http", "containerPort": 9200, "protocol": "TCP"}
+    assert [p["name"] for p in learner["ports"]] == ["http"] + (
+        ["rendezvous"] if value_set == "distributed" else []
+    )
+    assert learner["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert learner["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    service = only(docs, "Service")
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 9200, "targetPort": "http", "protocol": "TCP"}
+    ]
+    assert service["spec"]["publishNotReadyAddresses"] is True  # a degraded learner is still scraped
+    pod_labels = workload(docs)["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert only(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_security_context_and_writable_paths(chart: helm.Chart) -> None:
+    docs = manifests(render(chart, {}))
+    pod = workload(docs)["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    learner = container(docs)
+    ctx = learner["securityContext"]
+    assert ctx["readOnlyRootFilesystem"] is True
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"] == {"drop": ["ALL"]}
+    assert ctx["runAsUser"] == 10001
+    # every path the learner writes is an emptyDir: /tmp and each cache variable
+    empty = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+    writable = [m["mountPath"] for m in learner["volumeMounts"] if m["name"] in empty]
+    assert "/tmp" in writable
+    env = {e["name"]: e.get("value") for e in learner["env"]}
+    for var in ("HF_HOME", "XDG_CACHE_HOME", "TORCH_HOME", "MPLCONFIGDIR", "TMPDIR"):
+        assert any(env[var] == w or env[var].startswith(w + "/") for w in writable), var
+    assert env["HF_HUB_OFFLINE"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("stop_timeout_s", "margin", "grace"), [(120.0, 30, 150), (600.5, 30, 631), (10, 0, 10)]
+)
+def test_termination_grace_period_fits_the_final_publish(
+    chart: helm.Chart, stop_timeout_s: float, margin: int, grace: int
+) -> None:
+    values = {
+        "terminationGraceMarginSeconds": margin,
+        "config": {"publish": {"stop_timeout_s": stop_timeout_s}},
+    }
+    pod = workload(manifests(render(chart, values)))["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == grace == math.ceil(stop_timeout_s) + margin
+
+
+def test_config_checksum_restarts_the_pod_when_settings_change(chart: helm.Chart) -> None:
+    def checksum_and_config(values: dict[str, Any]) -> tuple[str, str]:
+        rendered = render(chart, values)
+        pod = workload(manifests(rendered))["spec"]["template"]
+        return pod["metadata"]["annotations"]["checksum/config"], rendered[
+            "stream-learner/templates/configmap.yaml"
+        ]
+
+    before, config_map = checksum_and_config({})
+    assert before == hashlib.sha256(config_map.encode()).hexdigest()
+    after, _ = checksum_and_config({"config": {"training": {"l2sp_lambda": 0.1}}})
+    assert after != before
+    assert checksum_and_config({"podAnnotations": {"a": "b"}})[0] == before
+
+
+def test_full_values_wire_gpu_secrets_tls_and_scheduling(chart: helm.Chart) -> None:
+    docs = manifests(render(chart, FULL_VALUES))
+    pod = workload(docs)["spec"]["template"]["spec"]
+    learner = container(docs)
+    assert learner["image"] == "registry.example.com/ml/stream-learner:0.1.0-cuda"
+    assert learner["resources"]["limits"] == {"memory": "24Gi", "nvidia.com/gpu": "1"}
+    assert pod["tolerations"] == FULL_VALUES["tolerations"]
+    assert pod["nodeSelector"] == FULL_VALUES["nodeSelector"]
+    assert pod["affinity"] == FULL_VALUES["affinity"]
+    assert pod["priorityClassName"] == "ml-training"
+    assert pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
+    assert pod["terminationGracePeriodSeconds"] == 631
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in learner["volumeMounts"]}
+    assert volumes["kafka-tls"]["secret"] == {"secretName": "learner-kafka-tls", "defaultMode": 0o440}
+    assert mounts["kafka-tls"] == {
+        "name": "kafka-tls",
+        "mountPath": "/etc/stream-learner/kafka-tls",
+        "readOnly": True,
+    }
+    assert volumes["data"]["persistentVolumeClaim"] == {"claimName": FULLNAME}
+    assert mounts["extra"]["mountPath"] == "/extra"
+    env = {e["name"]: e for e in learner["env"]}
+    assert env["LOG_FORMAT"]["value"] == "json" and env["HF_HUB_OFFLINE"]["value"] == "0"
+    claim = only(docs, "PersistentVolumeClaim")
+    assert claim["spec"]["storageClassName"] == "fast-ssd"
+    assert (
+        claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    )  # versions outlive the release
+    account = only(docs, "ServiceAccount")
+    assert account["metadata"]["annotations"] == FULL_VALUES["serviceAccount"]["annotations"]
+
+
+def test_no_gpu_no_gpu_limit_and_s3_store_needs_no_volume(chart: helm.Chart) -> None:
+    docs = manifests(render(chart, {"config": {"publish": {"storage_url": "s3://models/x"}}}))
+    learner = container(docs)
+    assert not any("gpu" in k for k in learner["resources"]["limits"])
+    assert "data" not in {m["name"] for m in learner["volumeMounts"]}
+    assert not any(e["name"].startswith("STREAM_LEARNER_") for e in learner["env"])  # no secrets asked for
+
+
+def test_notes_warn_about_an_ephemeral_file_store(chart: helm.Chart) -> None:
+    notes = render(chart, {})["stream-learner/templates/NOTES.txt"]
+    assert "lost with the pod" in notes and "127.0.0.1:9092" in notes
+    notes = render(chart, FULL_VALUES)["stream-learner/templates/NOTES.txt"]
+    assert "WARNING" not in notes
+    assert f"kubectl -n {NAMESPACE} rollout status deployment/{FULLNAME}" in notes
+
+
+# ---------------------------------------------------------------------------------- the chart README
+def test_readme_documents_every_value() -> None:
+    readme = (CHART / "README.md").read_text()
+    documented = set(re.findall(r"^\| `([^`]+)` \|", readme, flags=re.M))
+    values = chart_values()
+    # objects passed whole to Kubernetes are documented as one value
+    whole = {"resources", "podSecurityContext", "securityContext", "probes.liveness", "probes.readiness"}
+    whole |= {"grafanaDashboard.labels"}
+    wanted = leaf_paths({k: v for k, v in values.items() if k != "config"}, stop_at=whole)
+    wanted |= {f"config.{section}" for section in values["config"]}
+    assert sorted(wanted - documented) == [], "values missing from the chart README's table"
+    assert sorted(documented - wanted) == [], "the chart README documents values that do not exist"
+
+
+# ------------------------------------------------------------------------------- docs/deploy.md
+DEPLOY_DOC = ROOT / "docs" / "deploy.md"
+
+
+def _doc_blocks(lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", DEPLOY_DOC.read_text(), flags=re.M | re.S)
+
+
+def _doc_commands() -> list[str]:
+    """Every shell command of the doc's bash blocks, continuation lines joined, comments dropped."""
+    commands = []
+    for block in _doc_blocks("bash"):
+        for command in re.sub(r"\\\n\s*", " ", block).splitlines():
+            command = re.sub(r"\s+#.*$", "", command).strip()
+            if command and not command.startswith("#"):
+                commands.append(command)
+    return commands
+
+
+def test_deploy_doc_values_install_and_load(
+    chart: helm.Chart, clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # the doc's values file, and its GPU addition on top: both must install, validate and load
+    learner_values, gpu = (yaml.safe_load(b) for b in _doc_blocks("yaml")[:2])
+    for values in (learner_values, merge(learner_values, gpu)):
+        docs = manifests(render(chart, values))
+        for doc in docs:
+            if doc["kind"] not in CRD_KINDS:
+                kv.validate(doc, KUBE_VERSIONS[0], strict=True)
+        config_file = tmp_path / "config.yaml"
+        config_file.write_text(rendered_settings_file(docs))
+        assert load_settings(config_file).publish.storage_url == "s3://models/sentiment"
+    assert (
+        container(manifests(render(chart, merge(learner_values, gpu))))["resources"]["limits"][
+            "nvidia.com/gpu"
+        ]
+        == "1"
+    )
+
+
+def test_deploy_doc_commands_match_the_chart_and_the_cli(chart: helm.Chart) -> None:
+    from typer.testing import CliRunner
+
+    from stream_learner.cli import app
+
+    commands = _doc_commands()
+    rendered = {(d["kind"].lower(), d["metadata"]["name"]) for d in manifests(render(chart, FULL_VALUES))}
+    learner_cli = 0
+    for command in commands:
+        words = command.split()
+        if words[0] == "helm" and words[1] in ("install", "upgrade", "template"):
+            assert words[2:4] == [RELEASE, "./helm/stream-learner"] and f"-n {NAMESPACE}" in command, command
+        # every object the doc names is one the chart renders for that release
+        for kind, name in re.findall(r"\b(deployment|service|configmap)[/ ]((?:sentiment)[-\w]*)", command):
+            assert (kind, name) in rendered, f"{command}: no {kind}/{name}"
+        if "stream-learner" in words and words[0] != "docker" and words[0] != "helm":
+            args = words[words.index("stream-learner") + 1 :]
+            if args and args[0] in ("produce", "versions", "run"):
+                learner_cli += 1
+                # unknown options fail Click's parsing; --help then stops before anything runs
+                result = CliRunner().invoke(app, [*args, "--help"])
+                assert result.exit_code == 0, f"{command}: {result.output}"
+                for path in [a for a in args if a.startswith("/")]:
+                    # paths in the pod: the mounted settings file, or a file the image copies from the repo
+                    assert path == CONFIG_PATH or (ROOT / path.removeprefix("/app/")).is_file(), path
+    assert learner_cli >= 4

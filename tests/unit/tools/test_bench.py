@@ -1,0 +1,266 @@
+"""``stream-learner bench --quick``: the JSON is complete and its numbers are sane and consistent.
+
+Speed itself is never asserted here (the bench measures it; CI machines vary): only what must hold on
+any machine — rates positive, fractions in (0, 1], ratios equal to the rates they come from, each event
+published no sooner than it was learned, the replay buffer within its bound.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stream_learner.tools.bench import BenchConfig, fastest, rate_inside, run_bench
+from stream_learner.tools.bench_report import (
+    MARK_END,
+    MARK_START,
+    figure_rows,
+    markdown,
+    pipeline_over_trainer,
+    write_markdown,
+)
+from stream_learner.tools.harness import summarize_steps
+from stream_learner.training.observers import StepRecord
+from tests.support.factories import small_settings, tiny_rows, tokenized
+from tests.support.tiny_model import tiny_model_dir
+
+LOOPS = ("roofline", "trainer_alone", "pipeline", "hand_written", "tutorial")
+
+
+def test_quick_run_is_complete_and_consistent(tmp_path: Path) -> None:
+    """One ``--quick`` run, every check below on it: in one test, so that the two xdist workers do not
+    each run the bench (≈ 2 min of CPU apiece, competing) as a module-scoped fixture did."""
+    out = tmp_path / "bench.json"
+    quick = BenchConfig.quick()
+    # the tiny model (tests/support/tiny_model.py): this test checks the JSON, never a speed or an accuracy
+    model = {"name_or_path": tiny_model_dir()}
+    returned = run_bench(BenchConfig.quick(layers=None, settings={**quick.settings, "model": model}), out)
+    results = json.loads(out.read_text())
+    assert results["ratios"] == pytest.approx(returned["ratios"])
+    check_every_figure_is_there_and_positive(results)
+    check_ratios_are_the_rates_they_come_from(results)
+    check_fractions_are_fractions(results)
+    check_publishing_and_freshness(results)
+    check_data_parallel_scaling(results)
+    check_replay_and_consumer(results)
+    check_targets_and_markdown(results, tmp_path)
+
+
+def _positive(x: float) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+def check_every_figure_is_there_and_positive(results: dict) -> None:
+    for name in (*LOOPS, "consumer"):
+        assert _positive(results["events_per_second"][name]), name
+    for name in LOOPS:
+        assert _positive(results["examples_per_second"][name]), name
+    for key in ("pipeline_over_trainer", "trainer_over_roofline", "pipeline_over_hand_written"):
+        assert _positive(results["ratios"][key]), key
+    assert _positive(results["ratios"]["pipeline_over_tutorial"])
+    assert _positive(results["roofline"]["matmul_flops"])
+    assert all(_positive(v) for v in results["peak_rss_mib"].values())
+    assert results["machine"]["torch"] and results["machine"]["cores"] >= 1
+    assert results["pipeline"]["records_complete"]
+
+
+def check_ratios_are_the_rates_they_come_from(results: dict) -> None:
+    ev, ex, r = results["events_per_second"], results["examples_per_second"], results["ratios"]
+    # the quick run: one trainer-alone run then one pipeline run, so the pair is the two rates
+    assert r["pipeline_over_trainer"] == pytest.approx(ev["pipeline"] / ev["trainer_alone"])
+    assert r["trainer_over_roofline"] == pytest.approx(ex["trainer_alone"] / ex["roofline"])
+    assert r["forward_backward_over_roofline"] == pytest.approx(ex["forward_backward"] / ex["roofline"])
+    assert r["trainer_over_forward_backward"] == pytest.approx(ex["trainer_alone"] / ex["forward_backward"])
+    fb = results["forward_backward"]
+    assert fb["examples_per_second"] == pytest.approx(fb["examples"] / fb["seconds"])
+    assert 0 < fb["padding_efficiency"] <= 1
+    assert r["pipeline_over_hand_written"] == pytest.approx(ex["pipeline"] / ex["hand_written"])
+    assert r["pipeline_over_tutorial"] == pytest.approx(ex["pipeline"] / ex["tutorial"])
+    assert r["consumer_over_trainer"] == pytest.approx(ev["consumer"] / ev["trainer_alone"])
+    # replay: every trained example is a fresh event or a replayed one, never fewer than the events
+    for name in ("trainer_alone", "pipeline"):
+        run = results[name]
+        assert run["examples"] >= run["fresh_events"] > 0
+        assert run["examples_per_second"] == pytest.approx(run["examples"] / run["seconds"])
+        assert run["events_per_second"] == pytest.approx(run["fresh_events"] / run["seconds"])
+    # repeated runs: the rate reported is the fastest run's, and it is one of them
+    for name in ("trainer_alone", "pipeline"):
+        runs = results[name]["runs"]
+        assert ev[name] == max(runs["events_per_second"])
+        best = runs["events_per_second"].index(ev[name])
+        assert ex[name] == runs["examples_per_second"][best]
+    # the loops train one example per event
+    for name in ("hand_written", "tutorial"):
+        assert ex[name] == ev[name]
+    roof = results["roofline"]
+    assert roof["examples_per_second"] == pytest.approx(
+        roof["matmul_flops"] / roof["training_flops_per_example"]
+    )
+    # the peak is the best of the square matmuls; the model's own shape is reported beside it
+    assert roof["matmul_flops"] == max(roof["square_matmul_flops"].values())
+    # measured before every trainer-alone run; the best of them counts
+    assert len(roof["measurements"]) == len(results["trainer_alone"]["runs"]["events_per_second"])
+    assert roof["matmul_flops"] == pytest.approx(max(roof["measurements"]))
+    assert _positive(roof["model_shape_matmul_flops"]) and len(roof["model_shape"]) == 3
+
+
+def check_fractions_are_fractions(results: dict) -> None:
+    for name in ("trainer_alone", "pipeline", "hand_written", "tutorial"):
+        assert 0 < results[name]["padding_efficiency"] <= 1, name
+    assert results["hand_written"]["padding_efficiency"] == 1.0  # no padding at all
+    # padded to 512: the real tokens of a short sentence are a small part
+    assert results["tutorial"]["padding_efficiency"] < results["pipeline"]["padding_efficiency"]
+    for name in ("trainer_alone", "pipeline"):
+        assert 0 < results[name]["busy_fraction"] <= 1 + 1e-9, name
+        assert 0 < results[name]["trainer_cpu_share"] <= 1 + 1e-3, name
+
+
+def check_publishing_and_freshness(results: dict) -> None:
+    pub = results["pipeline"]["publish"]
+    assert pub["versions"] >= 2 and _positive(pub["mean_seconds"])
+    # the measured span splits into time publishing and time between publishes
+    assert pub["publishing_seconds"] > 0 and pub["between_seconds"] >= 0
+    assert pub["publishing_seconds"] + pub["between_seconds"] == pytest.approx(results["pipeline"]["seconds"])
+    if pub["between_seconds"] > 0:
+        assert pub["ratio"] == pytest.approx(
+            pub["examples_per_second_publishing"] / pub["examples_per_second_between"]
+        )
+    else:  # publishes back to back (a loaded machine): no rate between them to compare with
+        assert pub["examples_per_second_between"] is None and pub["ratio"] is None
+    fresh = results["pipeline"]["freshness"]
+    learned, published = fresh["to_learned_s"], fresh["to_published_s"]
+    assert learned["n"] == published["n"] == results["config"]["paced_events"]
+    assert 0 < learned["p50"] <= learned["p99"] <= learned["max"]
+    # a version holds an event only after the step that learned it
+    assert published["p50"] >= learned["p50"] and published["max"] >= learned["max"]
+
+
+def check_data_parallel_scaling(results: dict) -> None:
+    sc = results["scaling"]
+    one, wide, group = sc["one_rank"], sc["one_rank_all_threads"], sc["group"]
+    assert (one["ranks"], wide["ranks"], group["ranks"]) == (1, 1, sc["ranks"]) and sc["ranks"] >= 2
+    assert wide["threads_per_rank"] == sc["ranks"] * one["threads_per_rank"]
+    # the ranks stepped in lockstep, each on its share of the events
+    assert len({r["total_steps"] for r in group["per_rank"]}) == 1
+    assert sum(r["events_trained"] for r in group["per_rank"]) == one["per_rank"][0]["events_trained"]
+    assert group["examples_per_second"] == pytest.approx(
+        sum(r["examples_per_second"] for r in group["per_rank"])
+    )
+    assert sc["efficiency"] == pytest.approx(
+        group["examples_per_second"] / (sc["ranks"] * one["examples_per_second"])
+    )
+    assert sc["over_threads"] == pytest.approx(group["examples_per_second"] / wide["examples_per_second"])
+    assert any(row[0].startswith(f"{sc['ranks']} ranks") for row in figure_rows(results))
+
+
+def check_replay_and_consumer(results: dict) -> None:
+    replay = results["replay"]
+    assert replay["events"] == results["config"]["replay_events"]
+    assert replay["within_bound"] and replay["nbytes"] <= replay["bound_bytes"]
+    assert replay["bytes_per_event"] == pytest.approx(replay["nbytes"] / replay["events"])
+    assert results["consumer"]["events"] == results["config"]["consumer_events"]
+    assert replay["rss_added_mib"] >= 0
+    parts = results["step_parts"]
+    assert all(_positive(v) for v in parts.values())
+
+
+def check_targets_and_markdown(results: dict, tmp_path: Path) -> None:
+    targets = results["targets"]
+    assert len(targets) == 10 and all(t["met"] in (True, False, None) for t in targets)
+    assert [t["measured"] for t in targets[:2]] == [
+        results["ratios"]["pipeline_over_trainer"],
+        results["ratios"]["trainer_over_roofline"],
+    ]
+    text = markdown(results)
+    assert "| trainer alone |" in text and "| target | measured | wanted | met |" in text
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"# Performance\n\n{MARK_START}\nold figures\n{MARK_END}\n\nThe end.\n")
+    write_markdown(results, doc)
+    updated = doc.read_text()
+    assert "old figures" not in updated and text in updated
+    assert updated.startswith("# Performance\n") and updated.endswith("The end.\n")
+
+
+# ------------------------------------------------------------------------- the measuring functions
+def _record(started: float, ended: float, fresh: int, replayed: int, real: int = 10, padded: int = 10):
+    s = small_settings()
+    events = tokenized(tiny_rows(fresh), s) if fresh else []
+    none = np.zeros(0)
+    return StepRecord(
+        started=started,
+        ended=ended,
+        fresh=events,
+        replayed=replayed,
+        real_tokens=real,
+        padded_tokens=padded,
+        loss=0.5,
+        skipped=False,
+        cpu_seconds=(ended - started) / 2,
+        predictions=none,
+        labels=none,
+        losses=none,
+        steps=1,
+        penalty=0.0,
+        param_distance=None,
+        replay_size=0,
+        replay_bytes=0,
+    )
+
+
+def test_summarize_steps_skips_the_warm_up_and_counts_gaps():
+    records = [_record(0, 1, 4, 4), _record(1, 2, 4, 4, 8, 10), _record(3, 4, 4, 4, 6, 10)]
+    out = summarize_steps(records, warmup_events=4)
+    assert out["steps"] == 2 and out["fresh_events"] == 8 and out["examples"] == 16
+    assert out["seconds"] == 3  # from 1 to 4: the idle second between the steps counts
+    assert out["busy_fraction"] == pytest.approx(2 / 3)
+    assert out["padding_efficiency"] == pytest.approx(14 / 20)
+    assert out["trainer_cpu_share"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="warm-up"):
+        summarize_steps(records, warmup_events=100)
+
+
+def test_rate_inside_and_outside_publishes():
+    # 10 examples/s from 0 to 2, then 5 examples/s from 2 to 4; a publish from 1 to 3
+    records = [_record(0, 2, 10, 10), _record(2, 4, 5, 5)]
+    out = rate_inside(records, [(1, 3)], span=(0, 4))
+    assert out["publishing_seconds"] == 2 and out["between_seconds"] == 2
+    assert out["examples_per_second_publishing"] == pytest.approx(7.5)
+    assert out["examples_per_second_between"] == pytest.approx(7.5)
+    assert out["ratio"] == pytest.approx(1.0)
+    assert rate_inside(records, [], span=(0, 4))["examples_per_second_publishing"] is None
+    # overlapping publishes (a snapshot waiting for the previous version) count once
+    overlapping = rate_inside(records, [(1, 2.5), (2, 3), (3.5, 9)], span=(0, 4))
+    assert overlapping["publishing_seconds"] == 2.5 and overlapping["between_seconds"] == 1.5
+
+
+def test_fastest_of_repeated_runs_keeps_every_rate_and_the_highest_peak() -> None:
+    runs = [
+        {"events_per_second": 16.0, "examples_per_second": 32.0, "peak_rss_mib": 900.0, "tag": "a"},
+        {"events_per_second": 17.5, "examples_per_second": 34.9, "peak_rss_mib": 700.0, "tag": "b"},
+        {"events_per_second": 17.0, "examples_per_second": 34.1, "peak_rss_mib": 800.0, "tag": "c"},
+    ]
+    best = fastest(runs)
+    assert best["tag"] == "b" and best["examples_per_second"] == 34.9
+    assert best["runs"] == {
+        "events_per_second": [16.0, 17.5, 17.0],
+        "examples_per_second": [32.0, 34.9, 34.1],
+    }
+    assert best["peak_rss_mib"] == 900.0
+    assert runs[1]["peak_rss_mib"] == 700.0  # the runs themselves are left as they were
+
+
+def test_pipeline_runs_are_compared_with_the_trainer_runs_around_them() -> None:
+    """A P A P A: each pipeline run against the mean of its neighbours, then the mean over pipeline runs."""
+    results = {
+        "trainer_alone": {"runs": {"events_per_second": [19.0, 17.8, 18.2]}},
+        "pipeline": {"runs": {"events_per_second": [17.5, 17.2]}},
+    }
+    paired = [17.5 / ((19.0 + 17.8) / 2), 17.2 / ((17.8 + 18.2) / 2)]
+    assert pipeline_over_trainer(results) == pytest.approx(sum(paired) / 2)
+    # without the closing trainer run (A P A P) the last pipeline run has one neighbour
+    results["trainer_alone"]["runs"]["events_per_second"] = [19.0, 17.8]
+    assert pipeline_over_trainer(results) == pytest.approx((17.5 / 18.4 + 17.2 / 17.8) / 2)

@@ -1,0 +1,269 @@
+"""The quality benchmark: metric functions on known inputs, the scenario builders, and one quick run."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from stream_learner.cli import app
+from stream_learner.tools import evaluation as ev
+from stream_learner.tools import evaluation_report as report
+from stream_learner.tools.datasets import DOMAINS, STREAM, bundled_path, read_jsonl
+from tests.support.tiny_model import tiny_model_dir
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+def test_macro_f1_on_known_inputs():
+    assert ev.macro_f1(np.array([0, 1, 1, 0]), np.array([0, 1, 1, 0])) == 1.0
+    # one class predicted for everything: F1(1) = 2·2/(4+2) = 2/3, F1(0) = 0
+    assert ev.macro_f1(np.array([1, 1, 1, 1]), np.array([1, 1, 0, 0])) == pytest.approx(1 / 3)
+    # class 0: tp 1, 2 predicted, 1 true → 2/3; class 1: tp 1, 1 predicted, 2 true → 2/3
+    assert ev.macro_f1(np.array([0, 0, 1]), np.array([0, 1, 1])) == pytest.approx(2 / 3)
+    # a class only in the predictions counts (with F1 0)
+    assert ev.macro_f1(np.array([2, 0]), np.array([0, 0])) == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_backward_transfer_and_forgetting_on_a_hand_made_matrix():
+    # acc[i, j]: accuracy on domain j after learning through domain i
+    acc = np.array(
+        [
+            [0.90, 0.50, 0.50, 0.50],
+            [0.95, 0.80, 0.50, 0.50],
+            [0.85, 0.85, 0.70, 0.50],
+            [0.70, 0.82, 0.75, 0.90],
+        ]
+    )
+    # BWT = mean(final − just after learning) over the first three domains
+    assert ev.backward_transfer(acc) == pytest.approx(((0.70 - 0.90) + (0.82 - 0.80) + (0.75 - 0.70)) / 3)
+    # forgetting = mean(best while/after learned, before the end − final): 0.95−0.70, 0.85−0.82, 0.70−0.75
+    assert ev.average_forgetting(acc) == pytest.approx(((0.95 - 0.70) + (0.85 - 0.82) + (0.70 - 0.75)) / 3)
+    # accuracy before a domain was learned does not count as "best earlier": column 3's 0.5s don't matter
+    later = acc.copy()
+    later[:3, 2] = [0.99, 0.99, 0.70]
+    assert ev.average_forgetting(later) == ev.average_forgetting(acc)
+    # nothing forgotten: a matrix that only improves
+    improving = 0.5 + 0.1 * np.arange(3)[:, None] * np.ones((3, 3))  # every domain gains at every stage
+    assert ev.average_forgetting(improving) == pytest.approx(-0.1)  # the best earlier is the last but one
+    assert ev.backward_transfer(improving) == pytest.approx(0.15)
+    assert np.isnan(ev.backward_transfer(np.ones((1, 1))))
+
+
+def test_rolling_mean_and_mean_std():
+    np.testing.assert_allclose(report.rolling_mean(np.array([1, 0, 1, 1]), 2), [1, 0.5, 0.5, 1])
+    assert ev.mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
+    assert ev.mean_std([0.5]) == {"mean": 0.5, "std": None, "n": 1}
+
+
+# ----------------------------------------------------------------------------------------- scenarios
+
+
+@pytest.fixture(scope="module")
+def stream_rows() -> list[dict]:
+    return list(read_jsonl(bundled_path(STREAM)))
+
+
+def test_covariate_slice_keeps_stream_order_and_domain_order(stream_rows):
+    rows = ev.domain_slice(stream_rows, 50)
+    assert [r["domain"] for r in rows] == [d for d in DOMAINS for _ in range(50)]
+    movie = [r for r in stream_rows if r["domain"] == "movie"][:50]
+    assert rows[:50] == movie
+    assert ev.boundaries_of([DOMAINS.index(r["domain"]) for r in rows]) == [50, 100, 150]
+
+
+def test_prior_shift_resampler_gives_the_mix_with_alternating_majority(stream_rows):
+    rows = ev.skewed_blocks(stream_rows, 200, ["neg", "pos"], majority_share=0.85, seed=3)
+    assert len(rows) == 800
+    majorities = []
+    for k, domain in enumerate(DOMAINS):
+        block = rows[200 * k : 200 * (k + 1)]
+        assert {r["domain"] for r in block} == {domain}
+        counts = Counter(r["label"] for r in block)
+        label, n = counts.most_common(1)[0]
+        assert n == 170 and sum(counts.values()) == 200  # 85 / 15
+        majorities.append(label)
+        assert len({r["id"] for r in block}) == 200  # enough rows: drawn without replacement
+    assert majorities == ["pos", "neg", "pos", "neg"]
+    # shuffled inside the block, and reproducible from the seed
+    assert [r["label"] for r in rows[:200]] != sorted(r["label"] for r in rows[:200])
+    assert ev.skewed_blocks(stream_rows, 200, ["neg", "pos"], seed=3) == rows
+    # the imbalanced variant keeps one majority
+    same = ev.skewed_blocks(stream_rows, 100, ["neg", "pos"], 0.9, first_majority=0, alternate=False)
+    assert [Counter(r["label"] for r in same[100 * k : 100 * (k + 1)])["neg"] for k in range(4)] == [90] * 4
+
+
+def test_checkpoints_and_variants():
+    assert ev.checkpoint_positions(100, [25, 50, 75], 30) == [0, 25, 30, 50, 60, 75, 90, 100]
+    v = ev.parse_variant("lam:training.l2sp_lambda=0.1,replay.class_balanced=true")
+    assert v.name == "lam" and v.overrides == {
+        "training": {"l2sp_lambda": 0.1},
+        "replay": {"class_balanced": True},
+    }
+    with pytest.raises(ValueError):
+        ev.parse_variant("no-colon")
+    cfg = ev.EvalConfig(strategies=("default", "frozen"), seeds=3, other_seeds=1, seed_counts={"frozen": 2})
+    assert [(s.name, seed) for _, s, seed in ev.plan_runs(cfg) if _ == "covariate"] == [
+        ("default", 0),
+        ("default", 1),
+        ("default", 2),
+        ("frozen", 0),
+        ("frozen", 1),
+    ]
+    with pytest.raises(ValueError, match="unknown strategy"):
+        ev.plan_runs(ev.EvalConfig(strategies=("bogus",)))
+
+
+# ---------------------------------------------------------------------------------------- quick run
+
+
+def quick_config(**changes) -> ev.EvalConfig:
+    """The quick run on the tiny model (tests/support/tiny_model.py): the tests below check the tool's
+    results, their structure and consistency, never how well a model learns (docs/quality.md measures
+    that)."""
+    return ev.EvalConfig.quick(
+        scenarios=("covariate",),
+        strategies=("frozen", "default", "offline"),
+        layers=None,
+        settings={"model": {"name_or_path": tiny_model_dir()}},
+        **changes,
+    )
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("eval")
+    ev.run_benchmark(quick_config(), out, progress=False)
+    return json.loads((out / "results.json").read_text()), out
+
+
+def test_quick_run_results_have_the_expected_structure_and_ranges(quick):
+    results, _ = quick
+    assert {"config", "environment", "scenarios", "runs", "summary", "drift", "plots"} <= results.keys()
+    info = results["scenarios"]["covariate"]
+    n = 4 * 32
+    assert info["events"] == n and info["boundaries"] == [32, 64, 96]
+    assert [(r["strategy"], r["seed"]) for r in results["runs"]] == [
+        ("frozen", 0),
+        ("default", 0),
+        ("offline", 0),
+    ]
+    for r in results["runs"]:
+        m = r["metrics"]
+        for key in ("final_accuracy", "final_f1", "prequential_accuracy"):
+            assert 0.0 <= m[key] <= 1.0, (r["strategy"], key)
+        assert -1.0 <= m["bwt"] <= 1.0 and -1.0 <= m["forgetting"] <= 1.0
+        # checkpoints: the start, every 16 events (the boundaries fall on them), 4 domains each
+        assert [c["events"] for c in r["checkpoints"]] == list(range(0, n + 1, 16))
+        assert all(len(c["accuracy"]) == len(c["f1"]) == 4 for c in r["checkpoints"])
+        # the accuracy matrix is read from the checkpoints at the domain ends; the metrics from it
+        matrix = np.array(r["accuracy_matrix"])
+        by_events = {c["events"]: c["accuracy"] for c in r["checkpoints"]}
+        np.testing.assert_allclose(matrix, [by_events[e] for e in (32, 64, 96, 128)])
+        assert m["forgetting"] == pytest.approx(ev.average_forgetting(matrix))
+        assert m["final_accuracy"] == pytest.approx(np.mean(matrix[-1]))
+        # per-event prequential records
+        pq = r["prequential"]
+        assert len(pq["correct"]) == len(pq["loss"]) == len(pq["label"]) == len(pq["domain"]) == n
+        assert m["prequential_accuracy"] == pytest.approx(np.mean(pq["correct"]))
+        assert Counter(pq["domain"]) == {0: 32, 1: 32, 2: 32, 3: 32}
+    # summary: mean over the one seed, no std
+    s = results["summary"]["covariate"]["default"]["final_accuracy"]
+    assert s["n"] == 1 and s["std"] is None
+
+
+def test_quick_run_strategies_do_what_they_say(quick):
+    results, _ = quick
+    runs = {r["strategy"]: r for r in results["runs"]}
+    # the same number of gradient steps for every strategy, the shuffled offline bound included
+    assert len({r["steps"] for r in runs.values()}) == 1 and runs["default"]["steps"] == 8
+    # offline: same events (same label counts per domain), another order
+    d, o = runs["default"]["prequential"], runs["offline"]["prequential"]
+    assert Counter(zip(d["domain"], d["label"], strict=True)) == Counter(
+        zip(o["domain"], o["label"], strict=True)
+    )
+    assert d["domain"] != o["domain"]
+    # frozen: the encoder never moved; the default moved away from θ0 and replayed
+    assert runs["frozen"]["param_distance"] == 0.0
+    assert runs["default"]["param_distance"] > 0.0 and runs["default"]["examples_replayed"] > 0
+    assert runs["default"]["settings"]["training"]["l2sp_lambda"] > 0
+    assert runs["frozen"]["settings"]["model"]["name_or_path"] == tiny_model_dir()
+
+
+def test_quick_run_records_drift_for_the_default_strategy(quick):
+    results, _ = quick
+    runs = {r["strategy"]: r for r in results["runs"]}
+    assert "drift" not in runs["offline"] and "drift" in runs["default"]
+    report = runs["default"]["drift"]["report"]
+    assert [b["at"] for b in report["boundaries"]] == [32, 64, 96]
+    assert set(runs["default"]["drift"]["positions"]) == {"loss", "label_mix", "embedding"}
+    assert results["drift"]["covariate"]["per_seed"][0]["seed"] == 0
+
+
+def test_quick_run_writes_png_plots(quick):
+    results, out = quick
+    assert sorted(results["plots"]) == ["heldout_covariate.png", "prequential_covariate.png"]
+    for name in results["plots"]:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_runs_in_worker_processes_equal_the_runs_in_process(quick, tmp_path):
+    # the same three runs of the quick fixture, on two spawned workers (costliest first): same results
+    results, _ = quick
+    cfg = quick_config(jobs=2)
+    parallel = ev.run_benchmark(cfg, tmp_path, progress=False)
+    assert parallel["config"]["jobs"] == 2
+    assert [(r["strategy"], r["seed"]) for r in parallel["runs"]] == [
+        (r["strategy"], r["seed"]) for r in results["runs"]
+    ]
+    for mine, theirs in zip(parallel["runs"], results["runs"], strict=True):
+        assert mine["metrics"] == pytest.approx(theirs["metrics"], abs=1e-6)
+        assert mine["prequential"]["correct"] == theirs["prequential"]["correct"]
+        assert mine["param_distance"] == pytest.approx(theirs["param_distance"], rel=1e-5)
+
+
+def test_quick_tables_render(quick):
+    results, _ = quick
+    md = report.markdown_table(results, "covariate")
+    assert md.count("\n") == 2 + 3 - 1 and "| default | 1 |" in md
+    assert len(report.tables(results)) == 1
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_rejects_unknown_strategy_before_training(tmp_path):
+    result = CliRunner().invoke(app, ["eval", "--quick", "--strategies", "bogus", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "unknown strategy" in result.output
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_cli_rejects_zero_jobs(tmp_path):
+    result = CliRunner().invoke(app, ["eval", "--quick", "--jobs", "0", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "jobs must be at least 1" in result.output
+
+
+def test_stream_through_the_broker_equals_the_in_process_stream(stream_rows, kafka_bootstrap):
+    """``--broker``: the events the service's consumer makes from the topic are those tokenized in process."""
+    from stream_learner.core.events import LabelSet
+    from stream_learner.core.intake import Tokenize
+    from tests.support.factories import small_settings, tokenizer
+
+    cfg = ev.EvalConfig(per_domain=15)
+    rows = ev.make_stream("prior_shift", stream_rows, cfg, ["neg", "pos"])
+    settings = small_settings()
+    tok = tokenizer()
+    direct = ev.tokenize_rows(rows, Tokenize(tok, settings.model.max_length), LabelSet(settings.model.labels))
+    through = ev.events_through_broker(rows, settings, tok, kafka_bootstrap, timeout_s=60)
+    assert len(through) == len(rows) == 60
+    for a, b in zip(direct, through, strict=True):
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        assert (a.label, a.pair_start, a.offset, b.partition) == (b.label, b.pair_start, b.offset, 0)
+    assert all(e.timestamp_ms > 0 for e in through)  # they did cross the broker
