@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import re
 import sys
+import sysconfig
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -64,8 +65,16 @@ def mismatches(lock: dict[str, str], installed: dict[str, str], needed: set[str]
     return problems
 
 
-def installed_versions() -> dict[str, str]:
-    return {canonicalize_name(d.metadata["Name"]): d.version for d in md.distributions()}
+def installed_versions(paths: list[str] | None = None) -> dict[str, str]:
+    """What pip installed into this venv, by canonical name: the distributions in its site-packages
+    only. Not all of ``sys.path``: setuptools (>= 71), once anything imports it, appends its own
+    ``_vendor`` folder, whose bundled copies (packaging, among others) would shadow the venv's."""
+    if paths is None:
+        paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    found: dict[str, str] = {}
+    for d in md.distributions(path=paths):
+        found.setdefault(canonicalize_name(d.metadata["Name"]), d.version)  # the first, as import has it
+    return found
 
 
 def needed_by_project(installed: dict[str, str]) -> set[str]:
@@ -153,3 +162,16 @@ def test_mismatches_finds_a_version_other_than_the_locked_one() -> None:
     assert mismatches(lock, same, {"numpy", "ipython"}) == ["ipython: installed 9.0, not in the lock"]
     # a local label in the lock must match exactly
     assert not same_version("2.13.0+cu128", "2.13.0+cpu") and same_version("2.13.0+cpu", "2.13.0")
+
+
+def test_a_vendored_copy_on_sys_path_does_not_shadow_the_venv(tmp_path, monkeypatch) -> None:
+    """CI failed so: a test had imported setuptools, whose ``_vendor`` folder (on ``sys.path`` from
+    then on) holds packaging 26.3, and the lock check read that instead of the venv's 26.4."""
+    vendored = tmp_path / "packaging-0.0.1.dist-info"
+    vendored.mkdir()
+    (vendored / "METADATA").write_text("Metadata-Version: 2.1\nName: packaging\nVersion: 0.0.1\n")
+    monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path)])
+    # sys.path as a whole does see the copy ...
+    assert "0.0.1" in {d.version for d in md.distributions() if d.metadata["Name"] == "packaging"}
+    # ... the venv's own packages do not
+    assert installed_versions()["packaging"] == md.version("packaging") != "0.0.1"
