@@ -24,7 +24,7 @@ FROM base-${VARIANT} AS build
 ARG VARIANT
 ARG TORCH_SPEC=torch==2.13.0
 ARG TORCH_INDEX_URL=""
-ENV PIP_NO_CACHE_DIR=1
+ENV PIP_NO_CACHE_DIR=1 UV_NO_CACHE=1
 WORKDIR /app
 # constraints.txt: the lock, which setup.sh installs from
 COPY pyproject.toml README.md NOTICE constraints.txt ./
@@ -41,7 +41,7 @@ RUN case "${VARIANT}" in \
  && VENV=/opt/venv EXTRAS=runtime TORCH_SPEC="${TORCH_SPEC}" TORCH_INDEX_URL="${index}" ./scripts/setup.sh \
  && HF_HUB_OFFLINE=1 /opt/venv/bin/python -c \
       "from stream_learner.core.config import ModelSettings; from stream_learner.core.model import load_tokenizer; load_tokenizer(ModelSettings())" \
- && /opt/venv/bin/python -m pip uninstall -y -q pip
+ && /opt/venv/bin/python -m pip uninstall -y -q uv pip
 
 # ----------------------------------------------------------------------------------- runtime
 FROM base-${VARIANT} AS runtime

@@ -191,7 +191,8 @@ def test_the_image_and_ci_install_from_the_lock(dockerfile: tuple[dict[str, str]
     assert re.search(r"^LOCK=constraints\.txt$", script, flags=re.M)
     assert re.search(r"^constraints=\$LOCK$", script, flags=re.M)
     package_installs = [line.strip() for line in script.splitlines() if re.search(r"\binstall\b.* -e ", line)]
-    assert package_installs == ['"${PIP[@]}" install -c "$constraints" -e ".[$EXTRAS]"']
+    assert package_installs == ['"${UV[@]}" -c "$constraints" -e ".[$EXTRAS]"']
+    assert re.search(r'^UV=\("\$VENV/bin/uv" pip install ', script, flags=re.M)
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "setup.sh")]).returncode == 0
     # CI runs `make test`, which runs `make setup` first (test_install_step_is_the_readme_setup_script)
     assert re.search(r"^make test$", (ROOT / ".ci" / "run").read_text(), flags=re.M)
