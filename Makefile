@@ -1,8 +1,10 @@
 # The two commands of the README. Each sets everything up first (idempotent, fast when done).
 .PHONY: setup demo test test-fast test-slow lint lock
 
-# two workers (pytest-xdist): much of an end-to-end test waits on a broker, a child process or a timer
-PYTEST = .venv/bin/python -m pytest -q -n 2 --dist worksteal --durations=15
+# four workers (pytest-xdist) on two cores: with two, a third of the run's CPU time went unused while the
+# end-to-end tests waited on a broker, a child process or a learner (measured: 2 → 360 s, 3 → 294 s,
+# 4 → 274 s on an idle 2-core Xeon; docs/testing.md)
+PYTEST = .venv/bin/python -m pytest -q -n 4 --dist worksteal --durations=15
 
 setup:
 	EXTRAS=dev ./scripts/setup.sh
