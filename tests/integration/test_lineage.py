@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import random
+import signal
 import threading
 import time
 
@@ -34,6 +37,7 @@ from tests.support.learner_process import (
 
 PARTITIONS = 2
 NO_OFFSET = -1001  # librdkafka's OFFSET_INVALID: nothing committed
+SYS_TGKILL = {"x86_64": 234, "aarch64": 131}.get(os.uname().machine, 234)
 
 
 def config(bootstrap: str, topic: str, storage: dict, **publish) -> dict:
@@ -76,6 +80,7 @@ def produce(bootstrap: str, topic: str, batch: list[tuple[bytes, bool]], valid: 
         valid.setdefault(p, []).extend(ok for _, ok in mine)
 
 
+@pytest.mark.slow
 def test_sigterm_publishes_a_final_version_and_commits_before_exit(kafka_bootstrap, unique_topic, tmp_path):
     topic = unique_topic("sigterm")
     url = (tmp_path / "store").as_uri()
@@ -106,6 +111,34 @@ def test_sigterm_publishes_a_final_version_and_commits_before_exit(kafka_bootstr
     assert committed == {p: final["offsets"][topic].get(str(p), NO_OFFSET) for p in range(PARTITIONS)}
 
 
+def signal_thread(pid: int, tid: int, sig: int) -> None:
+    """``tgkill``: a signal to one thread of a process (the kernel picks the thread for ``kill``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(SYS_TGKILL, pid, tid, sig) != 0:
+        raise OSError(ctypes.get_errno(), f"tgkill({pid}, {tid}, {sig})")
+
+
+def test_sigterm_taken_by_another_thread_still_stops_the_learner(kafka_bootstrap, unique_topic, tmp_path):
+    """A SIGTERM the kernel hands to a thread other than the main one: Python's handler runs on the
+    main thread only, so a main thread blocked in one long wait never saw it (a test run: ignored for
+    120 s, then SIGKILLed). The ``run`` command waits in slices and takes it within one."""
+    topic = unique_topic("sigterm-thread")
+    cfg = config(kafka_bootstrap, topic, {"storage_url": (tmp_path / "store").as_uri()})
+    ensure_topics({"bootstrap.servers": kafka_bootstrap}, {topic: PARTITIONS, f"{topic}.dlq": PARTITIONS})
+    learner = LearnerProcess(cfg, tmp_path).start()
+    try:
+        learner.wait_ready()
+        pid = learner.proc.pid
+        others = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+        assert others, "the learner runs threads beside its main one"
+        signal_thread(pid, others[0], signal.SIGTERM)
+        assert learner.proc.wait(timeout=60) == 0, learner.log
+    finally:
+        learner.close()
+    assert "SIGTERM: stopping gracefully" in learner.log
+
+
+@pytest.mark.slow
 def test_a_second_learner_on_the_same_prefix_is_fenced_out(kafka_bootstrap, unique_topic, tmp_path):
     url = (tmp_path / "store").as_uri()
     topics = [unique_topic("fence-a"), unique_topic("fence-b")]
