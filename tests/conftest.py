@@ -20,13 +20,14 @@ import pytest
 
 from stream_learner.tools.local_broker import LocalBroker
 from tests.support import tiny_model
+from tests.support.ordering import long_first
 from tests.support.services import SeaweedS3
 
 BOOTSTRAP_ENV = "STREAM_LEARNER_TEST_BOOTSTRAP"
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs two workers on a 2-core machine: one torch thread each (and in the learner
-    # processes they start), or four threads would spin against each other for two cores
+    # `make test` runs four workers on a 2-core machine: one torch thread each (and in the learner
+    # processes they start), or eight threads would spin against each other for two cores
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
@@ -46,6 +47,19 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     for path in _tiny_model_owned:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The long end-to-end cases (marked ``slow``) first, one at the head of each xdist worker's share.
+
+    ``--dist worksteal`` hands each worker a contiguous share of the collection and lets idle workers
+    steal from the *end* of the others' shares. Collected in file order, a 60–90 s case could start
+    in the last minute and end the run alone; put at the heads of the shares, the long cases start at
+    once, side by side, and the short ones fill in around them (longest first: the usual heuristic
+    for scheduling jobs on parallel machines). Only the order changes, never what runs.
+    """
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    items[:] = long_first(items, lambda item: item.get_closest_marker("slow") is not None, workers)
 
 
 def _docker_available() -> bool:

@@ -112,6 +112,7 @@ def new_topic(bootstrap: str, topic: str, tmp_path: Path) -> tuple[str, dict[int
     return (tmp_path / "store").as_uri(), {p: [] for p in range(PARTITIONS)}
 
 
+@pytest.mark.slow
 def test_two_ranks_learn_one_model_from_disjoint_partitions(kafka_bootstrap, unique_topic, tmp_path):
     topic = unique_topic("ddp")
     url, valid = new_topic(kafka_bootstrap, topic, tmp_path)

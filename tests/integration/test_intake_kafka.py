@@ -8,6 +8,7 @@ import threading
 import time
 
 import orjson
+import pytest
 from confluent_kafka import Producer
 
 from stream_learner.core.events import HEADER_DETAIL, HEADER_REASON, Reason, encode_event
@@ -37,6 +38,7 @@ def valid_values(n: int, start: int = 0) -> list[bytes]:
     ]
 
 
+@pytest.mark.slow
 def test_poison_records_are_dead_lettered_the_learner_stays_up_and_restarts_clean(
     kafka_bootstrap, unique_topic, tmp_path
 ):
@@ -82,6 +84,7 @@ def test_poison_records_are_dead_lettered_the_learner_stays_up_and_restarts_clea
 FAIRNESS_BOUND_POLLS = 2
 
 
+@pytest.mark.slow
 def test_a_backlog_on_three_partitions_advances_every_partition(kafka_bootstrap, unique_topic, tmp_path):
     """20,400 events waiting on 3 partitions, a trainer slower than the fetch: the consumer's positions
     never spread further apart than FAIRNESS_BOUND_POLLS polls (before: one partition ran the whole
@@ -128,6 +131,7 @@ def test_a_backlog_on_three_partitions_advances_every_partition(kafka_bootstrap,
     assert max(spreads) <= FAIRNESS_BOUND_POLLS * s.kafka.poll_max_messages, max(spreads)
 
 
+@pytest.mark.slow
 def test_a_stop_during_a_dead_letter_outage_is_prompt_and_loses_nothing(
     kafka_bootstrap, unique_topic, tmp_path, monkeypatch
 ):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from stream_learner.cli import app as cli
@@ -18,6 +19,7 @@ from tests.support.factories import pretrained_settings, tiny_rows
 MAX_DROP = 0.05
 
 
+@pytest.mark.slow
 def test_label_flipped_burst_is_held_back_by_the_gate(kafka_bootstrap, unique_topic, tmp_path):
     probe = tmp_path / "probe.jsonl"
     rows = list(read_jsonl(bundled_path(HELDOUT)))[::20][:200]  # all four domains
