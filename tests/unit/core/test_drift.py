@@ -13,6 +13,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from stream_learner.core.config import DriftSettings, Settings
@@ -452,3 +454,27 @@ def test_page_hinkley_detects_as_rivers_does():
         for v in x:
             theirs.update(v)
             assert ours.update(v) == theirs.drift_detected
+
+
+@given(
+    st.lists(st.integers(0, 400), min_size=2, max_size=6).flatmap(
+        lambda recent: st.tuples(
+            st.just(recent), st.lists(st.integers(0, 400), min_size=len(recent), max_size=len(recent))
+        )
+    ),
+    st.sampled_from([1e-2, 1e-3, 1e-5]),
+)
+def test_label_mix_g_test_is_scipys(rows: tuple[list[int], list[int]], significance: float) -> None:
+    """The G statistic, its degrees of freedom and the critical value are scipy.stats' own."""
+    from scipy import stats
+
+    recent, reference = (np.array(r) for r in rows)
+    signal = LabelMixDrift(num_labels=len(recent), significance=significance)
+    g, dof = signal.statistic(recent, reference)
+    table = np.stack([recent, reference])[:, (recent + reference) > 0]
+    if table.shape[1] < 2 or not table.sum(axis=1).all():  # one class seen, or a row empty: no test
+        assert (g, dof) == (0.0, 0)
+        return
+    want, _, want_dof, _ = stats.chi2_contingency(table, correction=False, lambda_="log-likelihood")
+    assert dof == want_dof and g == pytest.approx(want, rel=1e-9, abs=1e-9)
+    assert signal.critical_value(dof) == pytest.approx(stats.chi2.isf(significance, dof), rel=1e-9)
