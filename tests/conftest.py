@@ -25,6 +25,11 @@ from tests.support.services import SeaweedS3
 
 BOOTSTRAP_ENV = "STREAM_LEARNER_TEST_BOOTSTRAP"
 
+# The suite's numerics do not depend on the CPU it runs on: fp32 unless a test asks for bf16 (with
+# precision=auto a CPU with AMX would train in bf16, one without in fp32). Learners the tests start
+# as child processes inherit it. tests/unit/training/test_precision.py tests auto itself.
+os.environ.setdefault("STREAM_LEARNER_TRAINING__PRECISION", "fp32")
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs four workers on a 2-core machine: one torch thread each (and in the learner
     # processes they start), or eight threads would spin against each other for two cores

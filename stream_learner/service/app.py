@@ -259,6 +259,9 @@ class Learner:
             publish_failed=self.publish_failed,
             group=self.group,
         )
+        precision = self.trainer.engine.precision
+        for name in ("fp32", "bf16"):
+            self.metrics.training_precision.labels(name).set(float(name == precision.name))
         publishes = self.group is None or self.group.is_root
         self.publisher = Publisher(
             s,

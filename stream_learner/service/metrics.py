@@ -108,6 +108,12 @@ class Metrics:
         self.events_per_second = Gauge(
             f"{PREFIX}_events_per_second", "Fresh events trained per second", registry=r
         )
+        self.training_precision = Gauge(
+            f"{PREFIX}_training_precision",
+            "1 for the precision the trainer runs in (training.precision resolved: fp32 or bf16)",
+            ["precision"],
+            registry=r,
+        )
         self.replay_size = Gauge(f"{PREFIX}_replay_size", "Examples held in the replay buffer", registry=r)
         self.replay_bytes = Gauge(f"{PREFIX}_replay_bytes", "Bytes held by the replay buffer", registry=r)
 

@@ -94,6 +94,7 @@ from stream_learner.tools.ceilings import (
 from stream_learner.tools.harness import BenchData, PeakRSS, load_data, run_trainer_alone, summarize_steps
 from stream_learner.training.engine import pick_device
 from stream_learner.training.observers import StepLog, StepRecord
+from stream_learner.training.precision import resolve_precision
 
 FORMAT = 2  # 2: repeated runs (the fastest counts), the roofline's square and model-shape matmuls
 TUTORIAL_LENGTH = 512  # what the common fine-tuning tutorials pad every example to
@@ -524,9 +525,8 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
     started = time.time()
     settings = cfg.run_settings()
     device = pick_device(settings.training.device)
-    bf16 = settings.training.precision == "bf16" or (
-        settings.training.precision == "auto" and device.type == "cuda"
-    )
+    precision = resolve_precision(settings.training.precision, device)  # as the trainer will resolve it
+    bf16 = precision.bf16
     tokenizer = load_tokenizer(settings.model)
     n_events = cfg.warmup_events + cfg.measured_events + cfg.paced_events
     data = load_data(settings, n_events, tokenizer)
@@ -539,6 +539,7 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
         "machine": machine(),
         "device": device.type,
         "precision": "bf16 autocast" if bf16 else "fp32",
+        "precision_reason": precision.describe(),
         "training": settings.training.model_dump(),
         "mean_tokens_per_event": mean_tokens,
     }

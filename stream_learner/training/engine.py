@@ -3,7 +3,7 @@
 One step on a micro-batch (:meth:`StepEngine.step`), top to bottom:
 
 1. pad the micro-batch (:func:`~stream_learner.core.batching.collate`) and move it to the device;
-2. forward it once (bf16 autocast when the precision says so; the loss in fp32);
+2. forward it once (bf16 autocast when the precision says so, ``precision.py``; the loss in fp32);
 3. loss = mean cross-entropy over the micro-batch; in a data-parallel group the ranks agree on the
    total and on whether any loss is non-finite (step 2 of the lockstep in ``distributed.py``);
 4. a non-finite loss skips the step (a zero backward in a group: DDP expects one on every rank);
@@ -17,7 +17,7 @@ Dropout is off (``eval()`` mode), so those scores are exactly the published weig
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +29,7 @@ from stream_learner.core.config import TrainingSettings
 from stream_learner.core.model import L2SP, LoadedModel
 from stream_learner.core.replay import StoredExample
 from stream_learner.training.distributed import Group
+from stream_learner.training.precision import resolve_precision
 
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch has the fused AdamW kernel (CPU since 2.4)
 
@@ -87,7 +88,8 @@ class StepEngine:
         self.device = pick_device(t.device)
         if group is not None:
             self.device = group.device(self.device)
-        self.bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
+        self.precision = resolve_precision(t.precision, self.device)
+        self.bf16 = self.precision.bf16
         self.model = loaded.model.to(self.device)
         self.model.eval()  # no dropout: prequential scores are those of the published weights
         params = dict(self.model.named_parameters())
@@ -127,7 +129,7 @@ class StepEngine:
         )
 
     def autocast(self) -> AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        return self.precision.autocast()
 
     def step(self, examples: list[Example], n_fresh: int) -> StepOutcome:
         """One step on ``examples``, whose first ``n_fresh`` are fresh events (see the module docstring)."""

@@ -118,7 +118,7 @@ class TrainingLoop:
     # -------------------------------------------------------------------------------------- the loop
     def run(self) -> None:
         """Thread target: train until ``stop`` is set, then hand over a final snapshot."""
-        log.info("trainer on %s (%s)", self.engine.device, "bf16 autocast" if self.engine.bf16 else "fp32")
+        log.info("trainer on %s, %s", self.engine.device, self.engine.precision.describe())
         if self.group is not None:
             return self._run_in_group()
         while not self.stop_event.is_set():

@@ -112,6 +112,9 @@ def test_valid_events_trained_malformed_dead_lettered_offsets_at_end(kafka_boots
         assert int(h[HEADER_PARTITION]) in (0, 1) and int(h[HEADER_OFFSET]) >= 0
     # N events trained, and the last manifest covers every partition to its end
     assert learner.metrics.value("stream_learner_events_trained_total") == len(rows)
+    # the suite runs fp32 (tests/conftest.py): exported as the one precision in use
+    assert learner.metrics.value("stream_learner_training_precision", {"precision": "fp32"}) == 1
+    assert learner.metrics.value("stream_learner_training_precision", {"precision": "bf16"}) == 0
     manifests = list_versions(learner.store)
     assert len(manifests) >= 2
     last = manifests[-1]

@@ -129,14 +129,6 @@ def test_snapshot_restore_is_exact():
         torch.testing.assert_close(tr2.engine.model.state_dict()[k], v)
 
 
-def test_bf16_autocast_path_runs_on_cpu():
-    """The CUDA precision branch, exercised on CPU (autocast supports bf16 there)."""
-    s = small_settings(training={"precision": "bf16"})
-    tr = make_trainer(s)
-    assert tr.engine.bf16 and tr.engine.device.type == "cpu"
-    assert np.isfinite(step(tr, tokenized(tiny_rows(8), s)))
-
-
 @pytest.mark.slow  # compiling even a one-layer model's forward and backward takes ≈ 45 s
 def test_compiled_forward_trains_like_eager(tmp_path, monkeypatch):
     """``training.compile``: the same steps give the same losses, predictions and weights as eager, up to

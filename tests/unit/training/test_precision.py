@@ -1,0 +1,97 @@
+"""training.precision: forced fp32, forced bf16 and auto, on any CPU (the bf16 path runs everywhere:
+autocast emulates bf16 where the CPU lacks it, slower but correct)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from stream_learner.training.precision import (
+    MIN_SPEEDUP,
+    NO_NATIVE_BF16,
+    Precision,
+    matmul_gflops,
+    native_bf16_cpu,
+    resolve_precision,
+)
+from tests.support.factories import make_trainer, small_settings, tiny_rows, tokenized
+
+CPU = torch.device("cpu")
+
+
+def never(dtype: torch.dtype) -> float:
+    raise AssertionError("no measurement was wanted here")
+
+
+@pytest.mark.parametrize("setting", ["fp32", "bf16"])
+@pytest.mark.parametrize("native", [True, False])
+def test_a_forced_precision_is_taken_as_given_without_measuring(setting: str, native: bool) -> None:
+    p = resolve_precision(setting, CPU, native=native, measure=never)
+    assert p.name == setting and p.gflops is None and "training.precision" in p.reason
+
+
+def test_auto_on_cuda_is_bf16() -> None:
+    assert resolve_precision("auto", torch.device("cuda"), measure=never).bf16
+
+
+def test_auto_on_a_cpu_without_native_bf16_is_fp32_without_measuring() -> None:
+    p = resolve_precision("auto", CPU, native=False, measure=never)
+    assert not p.bf16 and p.reason == NO_NATIVE_BF16
+
+
+@pytest.mark.parametrize(
+    ("bf16_gflops", "chosen"),
+    [(1700.0, "bf16"), (300.0 * MIN_SPEEDUP, "bf16"), (300.0 * MIN_SPEEDUP - 1, "fp32"), (250.0, "fp32")],
+)
+def test_auto_on_a_native_cpu_follows_the_measurement(bf16_gflops: float, chosen: str) -> None:
+    figures = {torch.float32: 300.0, torch.bfloat16: bf16_gflops}
+    p = resolve_precision("auto", CPU, native=True, measure=figures.__getitem__)
+    assert p.name == chosen and p.gflops == {"fp32": 300.0, "bf16": bf16_gflops}
+    line = p.describe()  # what the log says: the choice, why, the figures
+    assert line.startswith("bf16 autocast" if chosen == "bf16" else "fp32") and "fp32 300" in line
+
+
+def test_auto_on_this_cpu_is_consistent_with_its_capabilities() -> None:
+    p = resolve_precision("auto", CPU)
+    if native_bf16_cpu():
+        assert p.gflops is not None and all(v > 0 and math.isfinite(v) for v in p.gflops.values())
+        assert p.bf16 == (p.gflops["bf16"] >= MIN_SPEEDUP * p.gflops["fp32"])
+    else:
+        assert not p.bf16 and p.gflops is None
+
+
+def test_the_measurement_is_a_positive_rate() -> None:
+    assert 0 < matmul_gflops(torch.float32, seconds=0.01) < 1e6
+
+
+def test_cpu_bf16_autocast_uses_sdpa_math_and_nothing_else_changes() -> None:
+    flash = torch.backends.cuda.flash_sdp_enabled()
+    with Precision(True, "cpu", "test").autocast():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    assert not torch.is_autocast_enabled("cpu") and torch.backends.cuda.flash_sdp_enabled() == flash
+    with Precision(False, "cpu", "test").autocast():
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_a_bf16_step_keeps_fp32_master_weights_and_state_and_learns_like_fp32() -> None:
+    losses = {}
+    for setting in ("fp32", "bf16"):
+        s = small_settings(training={"precision": setting, "seed": 0, "l2sp_lambda": 0.01})
+        trainer = make_trainer(s)
+        engine = trainer.engine
+        assert engine.precision.name == setting
+        events = tokenized(tiny_rows(16), s)
+        steps = [engine.step(list(events), len(events)) for _ in range(3)]
+        assert all(not o.skipped and np.isfinite(o.loss) for o in steps)
+        losses[setting] = [o.loss for o in steps]
+        # master weights, AdamW's moments and the L2-SP anchor stay fp32
+        assert all(p.dtype == torch.float32 for p in engine.model.parameters())
+        moments = [v for st in engine.optimizer.state.values() for v in st.values() if v.dim() > 0]
+        assert moments and all(v.dtype == torch.float32 for v in moments)
+        assert all(t.dtype == torch.float32 for t in engine.l2sp.theta0)
+        assert losses[setting][-1] < losses[setting][0]  # three steps on the same batch: it learns
+    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=0.05)
