@@ -31,6 +31,7 @@ from stream_learner.core.config import Settings
 from stream_learner.core.events import TokenizedEvent
 from stream_learner.core.model import L2SP, load_model
 from stream_learner.training.engine import pick_device
+from stream_learner.training.precision import resolve_precision
 
 
 def synchronize(device: torch.device) -> None:
@@ -153,7 +154,8 @@ def measure_forward_backward(
     settings: Settings, tokenizer: Any, events: Sequence[TokenizedEvent]
 ) -> dict[str, float]:
     """The model alone: forward, cross-entropy and backward — no optimizer, L2-SP, clipping, scoring
-    or Python around them — on micro-batches of the trainer's size cut from ``events`` sorted by length
+    or Python around them — in the trainer's precision, on micro-batches of the trainer's size cut from
+    ``events`` sorted by length
     (about the padding of bucketed windows). Between the roofline and the trainer alone, it splits the
     gap into what the model's own kernels reach and what the rest of a step costs."""
     t = settings.training
@@ -161,6 +163,7 @@ def measure_forward_backward(
     model = load_model(settings.model).model.to(pick_device(t.device))
     model.eval()  # as the trainer: no dropout
     device = next(model.parameters()).device
+    precision = resolve_precision(t.precision, device)  # the trainer's arithmetic, autocast included
     ordered = sorted(events, key=lambda e: len(e.input_ids))
     pad_id, with_token_types = tokenizer.pad_token_id or 0, "token_type_ids" in tokenizer.model_input_names
     batches = [
@@ -170,7 +173,9 @@ def measure_forward_backward(
 
     def step(batch: dict[str, torch.Tensor]) -> None:
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        F.cross_entropy(model(**inputs).logits, batch["labels"].to(device)).backward()
+        with precision.autocast():
+            logits = model(**inputs).logits
+        F.cross_entropy(logits.float(), batch["labels"].to(device)).backward()
         model.zero_grad(set_to_none=False)
 
     step(batches[0])  # warm-up: allocations, the first kernels
