@@ -33,6 +33,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -109,15 +110,23 @@ def matmul_gflops(dtype: torch.dtype, seconds: float = MEASURE_S) -> float:
     return 2 * m * k * n / best / 1e9
 
 
+@functools.cache
+def startup_gflops() -> tuple[float, float]:
+    """fp32's and bf16's :func:`matmul_gflops`, measured once per process: every trainer, and the
+    bench's ceilings, resolve ``auto`` on the same figures (and so to the same precision)."""
+    return matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+
+
 def resolve_precision(
     setting: str,
     device: torch.device,
     native: bool | None = None,
-    measure: Callable[[torch.dtype], float] = matmul_gflops,
+    measure: Callable[[torch.dtype], float] | None = None,
 ) -> Precision:
     """``training.precision`` on ``device`` (see the module docstring).
 
-    ``native`` overrides the CPU check and ``measure`` the start-up measurement (tests, the bench).
+    ``native`` overrides the CPU check and ``measure`` the start-up measurement (tests); without it,
+    the process's :func:`startup_gflops`.
     """
     kind = device.type
     if setting in ("fp32", "bf16"):
@@ -128,7 +137,8 @@ def resolve_precision(
         return Precision(
             False, kind, "this CPU has no native bf16 (AVX512-BF16 or AMX): autocast would emulate it"
         )
-    gflops = {"fp32": measure(torch.float32), "bf16": measure(torch.bfloat16)}
+    fp32, bf16 = startup_gflops() if measure is None else (measure(torch.float32), measure(torch.bfloat16))
+    gflops = {"fp32": fp32, "bf16": bf16}
     speedup = gflops["bf16"] / gflops["fp32"]
     if speedup >= MIN_SPEEDUP:
         return Precision(True, kind, f"native bf16 measured {speedup:.1f} × fp32", gflops)
