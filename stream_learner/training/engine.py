@@ -89,7 +89,6 @@ class StepEngine:
         if group is not None:
             self.device = group.device(self.device)
         self.precision = resolve_precision(t.precision, self.device)
-        self.bf16 = self.precision.bf16
         self.model = loaded.model.to(self.device)
         self.model.eval()  # no dropout: prequential scores are those of the published weights
         params = dict(self.model.named_parameters())
