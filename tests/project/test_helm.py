@@ -501,6 +501,7 @@ def test_grafana_dashboard_config_map_is_files_dashboard_json(chart: helm.Chart)
         ({"gpu": {"count": -1}}, "/gpu/count"),
         ({"gpu": {"count": "one"}}, "/gpu/count"),
         ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+        ({"image": {"allowNonCudaTagWithGpu": "yes"}}, "/image/allowNonCudaTagWithGpu"),
         ({"serviceMonitor": {"interval": "30 seconds"}}, "/serviceMonitor/interval"),
         ({"podDisruptionBudget": {"maxUnavailable": 2}}, "/podDisruptionBudget/maxUnavailable"),
         ({"replicaCount": 1}, "replicaCount"),  # unknown top-level value: a typo must not pass silently
@@ -830,6 +831,61 @@ def test_no_gpu_no_gpu_limit_and_s3_store_needs_no_volume(chart: helm.Chart) -> 
     assert not any("gpu" in k for k in learner["resources"]["limits"])
     assert "data" not in {m["name"] for m in learner["volumeMounts"]}
     assert not any(e["name"].startswith("STREAM_LEARNER_") for e in learner["env"])  # no secrets asked for
+
+
+# ------------------------------------------------------------------------------ GPU: image and count
+def _image_and_gpus(chart: helm.Chart, values: dict[str, Any]) -> tuple[str, str | None]:
+    learner = container(manifests(render(chart, values)))
+    return learner["image"], learner["resources"]["limits"].get("nvidia.com/gpu")
+
+
+@pytest.mark.parametrize("mode", [{}, DISTRIBUTED_VALUES])
+def test_a_gpu_gets_the_cuda_image_by_default(chart: helm.Chart, mode: dict[str, Any]) -> None:
+    """The CPU image (the default tag, appVersion) on a GPU node trains on the CPU with `device: auto`
+    while holding the GPU: with no tag given, a GPU pod runs "<appVersion>-cuda", as docs/deploy.md
+    tags the CUDA image. The same in each rank of the distributed mode."""
+    app_version = chart.metadata["appVersion"]
+    image, gpus = _image_and_gpus(chart, merge(mode, {"gpu": {"count": 1}}))
+    assert (image, gpus) == (f"stream-learner:{app_version}-cuda", "1")
+    labels = workload(manifests(render(chart, {"gpu": {"count": 1}})))["metadata"]["labels"]
+    assert labels["app.kubernetes.io/version"] == f"{app_version}-cuda"  # the label names what runs
+    # an explicit CUDA tag is kept as given
+    assert _image_and_gpus(chart, {"gpu": {"count": 1}, "image": {"tag": "0.2.0-cuda"}})[0].endswith(
+        ":0.2.0-cuda"
+    )
+
+
+def test_no_gpu_keeps_the_cpu_image(chart: helm.Chart) -> None:
+    """gpu.count 0 is the CPU image: the appVersion tag, or the tag given, and no GPU limit."""
+    app_version = chart.metadata["appVersion"]
+    assert _image_and_gpus(chart, {}) == (f"stream-learner:{app_version}", None)
+    assert _image_and_gpus(chart, {"image": {"tag": "0.2.0"}}) == ("stream-learner:0.2.0", None)
+
+
+def test_a_cpu_tag_with_a_gpu_fails_with_the_fix() -> None:
+    """An explicit tag without "-cuda" and a GPU is most likely the CPU image: refused at render, with
+    the tag to use; allowNonCudaTagWithGpu accepts it for a CUDA image tagged otherwise."""
+    values = {"gpu": {"count": 1}, "image": {"tag": "0.2.0"}}
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError) as err:
+        render(chart, values)
+    message = str(err.value)
+    assert 'image.tag "0.2.0" with gpu.count=1' in message
+    assert 'Set image.tag to "0.2.0-cuda"' in message and "image.allowNonCudaTagWithGpu=true" in message
+    with helm.Chart.load(CHART) as chart:
+        allowed = merge(values, {"image": {"allowNonCudaTagWithGpu": True}})
+        assert _image_and_gpus(chart, allowed) == ("stream-learner:0.2.0", "1")
+
+
+@pytest.mark.parametrize("mode", [{}, DISTRIBUTED_VALUES])
+def test_more_than_one_gpu_per_pod_fails_pointing_at_the_distributed_mode(mode: dict[str, Any]) -> None:
+    """A learner process trains on one device (cuda:0 in a pod), so a second GPU in the pod would be
+    held idle: refused, pointing at one rank (pod) per GPU."""
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError) as err:
+        render(chart, merge(mode, {"gpu": {"count": 2}}))
+    message = str(err.value)
+    assert "gpu.count=2: the learner trains on one device per process" in message
+    assert "Use gpu.count=1 per pod and scale out with mode=distributed and distributed.ranks=2" in message
+    assert "docs/distributed.md" in message
 
 
 def test_notes_warn_about_an_ephemeral_file_store(chart: helm.Chart) -> None:

@@ -28,7 +28,7 @@ Truncated to 63 characters (DNS label limit).
 {{- define "stream-learner.labels" -}}
 helm.sh/chart: {{ include "stream-learner.chart" . }}
 {{ include "stream-learner.selectorLabels" . }}
-app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/version: {{ include "stream-learner.tag" . | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/component: learner
 {{- end }}
@@ -47,8 +47,25 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/*
+The image tag. Empty image.tag: the chart's appVersion, or "<appVersion>-cuda" when gpu.count > 0
+(the CUDA image's tag, docs/deploy.md): the CPU image would train on the CPU while holding the GPU.
+An explicit tag without "-cuda" and GPUs requested fails the render, unless
+image.allowNonCudaTagWithGpu says that image has CUDA torch under another name.
+*/}}
+{{- define "stream-learner.tag" -}}
+{{- $gpus := int .Values.gpu.count }}
+{{- $tag := .Values.image.tag }}
+{{- if not $tag }}
+{{- $tag = ternary (printf "%s-cuda" .Chart.AppVersion) .Chart.AppVersion (gt $gpus 0) }}
+{{- else if and (gt $gpus 0) (not (hasSuffix "-cuda" $tag)) (not .Values.image.allowNonCudaTagWithGpu) }}
+{{- fail (printf "image.tag %q with gpu.count=%d: a GPU needs the CUDA image, tagged \"<version>-cuda\" (docs/deploy.md); the CPU image would train on the CPU while holding the GPU. Set image.tag to \"%s-cuda\", or leave it empty for \"<appVersion>-cuda\", or set image.allowNonCudaTagWithGpu=true if %q has CUDA torch" $tag $gpus $tag $tag) }}
+{{- end }}
+{{- $tag }}
+{{- end }}
+
 {{- define "stream-learner.image" -}}
-{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- printf "%s:%s" .Values.image.repository (include "stream-learner.tag" .) }}
 {{- end }}
 
 {{/* Where the container reads its settings file. */}}
