@@ -14,9 +14,16 @@ FROM ${CPU_BASE} AS base-cpu
 
 # torch's CUDA wheels bring their own CUDA libraries; the CUDA base brings the NVIDIA container
 # runtime's settings and a Python (Ubuntu's, ≥ 3.10).
+# training.compile (torch.compile) builds code at start: inductor compiles C++ with g++ against
+# Python.h, and Triton compiles its kernel launcher with gcc against Python.h (its ptxas and cuda.h
+# come in its wheel; libcuda.so.1 is mounted by the NVIDIA container runtime). So the CUDA image
+# carries gcc, g++ and python3-dev: without them `training.compile: true` fails at start.
+# The CPU image has no compiler and cannot compile (on a CPU it gains 4–5 % after ≈ 100 s of
+# compiling at every start: docs/performance.md); docs/deploy.md says which image can.
 FROM ${CUDA_BASE} AS base-cuda
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
+      gcc g++ libc6-dev python3-dev \
  && rm -rf /var/lib/apt/lists/*
 
 # ------------------------------------------------------------------------------------- build
@@ -56,9 +63,14 @@ RUN groupadd --gid 10001 learner \
 # root-owned and read-only for the learner: it cannot change its own code
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /app /app
+# Caches go under /tmp, writable in `docker run` and an emptyDir in the chart (which points them at
+# its cache emptyDir instead): HOME is on the read-only root filesystem there, and Triton's cache
+# defaults to ~/.triton/cache.
 ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     HF_HOME=/tmp/hf \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
+    TRITON_CACHE_DIR=/tmp/triton \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 USER 10001:10001

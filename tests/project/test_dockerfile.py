@@ -106,7 +106,8 @@ def test_multi_stage_build_then_runtime(dockerfile: tuple[dict[str, str], dict[s
     runtime = stages["runtime"]
     copied_from = {re.search(r"--from=(\S+)", c)[1] for c in runtime.all("COPY") if "--from=" in c}
     assert copied_from == {"build"}
-    # the runtime stage installs nothing itself: no setup.sh, no pip, no compiler
+    # the runtime stage installs nothing itself: no setup.sh, no pip (its CUDA base brings the compile
+    # toolchain: test_cuda_image_has_what_training_compile_needs)
     assert setup_runs(runtime) == [] and not any("pip install" in r for r in runtime.all("RUN"))
     assert setup_runs(stages["build"])
 
@@ -266,6 +267,90 @@ def test_exposes_the_http_port(dockerfile: tuple[dict[str, str], dict[str, Stage
     assert int(port) == Settings.model_fields["http"].default.port
     values = yaml.safe_load((ROOT / "helm" / "stream-learner" / "values.yaml").read_text())
     assert values["config"]["http"]["port"] == int(port)
+
+
+# ------------------------------------------------------------------ training.compile in the image
+COMPILERS = {"gcc", "g++", "clang", "build-essential", "cc"}
+
+
+def image_stages(stages: dict[str, Stage], variant: str) -> list[Stage]:
+    """The stages the image of this variant is made of, its root first: runtime, its base, its base's
+    base… (``base-${VARIANT}`` resolved; an external image ends the chain)."""
+    chain, name = [], "runtime"
+    while name in stages:
+        chain.append(stages[name])
+        name = stages[name].base.replace("${VARIANT}", variant)
+    return chain[::-1]
+
+
+def apt_installed(stage_list: list[Stage]) -> set[str]:
+    """Package names of every ``apt-get install`` of these stages' RUN instructions."""
+    packages: set[str] = set()
+    for stage in stage_list:
+        for run in stage.all("RUN"):
+            for command in re.split(r"&&|;", run):
+                words = shlex.split(command)
+                if words[:2] == ["apt-get", "install"]:
+                    packages |= {w for w in words[2:] if not w.startswith("-")}
+    return packages
+
+
+def image_env(stage_list: list[Stage]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for stage in stage_list:
+        for line in stage.all("ENV"):
+            env |= dict(word.partition("=")[::2] for word in shlex.split(line))
+    return env
+
+
+def test_cuda_image_has_what_training_compile_needs(
+    dockerfile: tuple[dict[str, str], dict[str, Stage]],
+) -> None:
+    """``training.compile: true`` builds code at start: inductor's C++ (g++, Python.h) and Triton's
+    kernel launcher (gcc, Python.h). Without them it fails at start, so the CUDA image has them; the
+    CPU image has none, and docs/deploy.md says which image can compile."""
+    _, stages = dockerfile
+    cuda = apt_installed(image_stages(stages, "cuda"))
+    assert {"gcc", "g++", "python3-dev"} <= cuda, cuda
+    # the headers of the Python the venv runs on: Ubuntu's python3, not another version's
+    assert "python3" in cuda and not any(re.fullmatch(r"python3\.\d+-dev", p) for p in cuda)
+    assert not apt_installed(image_stages(stages, "cpu")) & COMPILERS
+    deploy = (ROOT / "docs" / "deploy.md").read_text().lower()
+    assert "`training.compile: true`" in deploy and "the cpu image has no compiler" in deploy
+
+
+def test_compile_caches_are_writable_in_docker_and_in_the_chart(
+    dockerfile: tuple[dict[str, str], dict[str, Stage]],
+) -> None:
+    """Triton's cache defaults to ~/.triton, on the chart's read-only root filesystem: the image points
+    both compile caches at /tmp, and wherever the chart points them is one of its emptyDirs."""
+    import helm_python as helm
+
+    _, stages = dockerfile
+    env = image_env(image_stages(stages, "cuda"))
+    assert env == image_env(image_stages(stages, "cpu"))  # the same runtime settings in both images
+    cache_vars = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+    for var in cache_vars:
+        assert env[var].startswith("/tmp/"), f"{var}={env[var]}"
+    with helm.Chart.load(ROOT / "helm" / "stream-learner") as chart:
+        rendered = chart.render({"gpu": {"count": 1}}, name="x", namespace="ml", is_install=True)
+    (deployment,) = [d for d in yaml.safe_load_all(rendered["stream-learner/templates/deployment.yaml"]) if d]
+    pod = deployment["spec"]["template"]["spec"]
+    (learner,) = pod["containers"]
+    assert learner["securityContext"]["readOnlyRootFilesystem"] is True
+    empty = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+    writable = [m["mountPath"] for m in learner["volumeMounts"] if m["name"] in empty]
+
+    def is_writable(path: str) -> bool:
+        return any(path == w or path.startswith(w.rstrip("/") + "/") for w in writable)
+
+    assert not is_writable("/home/learner/.triton/cache"), "the default would have been writable"
+    chart_env = {e["name"]: e.get("value") for e in learner["env"]}
+    for var in cache_vars:
+        # the chart's own value, or else the image's
+        path = chart_env.get(var) or env[var]
+        assert is_writable(path), f"{var}={path} is not on an emptyDir of the chart ({writable})"
+        assert is_writable(env[var]), f"the image's {var}={env[var]} is not writable in the chart"
 
 
 def test_parser_reads_continuations_and_stages() -> None:

@@ -758,7 +758,10 @@ def test_security_context_and_writable_paths(chart: helm.Chart) -> None:
     writable = [m["mountPath"] for m in learner["volumeMounts"] if m["name"] in empty]
     assert "/tmp" in writable
     env = {e["name"]: e.get("value") for e in learner["env"]}
-    for var in ("HF_HOME", "XDG_CACHE_HOME", "TORCH_HOME", "MPLCONFIGDIR", "TMPDIR"):
+    caches = ("HF_HOME", "XDG_CACHE_HOME", "TORCH_HOME", "MPLCONFIGDIR", "TMPDIR")
+    # training.compile's (Triton's default, ~/.triton, is on the read-only root filesystem)
+    caches += ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+    for var in caches:
         assert any(env[var] == w or env[var].startswith(w + "/") for w in writable), var
     assert env["HF_HUB_OFFLINE"] == "1"
 
