@@ -45,7 +45,7 @@ RUN case "${VARIANT}" in \
       cuda) index="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu128}" ;; \
       *)    echo "VARIANT must be cpu or cuda, not '${VARIANT}'" >&2; exit 1 ;; \
     esac \
- && VENV=/opt/venv EXTRAS=runtime TORCH_SPEC="${TORCH_SPEC}" TORCH_INDEX_URL="${index}" ./scripts/setup.sh \
+ && VENV=/opt/venv EXTRAS=runtime BYTECODE=all TORCH_SPEC="${TORCH_SPEC}" TORCH_INDEX_URL="${index}" ./scripts/setup.sh \
  && HF_HUB_OFFLINE=1 /opt/venv/bin/python -c \
       "from stream_learner.core.config import ModelSettings; from stream_learner.core.model import load_tokenizer; load_tokenizer(ModelSettings())" \
  && /opt/venv/bin/python -m pip uninstall -y -q uv pip

@@ -4,6 +4,11 @@
 # four workers (pytest-xdist) on two cores: with two, a third of the run's CPU time went unused while the
 # end-to-end tests waited on a broker, a child process or a learner (measured: 2 → 360 s, 3 → 294 s,
 # 4 → 274 s on an idle 2-core Xeon; docs/testing.md)
+# Every import writes its .pyc, once: set-up compiles only what a learner imports (scripts/setup.sh,
+# BYTECODE), and with the machine's PYTHONDONTWRITEBYTECODE each of the suite's ~100 processes would
+# compile the rest from source again (hypothesis, boto3, torch's inductor…).
+unexport PYTHONDONTWRITEBYTECODE
+
 PYTEST = .venv/bin/python -m pytest -q -n 4 --dist worksteal --durations=15
 
 setup:

@@ -6,6 +6,10 @@
 # passed with; `make lock` regenerates it), not at the newest release. torch comes from pip (which finds
 # a local CPU build where the machine has one), the rest from uv (parallel downloads and byte-compiling:
 # the whole set-up ≈ 30 s against pip's 70), itself pinned here.
+# BYTECODE says which modules get their .pyc now: `all` (the image: read-only at run time, so nothing
+# could be compiled later) or `imported` (the default: what the learner imports, by importing it once;
+# `make` lets every later import write its own, see the Makefile). All of torch, transformers and the
+# rest is 14,450 files and 30 s of CPU; what a learner imports, 2,052 files and 7 s.
 # The Dockerfile runs this same script. GPU users: install the CUDA torch build of their choice into
 # the venv before running it (see README, "GPU").
 set -euo pipefail
@@ -16,6 +20,11 @@ VENV=${VENV:-.venv}
 EXTRAS=${EXTRAS:-dev}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 UV_SPEC=${UV_SPEC:-uv==0.13.9}
+BYTECODE=${BYTECODE:-imported}
+case "$BYTECODE" in
+  all | imported) ;;
+  *) echo "setup: BYTECODE must be 'all' or 'imported', not '$BYTECODE'" >&2; exit 2 ;;
+esac
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
@@ -24,18 +33,14 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "setup: installing $TORCH_SPEC (CPU build)"
-  # byte-compiled after, on every core (pip compiles one file at a time: 11 s for torch alone); not
-  # left to the first import: with PYTHONDONTWRITEBYTECODE set (as on CI machines) no import writes
-  # them, and every test process compiled torch again (+4 min of CPU in a test run)
+  # byte-compiled after (BYTECODE), not by pip: it compiles one file at a time, 11 s for torch alone
   "${PIP[@]}" install --no-compile "$TORCH_SPEC" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
-  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  "$VENV/bin/python" -m compileall -q -j 0 "$site" >/dev/null || true # some packages ship Python-2 test files
 fi
 if ! "$VENV/bin/uv" --version 2>/dev/null | grep -qx "uv ${UV_SPEC#uv==}.*"; then
   "${PIP[@]}" install --no-compile "$UV_SPEC"
 fi
 # uv into this venv, keeping what is installed that the constraints allow (torch's local build above)
-UV=("$VENV/bin/uv" pip install --quiet --compile-bytecode --python "$VENV/bin/python")
+UV=("$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python")
 # The package, at the lock's versions: a constraints file (-c) pins each package that is installed and
 # installs none by itself. It also brings torch's own dependencies, installed above from torch's index
 # at whatever version that held, to the lock's. A torch other than the locked one (a GPU user's own
@@ -51,6 +56,20 @@ if ! grep -qx "torch==$torch_version" "$LOCK"; then
 fi
 echo "setup: installing stream-learner[$EXTRAS] (versions from $LOCK)"
 "${UV[@]}" -c "$constraints" -e ".[$EXTRAS]"
+# Byte-code. Not left to the first import alone: with PYTHONDONTWRITEBYTECODE set (as on these
+# machines) no import writes a .pyc, and every test process compiled torch again (+4 min of CPU in a
+# test run).
+if [ "$BYTECODE" = all ]; then
+  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  "$VENV/bin/python" -m compileall -q -j 0 "$site" >/dev/null || true # some packages ship Python-2 test files
+else
+  # what a learner imports, its model's modeling code included (transformers imports it lazily)
+  env -u PYTHONDONTWRITEBYTECODE HF_HUB_OFFLINE=1 "$VENV/bin/python" -c '
+import stream_learner.cli, stream_learner.service.app
+from stream_learner.core.config import ModelSettings
+from stream_learner.core.model import load_model, load_tokenizer
+load_tokenizer(ModelSettings()); load_model(ModelSettings())'
+fi
 # Prometheus (server + promtool) for the tests of the alert rules and the dashboard (dev only):
 # Debian's package, ~20 MB, a few seconds. Only the binaries are wanted: the package's daemon is kept
 # from starting (a policy-rc.d answering 101 for the install) and left stopped and disabled.
