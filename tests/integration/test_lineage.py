@@ -193,10 +193,10 @@ def test_chaos_sigkill_at_random_moments_keeps_the_lineage_exact(
     store = open_store(storage["storage_url"], **s3_server.store_options())
 
     valid: dict[int, list[bool]] = {}
-    chunks = [events(60, bad_every=15, start=60 * i) for i in range(14)]
+    chunks = [events(60, bad_every=15, start=60 * i) for i in range(12)]
     stop_producing = threading.Event()
     # events keep flowing through the kills: two chunks produced from each start of the learner on
-    # (7 starts), while it starts, trains, publishes and is killed
+    # (6 starts), while it starts, trains, publishes and is killed
     may_produce = threading.Semaphore(0)
 
     def producer() -> None:
@@ -211,7 +211,7 @@ def test_chaos_sigkill_at_random_moments_keeps_the_lineage_exact(
     learner = LearnerProcess(cfg, tmp_path)
     kills, during_publish = 0, 0
     try:
-        while kills < 6:
+        while kills < 5:  # the acceptance's 5: each start costs ≈ 7 s of CPU in the suite
             learner.start()
             may_produce.release(2)
             if kills % 2 == 0:  # kill while uploading a version: after it starts, before LATEST moves
@@ -249,7 +249,7 @@ def test_chaos_sigkill_at_random_moments_keeps_the_lineage_exact(
         stop_producing.set()
         learner.close()
 
-    assert kills >= 5 and during_publish >= 2, (kills, during_publish)
+    assert kills == 5 and during_publish >= 2, (kills, during_publish)
     chain = assert_exact_lineage(store, topic, valid)
     assert chain[-1]["events_trained"] == sum(sum(v) for v in valid.values())
     # the cut-short uploads skipped version numbers, and retention removed their leftovers
