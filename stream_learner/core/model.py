@@ -93,6 +93,10 @@ def load_model(settings: ModelSettings, seed: int = 0) -> LoadedModel:
             label2id={name: i for i, name in enumerate(settings.labels)},
             output_loading_info=True,
             local_files_only=Path(path).is_dir(),
+            # fp32 master weights whatever the checkpoint's dtype: transformers 5 loads a bf16/fp16
+            # checkpoint in that dtype, and AdamW's updates (lr·g ≈ 5e-5) round away in bf16; θ0 and
+            # the moments would be low-precision too. Autocast gives the low-precision arithmetic.
+            dtype=torch.float32,
             **extra,
         )
     missing = set(info["missing_keys"]) | {k for k, _, _ in info.get("mismatched_keys", ())}

@@ -20,13 +20,19 @@ Rank 0 alone publishes. The lockstep, followed by
    number of steps: one with fewer fresh events fills its micro-batches with replayed examples or,
    with none at all, one example of weight 0 — a quiet partition never stalls the others;
 2. **every step** — after the forward pass, one all-reduce SUM of (examples, non-finite losses)
-   (:meth:`Group.step_totals`): each rank's summed loss is scaled by ``world_size / examples`` so that
-   DDP's gradient average is the mean over the group's micro-batch, and a non-finite loss on any rank
-   skips the step on all of them;
+   (:meth:`Group.step_totals`), on the device and without a host sync: each rank's summed loss is
+   scaled by ``world_size / examples`` so that DDP's gradient average is the mean over the group's
+   micro-batch, and a non-finite loss on any rank skips the step on all of them (as does a non-finite
+   gradient norm, the same on every rank after DDP's all-reduce);
 3. **snapshot** — when publishing is agreed, and at the final stop, every rank's covered offsets,
    counters and replay buffer are gathered to rank 0 (:meth:`Group.gather`), which merges them
    (:func:`merge_offsets`, :func:`merge_counters`) and hands one snapshot to its publisher: a manifest
    names, per partition, what the whole group learned, so the lineage is exact as for one learner.
+
+Devices: the data collectives (DDP's gradients, step 2) run on the rank's own GPU with NCCL, their
+tensors placed explicitly; the control collectives (steps 1 and 3, the weight check) go over a gloo
+side group on the CPU, so none depends on which CUDA device is *current* in the calling thread — the
+trainer runs in a thread of its own, where it is cuda:0 unless set (``StepEngine.bind_thread``).
 
 A collective that waits more than ``distributed.timeout_s`` for a dead rank fails the trainer; the
 learner exits non-zero and ``torchrun --max-restarts`` (or the pod controller) restarts the group,
@@ -44,7 +50,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -57,7 +63,7 @@ from stream_learner.training.state import Counters, Snapshot
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Group:
     """This process's place in a data-parallel group, and the collectives the learner uses.
 
@@ -71,6 +77,8 @@ class Group:
     rank: int
     world_size: int
     local_rank: int = 0
+    # the process group of the control collectives: gloo beside NCCL (None: the default group, gloo)
+    control: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Group | None:
@@ -109,6 +117,8 @@ class Group:
                 world_size=self.world_size,
                 timeout=timeout,
             )
+        if backend != "gloo":
+            self.control = dist.new_group(backend="gloo")
         log.info("rank %d of %d joined the group (%s)", self.rank, self.world_size, backend)
 
     def _rendezvous_store(self, timeout: timedelta, env: Mapping[str, str] = os.environ) -> dist.Store:
@@ -135,16 +145,10 @@ class Group:
             dist.destroy_process_group()
 
     # ----------------------------------------------------------------------------------- collectives
-    @staticmethod
-    def _tensor_device() -> torch.device:
-        """Where collective tensors live: NCCL reduces on the GPU, gloo on the CPU."""
-        if dist.get_backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
     def _reduce(self, values: Sequence[int], op: dist.ReduceOp) -> list[int]:
-        t = torch.tensor(list(values), dtype=torch.int64, device=self._tensor_device())
-        dist.all_reduce(t, op=op)
+        """A control all-reduce: on the CPU, over the gloo side group."""
+        t = torch.tensor(list(values), dtype=torch.int64)
+        dist.all_reduce(t, op=op, group=self.control)
         return [int(v) for v in t.tolist()]
 
     def agree(self, steps: int, stop: bool, publish: bool) -> tuple[int, bool, bool]:
@@ -152,25 +156,30 @@ class Group:
         s, st, pub = self._reduce([steps, int(stop), int(publish)], dist.ReduceOp.MAX)
         return s, bool(st), bool(pub)
 
-    def step_totals(self, examples: int, nonfinite: bool) -> tuple[int, bool]:
-        """Step 2: the group's examples in this step, and whether any rank's loss was non-finite."""
-        n, bad = self._reduce([examples, int(nonfinite)], dist.ReduceOp.SUM)
-        return n, bad > 0
+    def step_totals(self, examples: int, nonfinite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 2: the group's examples in this step, and whether any rank's loss was non-finite.
+
+        ``nonfinite`` is a 0-d bool tensor on the rank's device; the all-reduce runs on that device (the
+        default group: NCCL on a GPU) and the results stay there, so the step does not wait for them.
+        """
+        mine = torch.tensor(examples, dtype=torch.int64, device=nonfinite.device)
+        t = torch.stack([mine, nonfinite.long()])
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t[0], t[1] > 0
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Step 3: every rank's ``obj`` on rank 0 (in rank order); None on the other ranks."""
         out: list[Any] | None = [None] * self.world_size if self.is_root else None
-        dist.gather_object(obj, out, dst=0)
+        dist.gather_object(obj, out, dst=0, group=self.control)
         return out
 
     def same_weights(self, parameters: Sequence[torch.Tensor]) -> bool:
         """Whether every rank holds the same weights: per-tensor float64 sums, compared by all-reduce."""
         with torch.no_grad():
-            sums = torch.stack([p.detach().double().sum() for p in parameters])
-            sums = sums.to(self._tensor_device())
+            sums = torch.stack([p.detach().double().sum() for p in parameters]).cpu()
             low, high = sums.clone(), sums.clone()
-            dist.all_reduce(low, op=dist.ReduceOp.MIN)
-            dist.all_reduce(high, op=dist.ReduceOp.MAX)
+            dist.all_reduce(low, op=dist.ReduceOp.MIN, group=self.control)
+            dist.all_reduce(high, op=dist.ReduceOp.MAX, group=self.control)
         return bool(torch.equal(low, high))
 
 

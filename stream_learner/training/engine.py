@@ -6,9 +6,17 @@ One step on a micro-batch (:meth:`StepEngine.step`), top to bottom:
 2. forward it once (bf16 autocast when the precision says so, ``precision.py``; the loss in fp32);
 3. loss = mean cross-entropy over the micro-batch; in a data-parallel group the ranks agree on the
    total and on whether any loss is non-finite (step 2 of the lockstep in ``distributed.py``);
-4. a non-finite loss skips the step (a zero backward in a group: DDP expects one on every rank);
-5. otherwise backward, add the L2-SP gradient ``2λ(θ_S − θ0_S)``, clip, AdamW step.
+4. backward, add the L2-SP gradient ``2λ(θ_S − θ0_S)``, clip — whose total norm is the guard: a
+   non-finite loss or gradient norm (a finite loss can still give a NaN gradient) makes the step a
+   skip, decided on the device;
+5. the AdamW step, told of the skip (``found_inf``, the protocol of torch's ``GradScaler``: the fused
+   kernel leaves weights, moments and step counts untouched), so nothing waits for the host;
+6. only then the one host sync of the step: loss, skip, and the fresh examples' predictions and
+   losses, packed into one tensor and copied once (pinned memory on CUDA).
 
+On a GPU everything up to step 6 is queued without waiting: about five syncs a step (the guard, three
+``.cpu()``, ``loss.item()``) became one, and the scoring the loop does with the outcome (prequential
+scores, drift) runs on the host after the step is queued, not between forward and backward.
 The objective is ``mean_i L(f(x_i; θ), y_i) + λ‖θ_S − θ0_S‖²`` (L2-SP: Li, Grandvalet & Davoine,
 ICML 2018; see ``core/model.py``). The fresh examples come first in the micro-batch: their losses
 and predictions, made by the weights *before* the step, are returned as their prequential scores.
@@ -46,7 +54,7 @@ class StepOutcome:
     """What one step computed. ``predictions``, ``labels`` and ``losses`` are of its fresh examples."""
 
     loss: float  # mean cross-entropy of the micro-batch, NaN when the step was skipped
-    skipped: bool  # non-finite loss (on any rank of a group): no update
+    skipped: bool  # non-finite loss or gradient norm (on any rank of a group): no update
     predictions: np.ndarray  # int64 [n_fresh], by the weights before the step
     labels: np.ndarray  # int64 [n_fresh]
     losses: np.ndarray  # float32 [n_fresh]
@@ -89,6 +97,8 @@ class StepEngine:
         if group is not None:
             self.device = group.device(self.device)
         self.precision = resolve_precision(t.precision, self.device)
+        if self.precision.tf32:  # fp32 matmuls on TF32 tensor cores (process-wide, as torch has it)
+            torch.set_float32_matmul_precision("high")
         self.model = loaded.model.to(self.device)
         self.model.eval()  # no dropout: prequential scores are those of the published weights
         params = dict(self.model.named_parameters())
@@ -122,10 +132,21 @@ class StepEngine:
             )
         if t.compile:  # sequence lengths and micro-batch sizes vary from step to step: dynamic shapes
             self.forward_model = torch.compile(self.forward_model, dynamic=True)
+        self._pinned: torch.Tensor | None = None  # _to_host's buffer (CUDA)
         # a rank with nothing to train in a step still takes part in it with this, at weight 0
         self._idle_example = StoredExample(
             input_ids=np.array([pad_id], dtype=np.int64), label=0, pair_start=0
         )
+
+    def bind_thread(self) -> None:
+        """Make the engine's device the calling thread's current CUDA device (nothing on the CPU).
+
+        CUDA's current device is per thread: the trainer's own thread starts on cuda:0 whatever the
+        main thread set, so on rank 1 of a node autocast, the allocator and NCCL's default device
+        would be cuda:0 while DDP holds the model on cuda:1. The trainer thread calls this first.
+        """
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
 
     def autocast(self) -> AbstractContextManager:
         return self.precision.autocast()
@@ -138,42 +159,76 @@ class StepEngine:
         host = collate(examples, self.pad_id, self.with_token_types)
         padded_tokens = int(host["attention_mask"].numel()) if weight else 0
         real_tokens = int(host["attention_mask"].sum()) if weight else 0
+        labels_host = host["labels"][:n_fresh].numpy()
         if self.device.type == "cuda":  # page-locked memory: the copies below do not block the host
             host = {k: v.pin_memory() for k, v in host.items()}
         batch = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
         labels = batch.pop("labels")
+        # 2.–3. forward, loss
         with self.autocast():
             logits = self.forward_model(**batch).logits
         per_example = F.cross_entropy(logits.float(), labels, reduction="none")
-        loss = per_example.mean()
-        objective = loss  # what backward differentiates
-        nonfinite = not torch.isfinite(loss)
+        loss = per_example.detach().mean()
+        bad = ~torch.isfinite(loss)
+        objective = per_example.mean()  # what backward differentiates
         if self.group is not None:
             # 2. of the lockstep: the loss scaled so that DDP's average over ranks is the group's mean
-            total, nonfinite = self.group.step_totals(len(examples) if weight else 0, nonfinite)
-            objective = per_example.sum() * (weight * self.group.world_size / max(total, 1))
+            total, bad = self.group.step_totals(len(examples) if weight else 0, bad)
+            objective = per_example.sum() * (weight * self.group.world_size / total.clamp(min=1))
+        # 4. backward, L2-SP, clip; the guard on the loss and the gradient's norm
+        objective.backward()
+        self.l2sp.add_gradient_()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
+        skip = bad | ~torch.isfinite(norm)
+        # 5. the update, unless skipped
+        self._optimizer_step(skip)
+        self.optimizer.zero_grad(set_to_none=False)
+        # 6. the step's one host sync
         n = n_fresh
-        outcome = StepOutcome(
-            loss=float("nan"),
-            skipped=bool(nonfinite),
-            predictions=logits[:n].argmax(-1).cpu().numpy(),
-            labels=labels[:n].cpu().numpy(),
-            losses=per_example[:n].detach().float().cpu().numpy(),
+        scored = logits.detach()[:n]
+        packed = torch.cat(
+            [
+                torch.stack([loss, skip.float()]),
+                scored.argmax(-1).float(),
+                per_example.detach()[:n],
+            ]
+        )
+        values = self._to_host(packed).numpy()
+        skipped = bool(values[1])
+        return StepOutcome(
+            loss=float("nan") if skipped else float(values[0]),
+            skipped=skipped,
+            predictions=values[2 : 2 + n].astype(np.int64),
+            labels=labels_host.astype(np.int64),
+            losses=values[2 + n :].astype(np.float32),
             real_tokens=real_tokens,
             padded_tokens=padded_tokens,
         )
-        if nonfinite:
-            if self.group is not None:  # DDP's reducer expects a backward on every rank: a zero one
-                sum(p.sum() for p in self.model.parameters() if p.requires_grad).mul(0).backward()
-            self.optimizer.zero_grad(set_to_none=False)
-            return outcome
-        objective.backward()
-        self.l2sp.add_gradient_()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=False)
-        outcome.loss = loss.item()
-        return outcome
+
+    def _optimizer_step(self, skip: torch.Tensor) -> None:
+        """AdamW's step, or none where ``skip`` (a 0-d bool tensor on the device) is true.
+
+        The fused kernel takes the skip as ``found_inf`` — the attribute torch's ``GradScaler`` sets
+        on optimizers that support it (``_step_supports_amp_scaling``) — and reads it on the device.
+        Another optimizer (the bench's ablation of the fused kernel) is told on the host.
+        """
+        if getattr(self.optimizer, "_step_supports_amp_scaling", False):
+            self.optimizer.found_inf = skip.float()  # type: ignore[attr-defined]
+            self.optimizer.grad_scale = None  # type: ignore[attr-defined]
+            self.optimizer.step()
+        elif not bool(skip):
+            self.optimizer.step()
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the host: one copy, through a reused page-locked buffer on CUDA, and one sync."""
+        if self.device.type != "cuda":
+            return t
+        if self._pinned is None or self._pinned.numel() < t.numel():
+            self._pinned = torch.empty(max(t.numel(), 256), dtype=t.dtype, pin_memory=True)
+        out = self._pinned[: t.numel()]
+        out.copy_(t, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return out.clone()
 
     @torch.no_grad()
     def accuracy(self, examples: list[Example], batch_size: int = 64) -> float:

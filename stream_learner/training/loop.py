@@ -118,6 +118,7 @@ class TrainingLoop:
     # -------------------------------------------------------------------------------------- the loop
     def run(self) -> None:
         """Thread target: train until ``stop`` is set, then hand over a final snapshot."""
+        self.engine.bind_thread()  # this thread's CUDA device: not the main thread's
         log.info("trainer on %s, %s", self.engine.device, self.engine.precision.describe())
         if self.group is not None:
             return self._run_in_group()

@@ -2,7 +2,10 @@
 
 ``fp32`` and ``bf16`` are taken as given. ``auto`` picks the faster precision that trains correctly:
 
-1. CUDA: bf16 autocast (issue 20 revisits GPUs that only emulate bf16).
+1. CUDA: bf16 autocast on a GPU that computes bf16 natively (compute capability ≥ 8.0: Ampere,
+   Hopper and later); fp32 on older ones (T4, V100), which only emulate it — torch's own
+   ``is_bf16_supported()`` counts that emulation as support. fp32 on a GPU with TF32 tensor cores
+   (capability ≥ 8.0, when fp32 is set) runs its matmuls in TF32 (:attr:`Precision.tf32`).
 2. A CPU without native bf16 (neither AVX512-BF16 nor AMX): fp32. Autocast would emulate bf16 there,
    slower than fp32.
 3. A CPU with it: a short start-up measurement. A matmul of an encoder's feed-forward shape runs in
@@ -48,6 +51,7 @@ MIN_SPEEDUP = 1.5
 #: Seconds each precision's matmul runs in the start-up measurement.
 MEASURE_S = 0.1
 NO_NATIVE_BF16 = "this CPU has no native bf16 (AVX512-BF16 or AMX): autocast would emulate it"
+NO_NATIVE_BF16_CUDA = "this GPU has no native bf16 (compute capability < 8.0): autocast would emulate it"
 #: The measured matmul: a step's tokens × hidden @ hidden × 4·hidden (MiniLM's feed-forward).
 MEASURE_SHAPE = (2048, 384, 1536)
 
@@ -60,6 +64,7 @@ class Precision:
     device_type: str
     reason: str
     gflops: dict[str, float] | None = None  # the start-up measurement, by precision, when one ran
+    tf32: bool = False  # fp32 matmuls on TF32 tensor cores (CUDA, compute capability ≥ 8.0)
 
     @property
     def name(self) -> str:
@@ -70,7 +75,8 @@ class Precision:
         figures = ""
         if self.gflops:
             figures = " (matmul " + ", ".join(f"{k} {v:.0f}" for k, v in self.gflops.items()) + " GFLOP/s)"
-        return f"{'bf16 autocast' if self.bf16 else 'fp32'}: {self.reason}{figures}"
+        name = "bf16 autocast" if self.bf16 else "fp32 (TF32 matmuls)" if self.tf32 else "fp32"
+        return f"{name}: {self.reason}{figures}"
 
     def autocast(self) -> AbstractContextManager:
         """The context a forward runs in: bf16 autocast (on the CPU, with SDPA's math backend), or none."""
@@ -81,6 +87,15 @@ class Precision:
         if self.device_type == "cpu":
             stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         return stack
+
+
+#: The first CUDA compute capability with bf16 (and TF32) tensor cores: Ampere.
+NATIVE_BF16_CUDA = (8, 0)
+
+
+def native_bf16_cuda(device: torch.device) -> bool:
+    """Whether this GPU computes bf16 natively (compute capability ≥ 8.0), not by emulation."""
+    return torch.cuda.get_device_capability(device) >= NATIVE_BF16_CUDA
 
 
 def native_bf16_cpu() -> bool:
@@ -125,18 +140,26 @@ def resolve_precision(
 ) -> Precision:
     """``training.precision`` on ``device`` (see the module docstring).
 
-    ``native`` overrides the CPU check and ``measure`` the start-up measurement (tests); without it,
-    the process's :func:`startup_gflops`.
+    ``native`` overrides the device's check (:func:`native_bf16_cpu`, :func:`native_bf16_cuda`) and
+    ``measure`` the CPU's start-up measurement (tests); without it, the process's :func:`startup_gflops`.
+
+    >>> resolve_precision("auto", torch.device("cuda"), native=False).describe()
+    'fp32: this GPU has no native bf16 (compute capability < 8.0): autocast would emulate it'
+    >>> resolve_precision("fp32", torch.device("cuda"), native=True).tf32
+    True
     """
     kind = device.type
+    if kind == "cuda":
+        native = native_bf16_cuda(device) if native is None else native
+        if setting == "bf16" or (setting == "auto" and native):
+            why = "set by training.precision" if setting == "bf16" else "auto: native bf16 on this GPU"
+            return Precision(True, kind, why)
+        why = "set by training.precision" if setting == "fp32" else NO_NATIVE_BF16_CUDA
+        return Precision(False, kind, why, tf32=native)
     if setting in ("fp32", "bf16"):
         return Precision(setting == "bf16", kind, "set by training.precision")
-    if kind == "cuda":
-        return Precision(True, kind, "auto on CUDA")
     if not (native_bf16_cpu() if native is None else native):
-        return Precision(
-            False, kind, "this CPU has no native bf16 (AVX512-BF16 or AMX): autocast would emulate it"
-        )
+        return Precision(False, kind, NO_NATIVE_BF16)
     fp32, bf16 = startup_gflops() if measure is None else (measure(torch.float32), measure(torch.bfloat16))
     gflops = {"fp32": fp32, "bf16": bf16}
     speedup = gflops["bf16"] / gflops["fp32"]

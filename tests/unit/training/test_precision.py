@@ -12,6 +12,7 @@ import torch
 from stream_learner.training.precision import (
     MIN_SPEEDUP,
     NO_NATIVE_BF16,
+    NO_NATIVE_BF16_CUDA,
     Precision,
     matmul_gflops,
     native_bf16_cpu,
@@ -34,8 +35,21 @@ def test_a_forced_precision_is_taken_as_given_without_measuring(setting: str, na
     assert p.name == setting and p.gflops is None and "training.precision" in p.reason
 
 
-def test_auto_on_cuda_is_bf16() -> None:
-    assert resolve_precision("auto", torch.device("cuda"), measure=never).bf16
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize("setting", ["auto", "fp32", "bf16"])
+@pytest.mark.parametrize("native", [True, False])
+def test_on_cuda_bf16_only_where_native_and_tf32_for_fp32_where_it_exists(setting, native) -> None:
+    """The decision given a GPU's capability (issue 20, finding 4): torch's ``is_bf16_supported()``
+    is true on a T4 or V100, which emulate bf16 slower than fp32; ``auto`` must not take it there."""
+    p = resolve_precision(setting, CUDA, native=native, measure=never)
+    assert p.bf16 == (setting == "bf16" or (setting == "auto" and native))
+    assert p.tf32 == (not p.bf16 and native)  # TF32 tensor cores came with bf16 ones (Ampere)
+    if setting == "auto" and not native:
+        assert p.reason == NO_NATIVE_BF16_CUDA and p.describe().startswith("fp32: ")
+    if p.tf32:
+        assert p.describe().startswith("fp32 (TF32 matmuls): ")
 
 
 def test_auto_on_a_cpu_without_native_bf16_is_fp32_without_measuring() -> None:
