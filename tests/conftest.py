@@ -67,6 +67,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items[:] = long_first(items, lambda item: item.get_closest_marker("slow") is not None, workers)
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.cuda(gpus=N)``: skipped, saying why, on a machine with fewer than N CUDA GPUs
+    (N = 1 by default); ``benchmarks/gpu_check.sh`` runs them (``-m cuda``) where the GPUs are."""
+    marker = item.get_closest_marker("cuda")
+    if marker is None:
+        return
+    import torch
+
+    need, have = int(marker.kwargs.get("gpus", 1)), torch.cuda.device_count()
+    if have < need:
+        pytest.skip(f"needs {need} CUDA GPU(s), this machine has {have}: benchmarks/gpu_check.sh runs it")
+
+
 def _docker_available() -> bool:
     """Whether a Docker engine answers, checked cheaply (no engine → no socket, no DOCKER_HOST)."""
     if not os.environ.get("DOCKER_HOST") and not Path("/var/run/docker.sock").exists():

@@ -599,16 +599,17 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
             release_memory()
 
     if cfg.scaling_ranks:
-        from stream_learner.tools.scaling import measure_scaling
+        from stream_learner.tools.scaling import measure_scaling, scaling_plan
 
         gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-        ranks = gpus if gpus >= 2 else cfg.scaling_ranks
-        threads = 1 if gpus >= 2 else max(1, (os.cpu_count() or 1) // ranks)
-        what = f"data-parallel scaling: {ranks} ranks × {threads} threads against 1 rank"
+        ranks, threads, on, why = scaling_plan(device.type, gpus, os.cpu_count() or 1, cfg.scaling_ranks)
+        what = f"data-parallel scaling: {ranks} ranks × {threads} threads against 1 rank ({why})"
+        scaled = settings.model_copy(update={"training": settings.training.model_copy(update={"device": on})})
         with step_of(console, f"{what}, {cfg.scaling_events} events"):
             results["scaling"] = measure_scaling(
-                settings, cfg.scaling_events, cfg.scaling_events // 4, ranks=ranks, threads=threads
+                scaled, cfg.scaling_events, cfg.scaling_events // 4, ranks=ranks, threads=threads
             )
+            results["scaling"]["plan"] = why
         release_memory()
 
     with step_of(console, f"hand-written loop: {cfg.hand_written_events} events, one per step"):

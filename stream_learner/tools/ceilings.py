@@ -110,12 +110,15 @@ def training_flops_per_example(model: torch.nn.Module, tokens: float) -> float:
     return 6.0 * (per_token * tokens + per_sequence)
 
 
-def _best_seconds(fn: Callable[[], object], reps: int = 3) -> float:
+def _best_seconds(fn: Callable[[], object], device: torch.device, reps: int = 3) -> float:
+    """The fastest of ``reps`` calls, each timed to its end on ``device`` (a GPU runs them async)."""
     fn()
     best = math.inf
     for _ in range(reps):
+        synchronize(device)
         t0 = time.perf_counter()
         fn()
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -123,8 +126,10 @@ def _best_seconds(fn: Callable[[], object], reps: int = 3) -> float:
 def measure_step_parts(settings: Settings) -> dict[str, float]:
     """Seconds per step of the parts of a step that do not depend on the batch, on this model: AdamW as
     constructed by default, with ``foreach`` and fused; the L2-SP gradient in place (as the trainer
-    does it) and through a ``θ − θ0`` temporary (as it did before); gradient clipping."""
-    model = load_model(settings.model).model
+    does it) and through a ``θ − θ0`` temporary (as it did before); gradient clipping. On the trainer's
+    device, each timed to its end there."""
+    device = pick_device(settings.training.device)
+    model = load_model(settings.model).model.to(device)
     params = [p for p in model.parameters()]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
@@ -135,7 +140,7 @@ def measure_step_parts(settings: Settings) -> dict[str, float]:
         ("adamw_fused", {"fused": True}),
     ):
         optimizer = torch.optim.AdamW(params, lr=1e-5, **options)
-        out[f"{name}_s"] = _best_seconds(optimizer.step)
+        out[f"{name}_s"] = _best_seconds(optimizer.step, device)
         del optimizer
     l2sp = L2SP(params, 0.01)
 
@@ -143,9 +148,9 @@ def measure_step_parts(settings: Settings) -> dict[str, float]:
         diffs = torch._foreach_sub([p.detach() for p in params], l2sp.theta0)
         torch._foreach_add_([p.grad for p in params], diffs, alpha=2.0 * l2sp.lam)
 
-    out["l2sp_in_place_s"] = _best_seconds(l2sp.add_gradient_)
-    out["l2sp_temporary_s"] = _best_seconds(with_temporary)
-    out["clip_grad_norm_s"] = _best_seconds(lambda: torch.nn.utils.clip_grad_norm_(params, 1.0))
+    out["l2sp_in_place_s"] = _best_seconds(l2sp.add_gradient_, device)
+    out["l2sp_temporary_s"] = _best_seconds(with_temporary, device)
+    out["clip_grad_norm_s"] = _best_seconds(lambda: torch.nn.utils.clip_grad_norm_(params, 1.0), device)
     out["parameters"] = float(sum(p.numel() for p in params))
     return out
 

@@ -39,6 +39,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def scaling_plan(device: str, gpus: int, cpus: int, requested: int) -> tuple[int, int, str, str]:
+    """How the scaling phase fits the devices found: ``(ranks, threads per rank, training.device, why)``.
+
+    One GPU per rank where there are two or more; with a single GPU the ranks run on the CPU (two ranks
+    cannot share one GPU under NCCL: rank 1 asked for cuda:1 and failed, rank 0 waited out its
+    rendezvous); on the CPU, ``requested`` ranks share the cores.
+
+    >>> scaling_plan("cuda", 4, 2, 2)
+    (4, 1, 'cuda', 'one rank per GPU')
+    >>> scaling_plan("cuda", 1, 2, 2)
+    (2, 1, 'cpu', 'one GPU only: the ranks run on the CPU (gloo)')
+    >>> scaling_plan("cpu", 0, 8, 2)
+    (2, 4, 'cpu', 'the CPU cores shared between the ranks')
+    """
+    if device == "cuda" and gpus >= 2:
+        return gpus, 1, "cuda", "one rank per GPU"
+    threads = max(1, cpus // requested)
+    if device == "cuda":
+        return requested, threads, "cpu", "one GPU only: the ranks run on the CPU (gloo)"
+    return requested, threads, "cpu", "the CPU cores shared between the ranks"
+
+
 def run_ranks(
     settings: Settings, events: int, warmup: int, ranks: int, threads: int, timeout: float = 3600
 ) -> dict[str, Any]:

@@ -1,6 +1,11 @@
 """One rank of a 2-rank gloo group, run as ``python -m tests.support.distributed_worker SCENARIO OUT`` with
 the environment torchrun would set (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); see test_distributed.py.
 
+The ranks train on ``$SL_TESTS_DEVICE`` (``cpu`` unless a CUDA-marked test says ``cuda``: on a GPU
+runner the CPU tests stay CPU tests, and rank r takes cuda:r only where the test asked for GPUs). As in
+the service, the trainer runs in a thread of its own, not the main thread — where the CUDA device
+current in it is cuda:0 unless it binds its own (issue 20, finding 1).
+
 Scenarios:
 
 * ``equivalence`` — one step, rank 0 with 6 fresh events and rank 1 with 2 others, no replay; rank 0
@@ -25,10 +30,18 @@ import torch
 from stream_learner.training.distributed import Group
 from tests.support.factories import batch, make_trainer, small_settings, tiny_rows, tokenized
 
+DEVICE = os.environ.get("SL_TESTS_DEVICE", "cpu")
+
 
 def _settings(replay: int, check_every: int = 1):
     return small_settings(
-        training={"fresh_per_step": 4, "replay_per_step": replay, "bucket_window": 2, "max_wait_s": 0.1},
+        training={
+            "fresh_per_step": 4,
+            "replay_per_step": replay,
+            "bucket_window": 2,
+            "max_wait_s": 0.1,
+            "device": DEVICE,
+        },
         publish={"every_steps": 10**6, "every_seconds": 604800},
         distributed={"check_every_steps": check_every},
     )
@@ -36,6 +49,25 @@ def _settings(replay: int, check_every: int = 1):
 
 def _save_weights(trainer, path: Path) -> None:
     torch.save({k: v.detach().clone() for k, v in trainer.engine.model.state_dict().items()}, path)
+
+
+def in_thread(work) -> None:
+    """``work()`` in a thread of its own, as the service runs its trainer; its exception re-raised."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            work()
+        except BaseException as e:  # re-raised below, in the main thread
+            errors.append(e)
+
+    thread = threading.Thread(target=target, name="trainer")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
 
 
 def equivalence(group: Group, out: Path) -> None:
@@ -46,7 +78,7 @@ def equivalence(group: Group, out: Path) -> None:
     trainer = make_trainer(settings, group=group)
     # the new head's random initialisation, rank 0's (DDP broadcast it), for the single trainer
     initial = {k: v.detach().clone() for k, v in trainer.engine.model.state_dict().items()}
-    trainer.train_window(mine, steps=1)
+    in_thread(lambda: (trainer.engine.bind_thread(), trainer.train_window(mine, steps=1)))
     _save_weights(trainer, out / f"group-rank{group.rank}.pt")
     if group.is_root:
         single = make_trainer(settings)
@@ -89,7 +121,7 @@ def lockstep(group: Group, out: Path) -> None:
             trainer.stop_event.set()
 
     threading.Thread(target=feed_and_stop, daemon=True).start()
-    trainer.run()
+    in_thread(trainer.run)
     _save_weights(trainer, out / f"lockstep-rank{group.rank}.pt")
     local = {
         "counters": vars(trainer.counters),
@@ -114,6 +146,7 @@ if __name__ == "__main__":
     scenario, out = sys.argv[1], Path(sys.argv[2])
     group = Group.from_env(os.environ)
     assert group is not None
-    group.start(small_settings().distributed, torch.device("cpu"))
+    device = torch.device(DEVICE)
+    group.start(small_settings().distributed, group.device(device))
     {"equivalence": equivalence, "lockstep": lockstep}[scenario](group, out)
     group.close()

@@ -23,6 +23,7 @@ from stream_learner.tools.bench_report import (
     pipeline_over_trainer,
     write_markdown,
 )
+from stream_learner.tools.bench_report import targets as bench_targets
 from stream_learner.tools.harness import summarize_steps
 from stream_learner.training.observers import StepRecord
 from tests.support.factories import small_settings, tiny_rows, tokenized
@@ -142,6 +143,7 @@ def check_publishing_and_freshness(results: dict) -> None:
 
 def check_data_parallel_scaling(results: dict) -> None:
     sc = results["scaling"]
+    assert sc["plan"] == "the CPU cores shared between the ranks"  # scaling_plan: no GPU here
     one, wide, group = sc["one_rank"], sc["one_rank_all_threads"], sc["group"]
     assert (one["ranks"], wide["ranks"], group["ranks"]) == (1, 1, sc["ranks"]) and sc["ranks"] >= 2
     assert wide["threads_per_rank"] == sc["ranks"] * one["threads_per_rank"]
@@ -176,6 +178,12 @@ def check_targets_and_markdown(results: dict, tmp_path: Path) -> None:
         results["ratios"]["pipeline_over_trainer"],
         results["ratios"]["trainer_over_roofline"],
     ]
+    # the CUDA target is met by the trainer on a GPU, not by a GPU merely present (issue 20, finding 8)
+    gpu_machine = {**results["machine"], "cuda": "NVIDIA A100-SXM4-40GB"}
+    on_cpu = bench_targets({**results, "machine": gpu_machine, "device": "cpu"})[-1]
+    on_gpu = bench_targets({**results, "machine": gpu_machine, "device": "cuda"})[-1]
+    assert targets[-1]["met"] is None and on_cpu["met"] is None and on_cpu["measured"] is None
+    assert on_gpu["met"] is True and "A100" in on_gpu["measured"]
     text = markdown(results)
     assert "| trainer alone |" in text and "| target | measured | wanted | met |" in text
     doc = tmp_path / "performance.md"

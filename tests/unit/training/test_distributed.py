@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from stream_learner.training.distributed import Group, merge_counters, merge_offsets, restored_for_rank
@@ -21,7 +22,13 @@ from tests.support.services import free_port
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def run_group(scenario: str, out: Path, world_size: int = 2, timeout: float = 300) -> None:
+#: the ranks' device: the CPU here; two GPUs, one per rank, where benchmarks/gpu_check.sh runs ``-m cuda``
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda(gpus=2))]
+
+
+def run_group(
+    scenario: str, out: Path, world_size: int = 2, timeout: float = 300, device: str = "cpu"
+) -> None:
     """``python -m tests.support.distributed_worker SCENARIO OUT`` once per rank, with torchrun's
     environment."""
     port = free_port()
@@ -35,6 +42,7 @@ def run_group(scenario: str, out: Path, world_size: int = 2, timeout: float = 30
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": "1",
+            "SL_TESTS_DEVICE": device,
         }
         log = (out / f"rank{rank}.log").open("wb")
         procs.append(
@@ -55,9 +63,10 @@ def run_group(scenario: str, out: Path, world_size: int = 2, timeout: float = 30
     assert codes == [0] * world_size, f"exit codes {codes}:\n{logs}"
 
 
-def test_a_group_step_is_the_single_process_step_on_the_union(tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_group_step_is_the_single_process_step_on_the_union(tmp_path: Path, device: str) -> None:
     # the loss scaling (world_size / examples) makes DDP's average the mean over the group's batch
-    run_group("equivalence", tmp_path)
+    run_group("equivalence", tmp_path, device=device)
     initial, single = torch.load(tmp_path / "initial.pt"), torch.load(tmp_path / "single.pt")
     ranks = [torch.load(tmp_path / f"group-rank{r}.pt") for r in range(2)]
     for name in single:
@@ -72,8 +81,9 @@ def test_a_group_step_is_the_single_process_step_on_the_union(tmp_path: Path) ->
     assert ((group_update - single_update).abs() > 1e-6).sum() < 1e-5 * len(single_update)
 
 
-def test_ranks_keep_lockstep_with_an_idle_rank_and_merge_their_snapshot(tmp_path: Path) -> None:
-    run_group("lockstep", tmp_path)
+@pytest.mark.parametrize("device", DEVICES)
+def test_ranks_keep_lockstep_with_an_idle_rank_and_merge_their_snapshot(tmp_path: Path, device: str) -> None:
+    run_group("lockstep", tmp_path, device=device)
     w0, w1 = (torch.load(tmp_path / f"lockstep-rank{r}.pt") for r in range(2))
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     r0, r1 = (json.loads((tmp_path / f"lockstep-rank{r}.json").read_text()) for r in range(2))
