@@ -270,7 +270,8 @@ class TrainingSettings(_Section):
         if v and not any(c and shutil.which(c) for c in compilers):
             raise ValueError(
                 "torch.compile needs a C++ compiler and none is on PATH (g++, c++, clang++ or $CXX): "
-                "install one (Debian: apt-get install g++) or set it to false"
+                "install one (Debian: apt-get install g++) or set it to false (the CPU image has none, the "
+                "CUDA image has one: docs/deploy.md)"
             )
         return v
 
