@@ -220,8 +220,9 @@ class TrainingSettings(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when present")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
-        description="'auto' = bf16 autocast on CUDA, and on a CPU with native bf16 (AVX512-BF16, AMX) "
-        "where a start-up measurement finds it faster; fp32 elsewhere",
+        description="'auto' = bf16 autocast on a GPU with native bf16 (compute capability ≥ 8.0), and on a "
+        "CPU with native bf16 (AVX512-BF16, AMX) where a start-up measurement finds it faster; fp32 "
+        "elsewhere (TF32 matmuls on GPUs that have them)",
     )
     learning_rate: float = Field(
         5e-5, gt=0, le=1, description="AdamW learning rate of the pretrained weights"
