@@ -88,13 +88,14 @@ from stream_learner.tools.ceilings import (
     measure_roofline,
     measure_step_parts,
     roofline_of,
+    run_micro_batch_loop,
     synchronize,
     training_flops_per_example,
 )
 from stream_learner.tools.harness import BenchData, PeakRSS, load_data, run_trainer_alone, summarize_steps
 from stream_learner.training.engine import pick_device
 from stream_learner.training.observers import StepLog, StepRecord
-from stream_learner.training.precision import resolve_precision
+from stream_learner.training.precision import native_bf16_cpu, resolve_precision
 
 FORMAT = 2  # 2: repeated runs (the fastest counts), the roofline's square and model-shape matmuls
 TUTORIAL_LENGTH = 512  # what the common fine-tuning tutorials pad every example to
@@ -496,8 +497,17 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
     return {
         "cpu": model,
+        # what decides the fastest arithmetic (training/precision.py): bf16 dot products and AMX tiles
+        "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags],
+        "native_bf16": native_bf16_cpu(),
         "cores": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / (1 << 30), 1),
         "torch": torch.__version__,
@@ -555,10 +565,14 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
     model_runs: list[dict[str, Any]] = []
     alone_runs: list[dict[str, Any]] = []
     pipeline_runs: list[dict[str, Any]] = []
+    # a bf16 trainer is also measured in fp32, alternately, in this run: its speed-up and both rooflines
+    fp32_settings = cfg.run_settings(training={"precision": "fp32"})
+    fp32_peaks: list[dict[str, Any]] = []
+    fp32_runs: list[dict[str, Any]] = []
 
     def trainer_alone(what: str) -> None:
         """The ceilings first — measured right before every trainer-alone run, the best of each counts —
-        then the trainer alone."""
+        then the trainer alone (and, when it runs in bf16, the fp32 roofline and trainer too)."""
         with step_of(console, f"matmul peak and model alone, then trainer alone ({what})"):
             dtype = torch.bfloat16 if bf16 else torch.float32
             peaks.append(measure_roofline(device, dtype, shape, cfg.roofline_seconds))
@@ -566,6 +580,11 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
             release_memory()
             alone_runs.append(run_trainer_alone(settings, tokenizer, events, cfg.warmup_events))
         release_memory()
+        if bf16:
+            with step_of(console, f"the same in fp32: matmul peak, trainer alone ({what})"):
+                fp32_peaks.append(measure_roofline(device, torch.float32, shape, cfg.roofline_seconds))
+                fp32_runs.append(run_trainer_alone(fp32_settings, tokenizer, events, cfg.warmup_events))
+            release_memory()
 
     with step_of(console, "the fixed parts of a step: optimizer, L2-SP gradient, clipping"):
         results["step_parts"] = measure_step_parts(settings)
@@ -585,6 +604,22 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
     results["trainer_alone"], results["pipeline"] = fastest(alone_runs), fastest(pipeline_runs)
     results["roofline"] = roofline_of(peaks, per_example)
     results["forward_backward"] = fastest(model_runs)
+    # the anchor a good engineer writes (issue 17), in the trainer's precision (and in fp32 beside a
+    # bf16 trainer)
+    with step_of(console, f"micro-batch loop (the anchor): {len(events)} events, {results['precision']}"):
+        results["micro_batch_loop"] = run_micro_batch_loop(
+            settings, tokenizer, events, cfg.warmup_events, bf16
+        )
+    release_memory()
+    if bf16:
+        with step_of(console, f"micro-batch loop (the anchor): {len(events)} events, fp32"):
+            fp32_loop = run_micro_batch_loop(fp32_settings, tokenizer, events, cfg.warmup_events, False)
+        results["fp32"] = {
+            "roofline": roofline_of(fp32_peaks, per_example),
+            "trainer_alone": fastest(fp32_runs),
+            "micro_batch_loop": fp32_loop,
+        }
+        release_memory()
     if cfg.ablation:
         results["ablation"] = []
         for name, window, fused in (
@@ -646,7 +681,15 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
     }
     results["examples_per_second"] = {
         name: results[name]["examples_per_second"]
-        for name in ("roofline", "forward_backward", "trainer_alone", "pipeline", "hand_written", "tutorial")
+        for name in (
+            "roofline",
+            "forward_backward",
+            "trainer_alone",
+            "pipeline",
+            "micro_batch_loop",
+            "hand_written",
+            "tutorial",
+        )
     }
     results["ratios"] = ratios(results)
     results["targets"] = targets(results)

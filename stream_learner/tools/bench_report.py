@@ -24,6 +24,10 @@ TARGETS = {
     "publishing_over_between": 0.9,
     "replay_memory_1m_mib": 200.0,
     "consumer_over_trainer": 10.0,
+    # issue 17, on a CPU with native bf16: the trainer in bf16 against itself in fp32, and against the
+    # micro-batch loop a good engineer writes, in the same precision
+    "bf16_over_fp32_trainer": 1.8,
+    "trainer_over_micro_batch_loop": 1.2,
 }
 
 
@@ -42,6 +46,13 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         "pipeline_over_hand_written_fresh": ev["pipeline"] / ev["hand_written"],
         "pipeline_over_tutorial_fresh": ev["pipeline"] / ev["tutorial"],
         "consumer_over_trainer": ev["consumer"] / ev["trainer_alone"],
+        "trainer_over_micro_batch_loop": ex["trainer_alone"] / ex["micro_batch_loop"]
+        if "micro_batch_loop" in ex
+        else None,
+        "bf16_over_fp32_trainer": ex["trainer_alone"]
+        / results["fp32"]["trainer_alone"]["examples_per_second"]
+        if "fp32" in results
+        else None,
     }
 
 
@@ -112,6 +123,18 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "≥",
             TARGETS["consumer_over_trainer"],
         ),
+        (
+            "17.1a trainer alone bf16 / fp32 (examples/s; a CPU with native bf16 only)",
+            r.get("bf16_over_fp32_trainer"),
+            "≥",
+            TARGETS["bf16_over_fp32_trainer"],
+        ),
+        (
+            "17.1b trainer alone / micro-batch loop, same precision (examples/s)",
+            r.get("trainer_over_micro_batch_loop"),
+            "≥",
+            TARGETS["trainer_over_micro_batch_loop"],
+        ),
     ]
     out = []
     for name, value, op, target in rows:
@@ -157,6 +180,40 @@ def _runs(run: dict[str, Any]) -> str:
     return f"{len(rates)} runs: {', '.join(f'{x:.1f}' for x in rates)} events/s"
 
 
+def _micro_batch_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The anchor loop, and beside a bf16 trainer the fp32 roofline, trainer and anchor (issue 17)."""
+    rows = []
+    if "micro_batch_loop" in results:
+        loop = results["micro_batch_loop"]
+        rows.append(
+            (
+                "micro-batch loop (anchor)",
+                "",
+                _fmt(loop["examples_per_second"], 1),
+                f"{loop['precision']}; trainer-sized, length-sorted micro-batches, fused AdamW, "
+                "nothing else (no L2-SP, clipping, replay, scoring)",
+            )
+        )
+    if "fp32" in results:
+        f = results["fp32"]
+        rows += [
+            (
+                "roofline, fp32",
+                "",
+                _fmt(f["roofline"]["examples_per_second"], 1),
+                f"{f['roofline']['matmul_flops'] / 1e9:.0f} GFLOP/s fp32 matmul (the trainer runs bf16)",
+            ),
+            (
+                "trainer alone, fp32",
+                "",
+                _fmt(f["trainer_alone"]["examples_per_second"], 1),
+                _runs(f["trainer_alone"]),
+            ),
+            ("micro-batch loop, fp32", "", _fmt(f["micro_batch_loop"]["examples_per_second"], 1), ""),
+        ]
+    return rows
+
+
 def figure_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(what, events/s, examples/s, notes) for each loop, then the other figures."""
     ev, ex = results["events_per_second"], results["examples_per_second"]
@@ -199,6 +256,7 @@ def figure_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             f"busy {p['busy_fraction']:.2f}, CPU share {p['trainer_cpu_share']:.2f}, padding efficiency "
             f"{p['padding_efficiency']:.2f}, {pub['versions']} versions; fastest of {_runs(p)}",
         ),
+        *_micro_batch_rows(results),
         (
             "hand-written loop",
             _fmt(ev["hand_written"], 1),

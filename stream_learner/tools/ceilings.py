@@ -18,6 +18,7 @@ References
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -199,4 +200,53 @@ def measure_forward_backward(
         "examples_per_second": examples / seconds,
         "events_per_second": examples / seconds,
         "padding_efficiency": real / padded,
+    }
+
+
+def run_micro_batch_loop(
+    settings: Settings, tokenizer: Any, events: Sequence[TokenizedEvent], warmup_events: int, bf16: bool
+) -> dict[str, float]:
+    """The loop a good engineer writes in ten lines — the anchor the trainer must beat (issue 17):
+    micro-batches of the trainer's size (fresh + replayed per step), each window of ``bucket_window``
+    of them sorted by length as the trainer sorts its windows, fused AdamW over all weights,
+    ``torch.autocast(bfloat16)`` when ``bf16`` (attention as torch picks it) — and nothing else: no
+    L2-SP, clipping, replay, scoring, drift or threads. Dropout off, as in the trainer.
+
+    The first ``warmup_events`` examples are a warm-up, not timed.
+    """
+    t = settings.training
+    size = t.fresh_per_step + t.replay_per_step
+    device = pick_device(t.device)
+    model = load_model(settings.model, t.seed).model.to(device)
+    model.eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, fused=True)
+    pad_id, with_token_types = tokenizer.pad_token_id or 0, "token_type_ids" in tokenizer.model_input_names
+    window = size * t.bucket_window
+    batches = []
+    for i in range(0, len(events) - size + 1, window):
+        ordered = sorted(events[i : i + window], key=lambda e: len(e.input_ids))
+        batches += [ordered[j : j + size] for j in range(0, len(ordered) - size + 1, size)]
+    cast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    warm = max(1, warmup_events // size)
+    examples, t0 = 0, 0.0
+    for k, batch in enumerate(batches):
+        if k == warm:
+            synchronize(device)
+            t0, examples = time.perf_counter(), 0
+        b = {key: v.to(device) for key, v in collate(batch, pad_id, with_token_types).items()}
+        labels = b.pop("labels")
+        with cast:
+            logits = model(**b).logits
+        F.cross_entropy(logits.float(), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        examples += len(batch)
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    return {
+        "precision": "bf16 autocast" if bf16 else "fp32",
+        "examples": examples,
+        "seconds": seconds,
+        "examples_per_second": examples / seconds,
+        "events_per_second": examples / seconds,
     }

@@ -40,29 +40,33 @@ class BenchData:
     all_labels: list[int]
 
 
-def load_data(settings: Settings, n: int, tokenizer: Any) -> BenchData:
+def load_data(settings: Settings, n: int, tokenizer: Any, whole_stream: bool = True) -> BenchData:
     """``n`` events spread evenly over the bundled stream (its four domains in their proportions), in
-    stream order; more than the stream holds repeats it."""
+    stream order; more than the stream holds repeats it. ``whole_stream`` False leaves the whole
+    stream's values, tokens and labels empty and tokenizes only the ``n`` (a scaling rank: 1.3 s less)."""
     rows = list(read_jsonl(bundled_path(STREAM)))
-    labels = LabelSet(settings.model.labels)
-    parsed = [LabeledEvent(text=r["text"], label=labels.index(r["label"])) for r in rows]
-    tokens = [ids for ids, _ in Tokenize(tokenizer, settings.model.max_length)(parsed)]
-    values = [encode_event(r["text"], r["label"], id=str(k)) for k, r in enumerate(rows)]
     if n <= len(rows):
         pick = np.linspace(0, len(rows) - 1, num=n).round().astype(int).tolist()
     else:
         pick = np.resize(np.arange(len(rows)), n).tolist()
+    wanted = range(len(rows)) if whole_stream else sorted(set(pick))
+    labels = LabelSet(settings.model.labels)
+    parsed = {i: LabeledEvent(text=rows[i]["text"], label=labels.index(rows[i]["label"])) for i in wanted}
+    tokenized = Tokenize(tokenizer, settings.model.max_length)(list(parsed.values()))
+    tokens = {i: ids for i, (ids, _) in zip(parsed, tokenized, strict=True)}
+    values = {i: encode_event(rows[i]["text"], rows[i]["label"], id=str(i)) for i in wanted}
     events = [
         TokenizedEvent(tokens[i], parsed[i].label, 0, partition=0, offset=k, timestamp_ms=0)
         for k, i in enumerate(pick)
     ]
+    everything = whole_stream or None
     return BenchData(
         [rows[i] for i in pick],
         [values[i] for i in pick],
         events,
-        values,
-        tokens,
-        [e.label for e in parsed],
+        list(values.values()) if everything else [],
+        list(tokens.values()) if everything else [],
+        [e.label for e in parsed.values()] if everything else [],
     )
 
 

@@ -152,7 +152,7 @@ def _rank_main(spec_path: Path) -> None:
     if group is not None:
         group.start(settings.distributed, group.device(pick_device(settings.training.device)))
     tokenizer = load_tokenizer(settings.model)
-    data = load_data(settings, spec["events"], tokenizer)
+    data = load_data(settings, spec["events"], tokenizer, whole_stream=False)
     mine = data.events[rank::world]  # offsets do not matter here: nothing is published
     summary = run_trainer_alone(settings, tokenizer, mine, spec["warmup"] // world, group=group)
     Path(spec["out"], f"rank{rank}.json").write_text(json.dumps({**summary, "rank": rank}, default=float))

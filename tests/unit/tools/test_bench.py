@@ -40,7 +40,11 @@ def test_quick_run_is_complete_and_consistent(tmp_path: Path) -> None:
     quick = BenchConfig.quick()
     # the tiny model (tests/support/tiny_model.py): this test checks the JSON, never a speed or an accuracy
     model = {"name_or_path": tiny_model_dir()}
-    returned = run_bench(BenchConfig.quick(layers=None, settings={**quick.settings, "model": model}), out)
+    # bf16 forced (autocast emulates it on a CPU without native bf16): the run then measures the fp32
+    # roofline, trainer and anchor beside it (issue 17), so every part of the JSON is produced here
+    training = {**quick.settings["training"], "precision": "bf16"}
+    settings = {**quick.settings, "model": model, "training": training}
+    returned = run_bench(BenchConfig.quick(layers=None, settings=settings), out)
     results = json.loads(out.read_text())
     assert results["ratios"] == pytest.approx(returned["ratios"])
     check_every_figure_is_there_and_positive(results)
@@ -72,6 +76,18 @@ def check_every_figure_is_there_and_positive(results: dict) -> None:
 
 def check_ratios_are_the_rates_they_come_from(results: dict) -> None:
     ev, ex, r = results["events_per_second"], results["examples_per_second"], results["ratios"]
+    # issue 17: the anchor in the trainer's precision, and the fp32 side of a bf16 trainer
+    assert results["precision"] == "bf16 autocast" == results["micro_batch_loop"]["precision"]
+    fp32 = results["fp32"]
+    assert fp32["micro_batch_loop"]["precision"] == "fp32"
+    assert r["trainer_over_micro_batch_loop"] == pytest.approx(ex["trainer_alone"] / ex["micro_batch_loop"])
+    assert r["bf16_over_fp32_trainer"] == pytest.approx(
+        ex["trainer_alone"] / fp32["trainer_alone"]["examples_per_second"]
+    )
+    assert fp32["trainer_alone"]["runs"]["examples_per_second"]  # measured alongside, not copied
+    assert fp32["roofline"]["matmul_flops"] > 0 and _positive(fp32["micro_batch_loop"]["examples_per_second"])
+    assert isinstance(results["machine"]["native_bf16"], bool)
+    assert set(results["machine"]["cpu_flags"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
     # the quick run: one trainer-alone run then one pipeline run, so the pair is the two rates
     assert r["pipeline_over_trainer"] == pytest.approx(ev["pipeline"] / ev["trainer_alone"])
     assert r["trainer_over_roofline"] == pytest.approx(ex["trainer_alone"] / ex["roofline"])
@@ -173,7 +189,10 @@ def check_replay_and_consumer(results: dict) -> None:
 
 def check_targets_and_markdown(results: dict, tmp_path: Path) -> None:
     targets = results["targets"]
-    assert len(targets) == 10 and all(t["met"] in (True, False, None) for t in targets)
+    assert len(targets) == 12 and all(t["met"] in (True, False, None) for t in targets)
+    by_name = {t["target"][:5]: t for t in targets}
+    assert by_name["17.1a"]["measured"] == results["ratios"]["bf16_over_fp32_trainer"]
+    assert by_name["17.1b"]["measured"] == results["ratios"]["trainer_over_micro_batch_loop"]
     assert [t["measured"] for t in targets[:2]] == [
         results["ratios"]["pipeline_over_trainer"],
         results["ratios"]["trainer_over_roofline"],
