@@ -51,6 +51,7 @@ from stream_learner.training.engine import pick_device
 from stream_learner.training.factory import build_trainer
 from stream_learner.training.observers import LoopObserver
 from stream_learner.training.state import Snapshot
+from stream_learner.training.threads import hand_over_threads
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,8 @@ class Learner:
     # ------------------------------------------------------------------------------------ start
     def start(self) -> Learner:
         s = self.settings
+        # torch's threads go to the trainer thread: this one builds, the trainer computes (threads.py)
+        threads = hand_over_threads()
         if s.http.enabled:
             self._start_http()
         remove_stale_staging_dirs()  # a killed learner's staged version: ≈ 3 × the model each
@@ -258,6 +261,7 @@ class Learner:
             probe=probe,
             publish_failed=self.publish_failed,
             group=self.group,
+            threads=threads,
         )
         precision = self.trainer.engine.precision
         for name in ("fp32", "bf16"):

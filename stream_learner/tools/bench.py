@@ -96,6 +96,7 @@ from stream_learner.tools.harness import BenchData, PeakRSS, load_data, run_trai
 from stream_learner.training.engine import pick_device
 from stream_learner.training.observers import StepLog, StepRecord
 from stream_learner.training.precision import native_bf16_cpu, resolve_precision
+from stream_learner.training.threads import hand_over_threads, process_threads, run_with_threads
 
 FORMAT = 2  # 2: repeated runs (the fastest counts), the roofline's square and model-shape matmuls
 TUTORIAL_LENGTH = 512  # what the common fine-tuning tutorials pad every example to
@@ -511,7 +512,7 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / (1 << 30), 1),
         "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": process_threads(),  # what each measurement and the trainer compute on
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "load_average_at_start": os.getloadavg(),
@@ -532,6 +533,13 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
     console = console or Console(stderr=True, quiet=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # every measurement computes in a thread of its own with the cores, as the trainer does; this
+    # thread keeps to one (training/threads.py: two teams of OpenMP threads slowed the trainer by a third)
+    threads = hand_over_threads()
+
+    def computing(fn: Callable[[], Any]) -> Any:
+        return run_with_threads(fn, threads, name="bench")
+
     started = time.time()
     settings = cfg.run_settings()
     device = pick_device(settings.training.device)
@@ -575,19 +583,29 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
         then the trainer alone (and, when it runs in bf16, the fp32 roofline and trainer too)."""
         with step_of(console, f"matmul peak and model alone, then trainer alone ({what})"):
             dtype = torch.bfloat16 if bf16 else torch.float32
-            peaks.append(measure_roofline(device, dtype, shape, cfg.roofline_seconds))
-            model_runs.append(measure_forward_backward(settings, tokenizer, events[: cfg.model_alone_events]))
+            peaks.append(computing(lambda: measure_roofline(device, dtype, shape, cfg.roofline_seconds)))
+            model_runs.append(
+                computing(
+                    lambda: measure_forward_backward(settings, tokenizer, events[: cfg.model_alone_events])
+                )
+            )
             release_memory()
-            alone_runs.append(run_trainer_alone(settings, tokenizer, events, cfg.warmup_events))
+            alone_runs.append(
+                run_trainer_alone(settings, tokenizer, events, cfg.warmup_events, threads=threads)
+            )
         release_memory()
         if bf16:
             with step_of(console, f"the same in fp32: matmul peak, trainer alone ({what})"):
-                fp32_peaks.append(measure_roofline(device, torch.float32, shape, cfg.roofline_seconds))
-                fp32_runs.append(run_trainer_alone(fp32_settings, tokenizer, events, cfg.warmup_events))
+                fp32_peaks.append(
+                    computing(lambda: measure_roofline(device, torch.float32, shape, cfg.roofline_seconds))
+                )
+                fp32_runs.append(
+                    run_trainer_alone(fp32_settings, tokenizer, events, cfg.warmup_events, threads=threads)
+                )
             release_memory()
 
     with step_of(console, "the fixed parts of a step: optimizer, L2-SP gradient, clipping"):
-        results["step_parts"] = measure_step_parts(settings)
+        results["step_parts"] = computing(lambda: measure_step_parts(settings))
     release_memory()
 
     # trainer alone and the pipeline alternate (A P A P … A): other load on the machine drifts over
@@ -607,13 +625,15 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
     # the anchor a good engineer writes (issue 17), in the trainer's precision (and in fp32 beside a
     # bf16 trainer)
     with step_of(console, f"micro-batch loop (the anchor): {len(events)} events, {results['precision']}"):
-        results["micro_batch_loop"] = run_micro_batch_loop(
-            settings, tokenizer, events, cfg.warmup_events, bf16
+        results["micro_batch_loop"] = computing(
+            lambda: run_micro_batch_loop(settings, tokenizer, events, cfg.warmup_events, bf16)
         )
     release_memory()
     if bf16:
         with step_of(console, f"micro-batch loop (the anchor): {len(events)} events, fp32"):
-            fp32_loop = run_micro_batch_loop(fp32_settings, tokenizer, events, cfg.warmup_events, False)
+            fp32_loop = computing(
+                lambda: run_micro_batch_loop(fp32_settings, tokenizer, events, cfg.warmup_events, False)
+            )
         results["fp32"] = {
             "roofline": roofline_of(fp32_peaks, per_example),
             "trainer_alone": fastest(fp32_runs),
@@ -629,7 +649,7 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
         ):
             with step_of(console, f"ablation: {name}"):
                 s = cfg.run_settings(training={"bucket_window": window})
-                run = run_trainer_alone(s, tokenizer, events, cfg.warmup_events, fused=fused)
+                run = run_trainer_alone(s, tokenizer, events, cfg.warmup_events, fused=fused, threads=threads)
                 results["ablation"].append({"name": name, **run})
             release_memory()
 
@@ -648,12 +668,14 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
         release_memory()
 
     with step_of(console, f"hand-written loop: {cfg.hand_written_events} events, one per step"):
-        results["hand_written"] = run_user_loop(
-            settings, tokenizer, data.rows[: cfg.hand_written_events + 2], pad_to=None
+        results["hand_written"] = computing(
+            lambda: run_user_loop(settings, tokenizer, data.rows[: cfg.hand_written_events + 2], pad_to=None)
         )
     with step_of(console, f"tutorial loop: {cfg.tutorial_events} events padded to {TUTORIAL_LENGTH}"):
-        results["tutorial"] = run_user_loop(
-            settings, tokenizer, data.rows[: cfg.tutorial_events + 2], pad_to=TUTORIAL_LENGTH
+        results["tutorial"] = computing(
+            lambda: run_user_loop(
+                settings, tokenizer, data.rows[: cfg.tutorial_events + 2], pad_to=TUTORIAL_LENGTH
+            )
         )
     with step_of(console, f"consumer alone: {cfg.consumer_events} events parsed and tokenized"):
         results["consumer"] = measure_consumer(settings, tokenizer, data.all_values[: cfg.consumer_events])

@@ -24,6 +24,7 @@ from stream_learner.tools.datasets import STREAM, bundled_path, read_jsonl
 from stream_learner.training.distributed import Group
 from stream_learner.training.factory import build_trainer
 from stream_learner.training.observers import StepLog, StepRecord
+from stream_learner.training.threads import hand_over_threads, process_threads
 
 # ============================================================================================ data
 
@@ -148,12 +149,17 @@ def run_trainer_alone(
     warmup: int,
     fused: bool = True,
     group: Group | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """The trainer thread (``TrainingLoop.run``) on events fed from memory in consumer-sized batches.
 
     In a data-parallel ``group`` (``scaling.py``) each rank runs this on its share of the events.
-    ``fused`` False builds AdamW without the fused kernel (ablation).
+    ``fused`` False builds AdamW without the fused kernel (ablation). The trainer thread takes
+    ``threads`` (default: the process's, ``training/threads.py``), this one hands its own over, as
+    in the service.
     """
+    threads = threads or process_threads()
+    hand_over_threads()
     s = settings.model_copy(
         update={
             "publish": settings.publish.model_copy(
@@ -162,7 +168,7 @@ def run_trainer_alone(
         }
     )
     log = StepLog()
-    trainer = build_trainer(s, tokenizer, observers=[log], group=group, fused=fused)
+    trainer = build_trainer(s, tokenizer, observers=[log], group=group, fused=fused, threads=threads)
     records = log.records
     size = settings.kafka.poll_max_messages
 

@@ -44,6 +44,7 @@ def build_trainer(
     group: Group | None = None,
     drift: bool = True,
     fused: bool = True,
+    threads: int | None = None,
 ) -> TrainingLoop:
     """The trainer of a learner with ``settings`` and ``tokenizer``, wired as the service wires it.
 
@@ -63,6 +64,10 @@ def build_trainer(
         Whether to run the drift watch (when ``drift.enabled``); the evaluation runs it on one strategy.
     fused
         The fused AdamW kernel (the bench's ablation turns it off).
+    threads
+        torch's intra-op threads the trainer thread takes (``threads.py``): given by a caller that
+        handed its own over (:func:`~stream_learner.training.threads.hand_over_threads`); None keeps
+        the trainer thread's as they are (the evaluation trains in its own thread, no hand-over).
     """
     torch.manual_seed(settings.training.seed)  # torch's global generator: whatever is left random
     loaded = loaded or load_model(settings.model, settings.training.seed)
@@ -95,4 +100,5 @@ def build_trainer(
         publish_failed=publish_failed,
         group=group,
         restored=restored,
+        threads=threads,
     )

@@ -50,6 +50,7 @@ from stream_learner.training.engine import StepEngine
 from stream_learner.training.ledger import OffsetLedger
 from stream_learner.training.observers import LoopObserver, StepRecord
 from stream_learner.training.state import Counters, Snapshot
+from stream_learner.training.threads import take_threads
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class TrainingLoop:
         publish_failed: threading.Event | None = None,
         group: Group | None = None,
         restored: Snapshot | None = None,
+        threads: int | None = None,
     ) -> None:
         self.settings, self.engine, self.replay, self.drift, self.group = (
             settings,
@@ -85,6 +87,7 @@ class TrainingLoop:
             group,
         )
         self.fresh_queue, self.publish_queue, self.stop_event = fresh_queue, publish_queue, stop
+        self.threads = threads  # torch's intra-op threads this thread takes (threads.py)
         self.publish_failed = publish_failed or threading.Event()
         self.observers = list(observers)
         self.probe = sorted(probe, key=lambda e: len(e.input_ids))  # scored with little padding
@@ -119,6 +122,8 @@ class TrainingLoop:
     def run(self) -> None:
         """Thread target: train until ``stop`` is set, then hand over a final snapshot."""
         self.engine.bind_thread()  # this thread's CUDA device: not the main thread's
+        if self.threads is not None:  # the cores the builder's thread handed over (threads.py)
+            take_threads(self.threads)
         log.info("trainer on %s, %s", self.engine.device, self.engine.precision.describe())
         if self.group is not None:
             return self._run_in_group()

@@ -158,3 +158,32 @@ def test_the_trainer_thread_binds_its_own_device_first():
     thread.start()
     thread.join(timeout=30)
     assert seen == [thread]
+
+
+def test_the_trainer_thread_takes_the_threads_its_builder_handed_over():
+    """training/threads.py: the builder's thread computes on one thread, the trainer on the cores —
+    two OpenMP teams in one process slowed the trainer by a third (libgomp throttles its spin-waits)."""
+    from stream_learner.training.loop import TrainingLoop
+    from tests.support.factories import batch
+
+    s = small_settings()
+    loop = make_trainer(s)
+    loop.threads = 2  # what build_trainer(threads=…) sets
+    seen: list[int] = []
+
+    class Threads:
+        def on_take(self, queued: int) -> None:
+            pass
+
+        def on_step(self, record) -> None:
+            seen.append(torch.get_num_threads())
+            loop.stop_event.set()
+
+    loop.observers.append(Threads())
+    loop.fresh_queue.put(batch(_events(8)))
+    before = torch.get_num_threads()
+    thread = threading.Thread(target=TrainingLoop.run, args=(loop,), name="trainer")
+    thread.start()
+    thread.join(timeout=60)
+    assert seen and set(seen) == {2}
+    assert torch.get_num_threads() == before  # the caller's own count is its own
