@@ -155,8 +155,8 @@ def versions_list(config: ConfigOpt = None, as_json: Annotated[bool, typer.Optio
     to another), abandoned (off LATEST's chain: a rollback went below it, or its learner died before
     LATEST named it), incomplete (no manifest: a publish cut short), corrupt (unreadable manifest).
     """
-    from stream_learner.service.app import open_settings_store
-    from stream_learner.service.publisher import read_latest, survey_versions, version_statuses
+    from stream_learner.service.storage import open_settings_store
+    from stream_learner.service.versions import read_latest, survey_versions, version_statuses
 
     settings = _settings(config)
     store = open_settings_store(settings)
@@ -206,8 +206,8 @@ def _shown_status(status: str, manifest: dict) -> str:
 @versions_app.command("show")
 def versions_show(version: int, config: ConfigOpt = None) -> None:
     """Print one version's manifest."""
-    from stream_learner.service.app import open_settings_store
-    from stream_learner.service.publisher import read_manifest
+    from stream_learner.service.storage import open_settings_store
+    from stream_learner.service.versions import read_manifest
 
     store = open_settings_store(_settings(config))
     try:
@@ -231,8 +231,9 @@ def versions_rollback(
     newer than VERSION stay in storage, shown as abandoned (their events are trained again from
     VERSION's offsets, so the lineage from VERSION on stays exact), until pruned.
     """
-    from stream_learner.service.app import open_settings_store
-    from stream_learner.service.publisher import CorruptVersion, FencedOut, RollbackRefused, rollback
+    from stream_learner.service.publisher import rollback
+    from stream_learner.service.storage import open_settings_store
+    from stream_learner.service.versions import CorruptVersion, FencedOut, RollbackRefused
 
     store = open_settings_store(_settings(config))
     try:
@@ -258,8 +259,8 @@ def versions_prune(
 ) -> None:
     """Keep LATEST and its nearest ancestors, KEEP versions in all (0: keep every complete version);
     remove the leftovers of publishes cut short whatever KEEP is. Never LATEST, nor the newest version."""
-    from stream_learner.service.app import open_settings_store
-    from stream_learner.service.publisher import prune_versions
+    from stream_learner.service.storage import open_settings_store
+    from stream_learner.service.versions import prune_versions
 
     settings = _settings(config)
     keep = settings.publish.keep_versions if keep is None else keep

@@ -36,16 +36,11 @@ from stream_learner.core.model import check_max_length, load_model, load_tokeniz
 from stream_learner.service.consumer import EventConsumer
 from stream_learner.service.limits import MiB, memory_budget
 from stream_learner.service.metrics import Metrics, MetricsObserver
-from stream_learner.service.publisher import (
-    CorruptVersion,
-    Publisher,
-    load_newest_intact,
-    read_latest,
-    version_dir,
-)
+from stream_learner.service.publisher import Publisher, load_newest_intact
 from stream_learner.service.staging import remove_stale_staging_dirs, staging_dir
-from stream_learner.service.storage import ObjectStore, check_reachable, open_store
+from stream_learner.service.storage import check_reachable, open_settings_store
 from stream_learner.service.topics import ensure_topics, partition_count, require_topics
+from stream_learner.service.versions import CorruptVersion, read_latest, version_dir
 from stream_learner.training.distributed import Group, restored_for_rank
 from stream_learner.training.engine import pick_device
 from stream_learner.training.factory import build_trainer
@@ -54,18 +49,6 @@ from stream_learner.training.state import Snapshot
 from stream_learner.training.threads import hand_over_threads
 
 log = logging.getLogger(__name__)
-
-
-def open_settings_store(settings: Settings) -> ObjectStore:
-    p = settings.publish
-    secret = lambda s: s.get_secret_value() if s is not None else None  # noqa: E731
-    return open_store(
-        p.storage_url,
-        endpoint_url=p.s3_endpoint_url,
-        access_key_id=secret(p.s3_access_key_id),
-        secret_access_key=secret(p.s3_secret_access_key),
-        region=p.s3_region,
-    )
 
 
 def static_files(model, tokenizer) -> dict[str, bytes]:

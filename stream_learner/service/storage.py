@@ -46,7 +46,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from stream_learner.core.config import ENV_PREFIX, ConfigError
+from stream_learner.core.config import ENV_PREFIX, ConfigError, Settings
 
 _CHUNK = 1 << 20
 _LOCK_NAME = ".lock"
@@ -552,3 +552,16 @@ def check_reachable(store: ObjectStore, timeout_s: float = STORE_CHECK_TIMEOUT_S
         f"the object store {where} answered {code or 'an error'} (HTTP {status}) to a listing of "
         f"{store.url}: check {endpoint} and the server's health"
     ) from None
+
+
+def open_settings_store(settings: Settings) -> ObjectStore:
+    """The store of ``publish.*`` (its URL, endpoint and secrets)."""
+    p = settings.publish
+    secret = lambda s: s.get_secret_value() if s is not None else None  # noqa: E731
+    return open_store(
+        p.storage_url,
+        endpoint_url=p.s3_endpoint_url,
+        access_key_id=secret(p.s3_access_key_id),
+        secret_access_key=secret(p.s3_secret_access_key),
+        region=p.s3_region,
+    )

@@ -388,8 +388,8 @@ def run_pipeline(cfg: BenchConfig, data: BenchData, console: Console) -> dict[st
     """Broker → consumer → queue → trainer → publisher: a backlog, then paced events (see module doc)."""
     from stream_learner.service.app import Learner
     from stream_learner.service.producer import produce_lines
-    from stream_learner.service.publisher import read_manifest
     from stream_learner.service.topics import ensure_topics
+    from stream_learner.service.versions import read_manifest
     from stream_learner.tools.local_broker import LocalBroker
 
     backlog = cfg.warmup_events + cfg.measured_events

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from stream_learner.service.producer import produce_lines
-from stream_learner.service.publisher import list_versions, read_latest, read_manifest
 from stream_learner.service.storage import ObjectStore, open_store
 from stream_learner.service.topics import ensure_topics
+from stream_learner.service.versions import list_versions, read_latest, read_manifest
 from tests.integration.test_lineage import events
 from tests.support.learner_process import (
     SMALL_TRAINING,

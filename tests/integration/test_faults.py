@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from stream_learner.service.app import Learner
-from stream_learner.service.publisher import load_version, read_latest, read_manifest
+from stream_learner.service.publisher import load_version
 from stream_learner.service.topics import ensure_topics
+from stream_learner.service.versions import read_latest, read_manifest
 from stream_learner.tools.local_broker import LocalBroker, tansu_s3_env
 from tests.integration.test_lineage import NO_OFFSET, PARTITIONS, events, produce
 from tests.integration.test_pipeline import handled, learner_settings

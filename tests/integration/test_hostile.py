@@ -16,8 +16,8 @@ from stream_learner.core.events import (
     parse_event,
 )
 from stream_learner.service.app import Learner
-from stream_learner.service.publisher import list_versions
 from stream_learner.service.topics import ensure_topics
+from stream_learner.service.versions import list_versions
 from tests.integration.test_lineage import PARTITIONS, events
 from tests.integration.test_pipeline import handled, learner_settings, read_topic
 from tests.support.hostile import hostile_events

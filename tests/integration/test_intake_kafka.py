@@ -15,8 +15,8 @@ from stream_learner.core.events import HEADER_DETAIL, HEADER_REASON, Reason, enc
 from stream_learner.service.app import Learner
 from stream_learner.service.consumer import EventConsumer
 from stream_learner.service.metrics import Metrics
-from stream_learner.service.publisher import list_versions
 from stream_learner.service.topics import ensure_topics
+from stream_learner.service.versions import list_versions
 from tests.integration.test_hostile import dead_lettered, produce_hostile, start_in_dead_letter_outage
 from tests.integration.test_pipeline import PARTITIONS, handled, learner_settings, read_topic
 from tests.support.factories import tiny_rows, tokenizer

@@ -13,7 +13,9 @@ import pytest
 
 from stream_learner.core.events import encode_event
 from stream_learner.service.producer import produce_lines
-from stream_learner.service.publisher import (
+from stream_learner.service.storage import open_store
+from stream_learner.service.topics import ensure_topics
+from stream_learner.service.versions import (
     INCOMPLETE,
     MANIFEST,
     list_versions,
@@ -22,8 +24,6 @@ from stream_learner.service.publisher import (
     version_dir,
     version_statuses,
 )
-from stream_learner.service.storage import open_store
-from stream_learner.service.topics import ensure_topics
 from stream_learner.tools.datasets import malformed_events
 from tests.support.factories import tiny_rows
 from tests.support.learner_process import (

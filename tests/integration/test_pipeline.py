@@ -18,8 +18,8 @@ from stream_learner.core.events import (
 )
 from stream_learner.service.app import Learner
 from stream_learner.service.producer import produce_lines
-from stream_learner.service.publisher import list_versions, read_latest
 from stream_learner.service.topics import ensure_topics
+from stream_learner.service.versions import list_versions, read_latest
 from stream_learner.tools.datasets import malformed_events
 from tests.support.factories import small_settings, tiny_rows
 

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from stream_learner.cli import app as cli
 from stream_learner.core.events import encode_event
 from stream_learner.service.app import Learner
-from stream_learner.service.publisher import list_versions, read_latest, read_manifest
 from stream_learner.service.topics import ensure_topics
+from stream_learner.service.versions import list_versions, read_latest, read_manifest
 from stream_learner.tools.datasets import HELDOUT, bundled_path, read_jsonl
 from tests.integration.test_pipeline import PARTITIONS, handled, learner_settings, produce_events
 from tests.support.factories import pretrained_settings, tiny_rows

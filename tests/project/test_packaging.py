@@ -122,3 +122,24 @@ def test_the_learner_imports_without_the_tools() -> None:
         for layer in layers
     )
     assert int(result.stdout) == expected
+
+
+@pytest.mark.parametrize("command", [["versions", "list"], ["versions", "prune", "--keep", "3"]])
+def test_reading_versions_needs_no_torch(tmp_path: Path, command: list[str]) -> None:
+    """`stream-learner versions list|show|prune` read storage only (service/versions.py): with torch
+    refused, they work — an operator's question is answered in half a second, not after torch's 2 s
+    import. (`rollback` verifies the target's files, which loads them: it needs torch.)"""
+    config = tmp_path / "config.yaml"
+    config.write_text(f'{{"publish": {{"storage_url": "{(tmp_path / "store").as_uri()}"}}}}')
+    code = f"""
+    import sys
+    from typer.testing import CliRunner
+    from stream_learner.cli import app
+
+    result = CliRunner().invoke(app, {[*command, "-c", str(config)]!r})
+    assert result.exit_code == 0, result.output
+    assert "torch" not in sys.modules
+    print("ok")
+    """
+    result = subprocess.run(blocking(("torch",), code), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr

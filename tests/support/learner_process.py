@@ -18,8 +18,8 @@ from pathlib import Path
 import yaml
 from confluent_kafka import Consumer, TopicPartition
 
-from stream_learner.service.publisher import read_latest, read_manifest
 from stream_learner.service.storage import ObjectStore
+from stream_learner.service.versions import read_latest, read_manifest
 from stream_learner.tools.child_process import log_tail, parent_death_preexec, terminate_process
 from tests.support.services import free_ports
 from tests.support.tiny_model import tiny_model_dir

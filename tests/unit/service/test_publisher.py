@@ -19,7 +19,9 @@ from typer.testing import CliRunner
 from stream_learner.cli import app as cli
 from stream_learner.service.app import static_files
 from stream_learner.service.metrics import Metrics
-from stream_learner.service.publisher import (
+from stream_learner.service.publisher import Publisher, load_newest_intact, load_version, rollback
+from stream_learner.service.storage import LocalStore, ObjectStore
+from stream_learner.service.versions import (
     ABANDONED,
     CLAIM,
     FENCED,
@@ -31,21 +33,16 @@ from stream_learner.service.publisher import (
     WEIGHTS,
     CorruptVersion,
     FencedOut,
-    Publisher,
     RollbackRefused,
     chain_of,
     claim_writer,
     list_versions,
-    load_newest_intact,
-    load_version,
     prune_versions,
     read_latest,
     read_manifest,
-    rollback,
     version_dir,
     version_statuses,
 )
-from stream_learner.service.storage import LocalStore, ObjectStore
 from stream_learner.training.state import Counters, Snapshot
 from tests.support.factories import batch, make_trainer, small_settings, tiny_rows, tokenized, tokenizer
 

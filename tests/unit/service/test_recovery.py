@@ -25,7 +25,9 @@ from typer.testing import CliRunner
 from stream_learner.cli import app as cli
 from stream_learner.service.app import Learner
 from stream_learner.service.metrics import Metrics
-from stream_learner.service.publisher import (
+from stream_learner.service.publisher import Publisher, load_newest_intact, rollback
+from stream_learner.service.storage import LocalStore, open_store
+from stream_learner.service.versions import (
     ABANDONED,
     CLAIM,
     FENCED,
@@ -35,19 +37,15 @@ from stream_learner.service.publisher import (
     REJECTED,
     WEIGHTS,
     CorruptVersion,
-    Publisher,
     RollbackRefused,
     chain_of,
-    load_newest_intact,
     prune_versions,
     read_latest,
     read_manifest,
-    rollback,
     survey_versions,
     version_dir,
     version_statuses,
 )
-from stream_learner.service.storage import LocalStore, open_store
 from tests.support.factories import small_settings
 from tests.unit.service.test_publisher import (
     damage,
