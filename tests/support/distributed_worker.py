@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from stream_learner.training.distributed import Group
+from stream_learner.training.threads import run_with_threads
 from tests.support.factories import batch, make_trainer, small_settings, tiny_rows, tokenized
 
 DEVICE = os.environ.get("SL_TESTS_DEVICE", "cpu")
@@ -53,21 +54,7 @@ def _save_weights(trainer, path: Path) -> None:
 
 def in_thread(work) -> None:
     """``work()`` in a thread of its own, as the service runs its trainer; its exception re-raised."""
-    import threading
-
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            work()
-        except BaseException as e:  # re-raised below, in the main thread
-            errors.append(e)
-
-    thread = threading.Thread(target=target, name="trainer")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
+    run_with_threads(work, torch.get_num_threads(), name="trainer")
 
 
 def equivalence(group: Group, out: Path) -> None:
