@@ -297,16 +297,53 @@ def demo(
 # ------------------------------------------------------------------------------------------ eval
 @app.command("eval")
 def eval_(
+    stream: Annotated[
+        str | None,
+        typer.Option(
+            help="your stream instead of the bundled one: a JSONL file of events, or kafka://TOPIC "
+            "(a range of a topic: --from/--to, the broker from --broker or kafka.bootstrap_servers)"
+        ),
+    ] = None,
+    heldout: Annotated[
+        str | None,
+        typer.Option(
+            help="with --stream: a JSONL file of held-out events, or last:P% (the stream's last P %)"
+        ),
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(help="with --stream: the label names, comma-separated (default: model.labels)"),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="with --stream: only its first N events")] = None,
+    start: Annotated[
+        str | None, typer.Option("--from", help="kafka:// range start: an offset, an ISO time or ms:EPOCH_MS")
+    ] = None,
+    end: Annotated[
+        str | None, typer.Option("--to", help="kafka:// range end (exclusive); default: the end of the topic")
+    ] = None,
+    slices: Annotated[
+        int, typer.Option(help="with --stream whose rows have no 'segment': equal slices scored apart")
+    ] = 4,
+    sweep: Annotated[
+        list[str],
+        typer.Option(
+            help="tune: section.key=v1,v2,… (repeatable; the grid of all of them, on top of default)"
+        ),
+    ] = [],  # noqa: B006
+    budget_minutes: Annotated[
+        float | None, typer.Option(help="start no run that would end after this (cheapest runs first)")
+    ] = None,
     scenario: Annotated[
         str, typer.Option(help="covariate | prior_shift | imbalanced | all (= covariate and prior_shift)")
     ] = "all",
     strategies: Annotated[
         str,
         typer.Option(
-            help="comma-separated: frozen,naive,replay,l2sp,default,offline,default_cbrs or variants"
+            help="comma-separated: frozen,naive,replay,l2sp,default,offline,default_cbrs or variants "
+            "(with --stream, default: default,naive,offline)"
         ),
     ] = "",
-    per_domain: Annotated[int | None, typer.Option(help="stream events per domain")] = None,
+    per_domain: Annotated[int | None, typer.Option(help="bundled stream: events per domain")] = None,
     seeds: Annotated[int | None, typer.Option(help="seeds of default, naive and offline")] = None,
     other_seeds: Annotated[int | None, typer.Option(help="seeds of the other strategies")] = None,
     seed_count: Annotated[list[str], typer.Option(help="per-strategy seeds, NAME=N (repeatable)")] = [],  # noqa: B006
@@ -314,10 +351,14 @@ def eval_(
         list[str],
         typer.Option(help="extra strategy: NAME:section.key=value[,…] on top of default (repeatable)"),
     ] = [],  # noqa: B006
-    heldout_per_domain: Annotated[
-        int | None, typer.Option(help="held-out events per domain; 0 = all")
+    heldout_per_segment: Annotated[
+        int | None,
+        typer.Option(
+            "--heldout-per-segment", "--heldout-per-domain", help="held-out events per segment; 0 = all"
+        ),
     ] = None,
     eval_every: Annotated[int | None, typer.Option(help="events between held-out checkpoints")] = None,
+    max_length: Annotated[int | None, typer.Option(help="model.max_length (tokens kept per event)")] = None,
     layers: Annotated[int | None, typer.Option(help="encoder layers kept (default: all)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: one per core)")] = None,
     jobs: Annotated[
@@ -332,15 +373,28 @@ def eval_(
         str | None,
         typer.Option(help="send the stream through Kafka and the service's consumer: 'local' or HOST:PORT"),
     ] = None,
-    out: Annotated[Path, typer.Option(help="results.json and the plots go here")] = Path(
-        "stream-learner-eval"
-    ),
+    out: Annotated[
+        Path, typer.Option(help="results.json, report.html, recommended.yaml and the plots go here")
+    ] = Path("stream-learner-eval"),
     config: ConfigOpt = None,
 ) -> None:
-    """The quality benchmark: strategies side by side on drifting streams, prequential and held out."""
+    """Will it help on my stream, and with which settings? Strategies side by side, prequential and held out.
+
+    \b
+    Your stream, from a file to a recommended configuration:
+      1. stream-learner eval --stream events.jsonl --heldout heldout.jsonl --labels spam,ham
+      2. open stream-learner-eval/report.html (ranking, held-out accuracy per segment, drift, label mix)
+      3. stream-learner eval --stream events.jsonl --heldout heldout.jsonl --labels spam,ham \\
+           --sweep training.learning_rate=1e-5,3e-5 --sweep model.max_length=128,256 --budget-minutes 60
+      4. stream-learner run -c stream-learner-eval/recommended.yaml   (add your kafka.* and publish.*)
+    Events are the learner's own format (README, "Events"); a row's optional "segment" (a source, a
+    month, a customer…) groups the scores. From Kafka: --stream kafka://TOPIC --from … --to …
+    --heldout last:10%. Without --stream: the bundled VADER scenarios (docs/quality.md).
+    """
     _require_tools("eval")
     from stream_learner.tools import evaluation as ev
     from stream_learner.tools import evaluation_report
+    from stream_learner.tools import sweep as tuning
 
     _settings(config)  # a bad settings file fails before anything heavy
     changes: dict = {"drift": drift}
@@ -354,16 +408,31 @@ def eval_(
         "threads": threads,
         "jobs": jobs,
         "broker": broker,
+        "stream": stream,
+        "heldout": heldout,
+        "limit": limit,
+        "start": start,
+        "end": end,
+        "slices": slices,
+        "budget_minutes": budget_minutes,
+        "max_length": max_length,
     }.items():
         if value is not None:
             changes[key] = value
-    if heldout_per_domain is not None:
-        changes["heldout_per_domain"] = heldout_per_domain or None
+    if heldout_per_segment is not None:
+        changes["heldout_per_segment"] = heldout_per_segment or None
     try:
-        changes["variants"] = {v.name: v for v in map(ev.parse_variant, variant)}
+        if stream is None and (heldout or labels or start or end or limit):
+            raise ValueError("--heldout, --labels, --limit, --from and --to go with --stream")
+        if labels is not None:
+            changes["labels"] = tuple(x.strip() for x in labels.split(",") if x.strip())
+        variants = [*map(ev.parse_variant, variant), *tuning.grid(sweep)]
+        changes["variants"] = {v.name: v for v in variants}
         changes["seed_counts"] = {k: int(n) for k, _, n in (s.partition("=") for s in seed_count)}
         if strategies:
             changes["strategies"] = tuple(s.strip() for s in strategies.split(",") if s.strip())
+        elif stream is not None:
+            changes["strategies"] = ev.CORE_STRATEGIES
         if changes["variants"]:  # a variant given is a variant run
             listed = (
                 changes.get("strategies") or (ev.EvalConfig.quick() if quick else ev.EvalConfig()).strategies
@@ -372,14 +441,19 @@ def eval_(
         if config is not None:
             dumped = _settings(config).model_dump(mode="json", exclude_unset=True)
             changes["settings"] = {
-                k: v for k, v in dumped.items() if k in ("model", "training", "replay", "drift")
+                k: v
+                for k, v in dumped.items()
+                if k in ("model", "training", "replay", "drift", "kafka", "events")
             }
         cfg = ev.EvalConfig.quick(**changes) if quick else ev.EvalConfig(**changes)
         ev.plan_runs(cfg)
     except ValueError as err:
         raise _fail("eval", err) from None
     _logging("WARNING")
-    results = ev.run_benchmark(cfg, out, console=console)
+    try:
+        results = ev.run_benchmark(cfg, out, console=console)
+    except (ValueError, RuntimeError) as err:  # the user's files, topic or labels: say what to fix
+        raise _fail("eval", err) from None
     for table in evaluation_report.tables(results):
         Console().print(table)
     for scenario_name, d in results["drift"].items():
@@ -388,7 +462,10 @@ def eval_(
                 f"drift ({scenario_name}, seed {s['seed']}): delays {s['delays']}, "
                 f"false alarms per 5,000 events {s['false_alarms_per_5000']['any']:.2f}"
             )
-    console.print(f"results: {out / 'results.json'}; plots: {', '.join(results['plots'])}")
+    written = ["results.json", *results["plots"], *results.get("reports", [])]
+    console.print(f"written to {out}: {', '.join(written)}")
+    if results.get("not_run"):
+        console.print(f"[yellow]not run[/]: {len(results['not_run'])} runs did not fit in the budget")
 
 
 # ----------------------------------------------------------------------------------------- bench

@@ -54,21 +54,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import torch
 
 from stream_learner.core.batching import collate
 from stream_learner.core.config import Settings, load_settings
-from stream_learner.core.events import LabeledEvent, LabelSet, TokenizedEvent
+from stream_learner.core.events import LabeledEvent, LabelSet, TokenizedEvent, encode_event
 from stream_learner.core.intake import Tokenize
 from stream_learner.core.model import load_tokenizer
 from stream_learner.core.prequential import accuracy, macro_f1
 from stream_learner.service.metrics import Metrics
+from stream_learner.tools import stream_source as source
 from stream_learner.tools.datasets import DOMAINS, HELDOUT, STREAM, bundled_path, read_jsonl
-from stream_learner.tools.evaluation_report import write_plots
+from stream_learner.tools.evaluation_report import write_plots, write_reports
 from stream_learner.training.factory import build_trainer
 from stream_learner.training.observers import LoopObserver, StepRecord
 
-FORMAT = 1
+FORMAT = 2  # 2: segments (the bundled domains or the user's) instead of the fixed four domains
 CORE_STRATEGIES = ("default", "naive", "offline")  # the ones the issue wants with ≥ 3 seeds
 MAX_DEFAULT_JOBS = 4  # each job holds a model, its optimizer state and the streams (≈ 1 GB)
 
@@ -189,11 +191,6 @@ SCENARIOS = {
 }
 
 
-def boundaries_of(domains: Sequence[int]) -> list[int]:
-    """Indices of the first event of each new domain block."""
-    return [i for i in range(1, len(domains)) if domains[i] != domains[i - 1]]
-
-
 # ========================================================================================= strategies
 
 
@@ -270,12 +267,12 @@ class EvalConfig:
     scenarios: tuple[str, ...] = ("covariate", "prior_shift")
     strategies: tuple[str, ...] = SIX
     # the defaults are the full comparison's slice, sized for < 2 h on a 2-core CPU (docs/quality.md)
-    per_domain: int = 500  # stream events per domain
-    heldout_per_domain: int | None = 200  # held-out events per domain scored at each checkpoint; None = all
+    per_domain: int = 500  # stream events per domain (of the bundled scenarios)
+    heldout_per_segment: int | None = 200  # held-out events per segment scored at each checkpoint; None = all
     seeds: int = 3  # seeds of the core strategies (default, naive, offline)
     other_seeds: int = 1  # seeds of the others
     seed_counts: dict[str, int] = field(default_factory=dict)  # per-strategy override
-    eval_every: int | None = None  # events between held-out checkpoints; None = twice per domain
+    eval_every: int | None = None  # events between held-out checkpoints; None = twice per segment
     majority_share: float = 0.85  # prior_shift
     imbalance_share: float = 0.9  # imbalanced
     data_seed: int = 0  # resampling of the skewed scenarios and of the held-out subset
@@ -293,6 +290,16 @@ class EvalConfig:
     # the stream through Kafka and the service's consumer: None = tokenized in process; "local" = a
     # local broker started for the run; otherwise the bootstrap servers of a running one
     broker: str | None = None
+    # the user's own stream instead of the bundled scenarios (stream_source): a JSONL path or
+    # kafka://TOPIC (with start/end: offsets or times), its held-out set (a path or last:P%), its labels
+    stream: str | None = None
+    heldout: str | None = None
+    labels: tuple[str, ...] | None = None
+    limit: int | None = None  # the first N events of the stream file
+    start: str | None = None
+    end: str | None = None
+    slices: int = 4  # segments of a stream whose rows have no segment field
+    budget_minutes: float | None = None  # start no run that would end after it (cheapest runs first)
 
     @classmethod
     def quick(cls, **changes: Any) -> EvalConfig:
@@ -304,7 +311,7 @@ class EvalConfig:
         base: dict[str, Any] = {
             "strategies": ("naive", "default", "offline"),
             "per_domain": 32,
-            "heldout_per_domain": 16,
+            "heldout_per_segment": 16,
             "seeds": 1,
             "other_seeds": 1,
             "eval_every": 16,
@@ -328,8 +335,16 @@ class EvalConfig:
             return self.seed_counts[strategy]
         return self.seeds if strategy in CORE_STRATEGIES else self.other_seeds
 
-    def checkpoint_every(self) -> int:
-        return self.eval_every or max(1, self.per_domain // 2)
+    def checkpoint_every(self, n_events: int, n_segments: int) -> int:
+        return self.eval_every or max(1, n_events // (2 * max(1, n_segments)))
+
+    def scenario_names(self) -> tuple[str, ...]:
+        """The bundled scenarios, or the one scenario of the user's stream (named after its file or topic)."""
+        if self.stream is None:
+            return self.scenarios
+        if self.stream.startswith(source.KAFKA_SCHEME):
+            return (self.stream[len(source.KAFKA_SCHEME) :],)
+        return (Path(self.stream).stem,)
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -348,6 +363,8 @@ def _merge(*layers: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]
 def run_settings(cfg: EvalConfig, strategy: Strategy, seed: int) -> Settings:
     """The settings of one run: defaults ← ``cfg.settings`` ← the model size ← the strategy ← the seed."""
     model: dict[str, Any] = {"max_length": cfg.max_length}
+    if cfg.labels is not None:
+        model["labels"] = list(cfg.labels)
     if cfg.layers is not None:
         model["num_hidden_layers"] = cfg.layers
     return load_settings(
@@ -369,45 +386,162 @@ class HeldOut:
 
     batches: list[dict[str, torch.Tensor]]
     labels: np.ndarray  # in batch order
-    domains: np.ndarray  # domain index per example, in batch order
+    segments: np.ndarray  # segment index per example, in batch order
+    names: tuple[str, ...]  # the segments' names
     sizes: dict[str, int]
 
 
 @dataclass
 class Scenario:
-    """One scenario's stream, tokenized, with the domain of every event and the block boundaries."""
+    """One scenario's stream, tokenized, with the segment of every event and the segment blocks.
+
+    ``boundaries`` are the first events of each new segment block, or ``None`` when a segment recurs
+    (then forgetting and backward transfer are not defined: :func:`stream_source.segment_blocks`).
+    """
 
     name: str
     events: list[TokenizedEvent]
-    domains: np.ndarray  # int, index into DOMAINS
-    boundaries: list[int]
+    segments: np.ndarray  # int, index into the held-out set's names
+    boundaries: list[int] | None
+    about: str = ""
+    shifts_known: bool = True  # the boundaries are real shifts (segments), not equal slices: score drift
 
     @property
     def labels(self) -> np.ndarray:
         return np.array([e.label for e in self.events], dtype=np.int64)
 
 
-def tokenize_rows(rows: Sequence[Row], tokenize: Tokenize, labels: LabelSet) -> list[TokenizedEvent]:
-    """Rows → :class:`TokenizedEvent` as the consumer makes them (offsets = positions in the stream)."""
-    events = [LabeledEvent(text=r["text"], label=labels.index(r["label"])) for r in rows]
+@dataclass
+class StreamInput:
+    """The validated events of every scenario and of the held-out set, with their segments."""
+
+    scenarios: dict[str, tuple[list[LabeledEvent], np.ndarray, str]]  # name → events, segment ids, about
+    heldout: list[LabeledEvent]
+    heldout_segments: np.ndarray
+    names: tuple[str, ...]
+    by_field: bool
+    report: dict[str, Any]  # what was read: rows, valid, invalid by reason, per source
+
+
+def bundled_input(cfg: EvalConfig, settings: Settings) -> StreamInput:
+    """The bundled VADER scenarios (:data:`SCENARIOS`): segments are its four domains."""
+    for name in cfg.scenarios:
+        if name not in SCENARIOS:
+            raise ValueError(f"unknown scenario {name!r}; choose from {sorted(SCENARIOS)}")
+    labels, limit = LabelSet(settings.model.labels), settings.events.max_text_bytes
+
+    def parse(rows: Sequence[Row], name: str) -> source.LabeledRows:
+        return source.parse_rows(
+            (orjson.dumps({**r, "segment": r["domain"]}) for r in rows), labels, limit, name
+        )
+
+    stream_rows = list(read_jsonl(bundled_path(STREAM)))
+    scenarios = {}
+    for name in cfg.scenarios:
+        rows = parse(make_stream(name, stream_rows, cfg, settings.model.labels), name)
+        scenarios[name] = (rows.events, np.array([DOMAINS.index(s) for s in rows.segments]), SCENARIOS[name])
+    heldout = parse(_per_segment_subset(list(read_jsonl(bundled_path(HELDOUT))), cfg), HELDOUT)
+    return StreamInput(
+        scenarios,
+        heldout.events,
+        np.array([DOMAINS.index(s) for s in heldout.segments], dtype=np.int64),
+        DOMAINS,
+        True,
+        {"heldout": heldout.summary()},
+    )
+
+
+def _per_segment_subset(rows: Sequence[Row], cfg: EvalConfig) -> list[Row]:
+    rng = np.random.default_rng(cfg.data_seed)
+    chosen: list[Row] = []
+    for domain in DOMAINS:
+        block = [r for r in rows if r["domain"] == domain]
+        if cfg.heldout_per_segment is not None and len(block) > cfg.heldout_per_segment:
+            block = [block[i] for i in sorted(rng.choice(len(block), cfg.heldout_per_segment, replace=False))]
+        chosen.extend(block)
+    return chosen
+
+
+def user_input(cfg: EvalConfig, settings: Settings) -> StreamInput:
+    """The user's stream (a JSONL file or a Kafka topic range) and held-out set (a file or ``last:P%``)."""
+    assert cfg.stream is not None
+    if cfg.heldout is None:
+        raise ValueError(
+            "--stream needs --heldout: a JSONL file of held-out events, or last:P% of the stream"
+        )
+    labels, limit = LabelSet(settings.model.labels), settings.events.max_text_bytes
+    (name,) = cfg.scenario_names()
+    report: dict[str, Any] = {}
+    if cfg.stream.startswith(source.KAFKA_SCHEME):
+        rng = source.KafkaRange.parse(cfg.stream, cfg.start, cfg.end)
+        client = settings.kafka.librdkafka()
+        if cfg.broker not in (None, "local"):
+            client["bootstrap.servers"] = cfg.broker
+        records, spans = source.read_topic_range(rng, client)
+        values = [value for *_, value in records][: cfg.limit]
+        stream = source.parse_rows(values, labels, limit, cfg.stream)
+        report["kafka"] = {"topic": rng.topic, "start": cfg.start, "end": cfg.end, "partitions": spans}
+    else:
+        stream = source.parse_rows(source.jsonl_values(cfg.stream, cfg.limit), labels, limit, cfg.stream)
+    share = source.split_heldout(cfg.heldout)
+    if share is not None:
+        stream, heldout = source.time_split(stream, share)
+    else:
+        heldout = source.parse_rows(source.jsonl_values(cfg.heldout), labels, limit, cfg.heldout)
+    if len(stream.events) < 2 or not heldout.events:
+        raise ValueError(
+            f"{cfg.stream}: {len(stream.events)} valid stream events and {len(heldout.events)} held-out "
+            f"ones (invalid: {stream.invalid or 'none'}): check the labels ({', '.join(labels.names)}) "
+            "and the event format (README, 'Events')"
+        )
+    seg = source.assign_segments(stream, heldout, cfg.slices)
+    keep = _subset_per_segment(seg.heldout, len(seg.names), cfg)
+    report.update(stream=stream.summary(), heldout=heldout.summary())
+    return StreamInput(
+        {name: (stream.events, seg.stream, f"{cfg.stream}, in its own order")},
+        [heldout.events[i] for i in keep],
+        seg.heldout[keep],
+        seg.names,
+        seg.by_field,
+        report,
+    )
+
+
+def _subset_per_segment(ids: np.ndarray, n_segments: int, cfg: EvalConfig) -> np.ndarray:
+    """Indices of at most ``cfg.heldout_per_segment`` held-out events per segment (seeded), in order."""
+    rng = np.random.default_rng(cfg.data_seed)
+    keep: list[int] = []
+    for k in range(n_segments):
+        members = np.flatnonzero(ids == k)
+        if cfg.heldout_per_segment is not None and len(members) > cfg.heldout_per_segment:
+            members = np.sort(rng.choice(members, cfg.heldout_per_segment, replace=False))
+        keep.extend(members.tolist())
+    return np.array(sorted(keep), dtype=np.int64)
+
+
+def tokenize_events(events: Sequence[LabeledEvent], tokenize: Tokenize) -> list[TokenizedEvent]:
+    """Events → :class:`TokenizedEvent` as the consumer makes them (offsets = positions in the stream)."""
     return [
         TokenizedEvent(input_ids=ids, label=e.label, pair_start=start, partition=0, offset=i, timestamp_ms=0)
-        for i, (e, (ids, start)) in enumerate(zip(events, tokenize(events), strict=True))
+        for i, (e, (ids, start)) in enumerate(zip(events, tokenize(list(events)), strict=True))
     ]
 
 
 def events_through_broker(
-    rows: Sequence[Row], settings: Settings, tokenizer: Any, bootstrap: str, timeout_s: float = 300.0
+    events: Sequence[LabeledEvent],
+    settings: Settings,
+    tokenizer: Any,
+    bootstrap: str,
+    timeout_s: float = 300.0,
 ) -> list[TokenizedEvent]:
     """The stream as the learner receives it: produced to Kafka, read back by the service's consumer.
 
-    The rows are produced (as the events users send, :func:`~stream_learner.core.events.encode_event`) to a
-    fresh one-partition topic — one partition keeps the stream's order — and consumed by an
-    :class:`~stream_learner.service.consumer.EventConsumer` thread, which parses, validates and tokenizes them
-    exactly as in the service. Every row is valid, so every one must come back, in order; raises
+    The events are produced (as the events users send, :func:`~stream_learner.core.events.encode_event`)
+    to a fresh one-partition topic — one partition keeps the stream's order — and consumed by an
+    :class:`~stream_learner.service.consumer.EventConsumer` thread, which parses, validates and tokenizes
+    them exactly as in the service. Every event is valid, so every one must come back, in order; raises
     :class:`RuntimeError` otherwise.
     """
-    from stream_learner.core.events import encode_event
     from stream_learner.service.consumer import EventConsumer
     from stream_learner.service.producer import produce_lines
     from stream_learner.service.topics import ensure_topics
@@ -428,9 +562,13 @@ def events_through_broker(
             },
         )
     )
+    names = s.model.labels
     ensure_topics(s.kafka.librdkafka(), {topic: 1, s.kafka.dead_letter_topic: 1})
     produce_lines(
-        s.kafka.librdkafka(), topic, [encode_event(r["text"], r["label"]) for r in rows], partition=0
+        s.kafka.librdkafka(),
+        topic,
+        [encode_event(e.text, names[e.label], text_pair=e.text_pair) for e in events],
+        partition=0,
     )
 
     fresh: queue.Queue = queue.Queue(maxsize=s.kafka.queue_max_batches)
@@ -438,55 +576,58 @@ def events_through_broker(
     consumer = EventConsumer(s, tokenizer, fresh, queue.Queue(), Metrics(), stop)
     thread = threading.Thread(target=consumer.run, name="eval-consumer", daemon=True)
     thread.start()
-    events: list[TokenizedEvent] = []
+    out: list[TokenizedEvent] = []
     deadline = time.monotonic() + timeout_s
     try:
-        while len(events) < len(rows) and time.monotonic() < deadline and thread.is_alive():
+        while len(out) < len(events) and time.monotonic() < deadline and thread.is_alive():
             try:
-                events.extend(fresh.get(timeout=0.5).events)
+                out.extend(fresh.get(timeout=0.5).events)
             except queue.Empty:
                 continue
     finally:
         stop.set()
         consumer.close_event.set()
         thread.join(timeout=30)
-    if [e.offset for e in events] != list(range(len(rows))):
+    if [e.offset for e in out] != list(range(len(events))):
         raise RuntimeError(
-            f"{len(events)} of {len(rows)} events came back from topic {topic!r} within {timeout_s:.0f} s "
+            f"{len(out)} of {len(events)} events came back from topic {topic!r} within {timeout_s:.0f} s "
             f"(or out of order): is the broker at {bootstrap} up?"
         )
-    return events
+    return out
 
 
 def build_heldout(
-    rows: Sequence[Row], cfg: EvalConfig, tokenize: Tokenize, labels: LabelSet, pad_id: int, with_types: bool
+    events: Sequence[LabeledEvent],
+    segments: np.ndarray,
+    names: Sequence[str],
+    cfg: EvalConfig,
+    tokenize: Tokenize,
+    pad_id: int,
+    with_types: bool,
 ) -> HeldOut:
-    rng = np.random.default_rng(cfg.data_seed)
-    chosen: list[Row] = []
-    for domain in DOMAINS:
-        block = [r for r in rows if r["domain"] == domain]
-        if cfg.heldout_per_domain is not None and len(block) > cfg.heldout_per_domain:
-            block = [block[i] for i in sorted(rng.choice(len(block), cfg.heldout_per_domain, replace=False))]
-        chosen.extend(block)
-    events = tokenize_rows(chosen, tokenize, labels)
-    order = sorted(range(len(events)), key=lambda i: len(events[i].input_ids))
+    tokenized = tokenize_events(events, tokenize)
+    order = sorted(range(len(tokenized)), key=lambda i: len(tokenized[i].input_ids))
     batches = [
-        collate([events[i] for i in order[k : k + cfg.eval_batch_size]], pad_id, with_types)
+        collate([tokenized[i] for i in order[k : k + cfg.eval_batch_size]], pad_id, with_types)
         for k in range(0, len(order), cfg.eval_batch_size)
     ]
     for b in batches:
         b.pop("labels")
     return HeldOut(
         batches=batches,
-        labels=np.array([events[i].label for i in order], dtype=np.int64),
-        domains=np.array([DOMAINS.index(chosen[i]["domain"]) for i in order], dtype=np.int64),
-        sizes={d: sum(r["domain"] == d for r in chosen) for d in DOMAINS},
+        labels=np.array([tokenized[i].label for i in order], dtype=np.int64),
+        segments=np.asarray(segments, dtype=np.int64)[order],
+        names=tuple(names),
+        sizes={name: int(np.sum(segments == k)) for k, name in enumerate(names)},
     )
 
 
 @torch.no_grad()
 def evaluate_heldout(model: torch.nn.Module, heldout: HeldOut) -> tuple[list[float], list[float]]:
-    """Accuracy and macro-F1 per domain of the model as it is now (eval mode, no gradient)."""
+    """Accuracy and macro-F1 per segment of the model as it is now (eval mode, no gradient).
+
+    A segment without held-out events scores NaN.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -498,10 +639,10 @@ def evaluate_heldout(model: torch.nn.Module, heldout: HeldOut) -> tuple[list[flo
     )
     model.train(was_training)
     accs, f1s = [], []
-    for d in range(len(DOMAINS)):
-        m = heldout.domains == d
+    for k in range(len(heldout.names)):
+        m = heldout.segments == k
         accs.append(accuracy(preds[m], heldout.labels[m]))
-        f1s.append(macro_f1(preds[m], heldout.labels[m]))
+        f1s.append(macro_f1(preds[m], heldout.labels[m]) if m.any() else math.nan)
     return accs, f1s
 
 
@@ -553,9 +694,12 @@ def run_one(
     events = [
         dataclasses.replace(e, partition=0, offset=i) for i, e in enumerate(events)
     ]  # i: stream position
-    domains = scenario.domains if order is None else scenario.domains[order]
+    segments = scenario.segments if order is None else scenario.segments[order]
     n = len(events)
-    checkpoints = checkpoint_positions(n, scenario.boundaries, cfg.checkpoint_every())
+    # checkpoints at the end of every segment block (or equal slice), and in between
+    n_blocks = len(set(scenario.segments.tolist()))
+    ends = [*(scenario.boundaries or source.equal_slice_starts(n, n_blocks)), n]
+    checkpoints = checkpoint_positions(n, ends[:-1], cfg.checkpoint_every(n, n_blocks))
 
     scores = PrequentialRecord(n)
     trainer = build_trainer(
@@ -589,10 +733,13 @@ def run_one(
         checkpoint(stop)
     correct, losses = scores.correct, scores.losses
 
-    # the accuracy matrix at the domain boundaries: row i = after the events of block i
-    ends = [*scenario.boundaries, n]
+    # the accuracy matrix at the segment boundaries: row i = after the events of block i, column j =
+    # the stream's j-th segment (segments only in the held-out set are scored, but not in it)
     at = {c["events"]: c for c in curve}
-    matrix = np.array([at[e]["accuracy"] for e in ends])
+    if scenario.boundaries is not None:
+        matrix = np.array([at[e]["accuracy"][: len(ends)] for e in ends], dtype=np.float64)
+    else:
+        matrix = np.full((1, 1), math.nan)  # a segment recurs: no "just after learning it" (forgetting)
     final = curve[-1]
     result: dict[str, Any] = {
         "scenario": scenario.name,
@@ -606,10 +753,10 @@ def run_one(
         "param_distance": float(trainer.engine.l2sp.squared_distance()) ** 0.5,
         "checkpoints": curve,
         "boundary_events": ends,
-        "accuracy_matrix": matrix.tolist(),
+        "accuracy_matrix": matrix.tolist() if scenario.boundaries is not None else None,
         "metrics": {
-            "final_accuracy": float(np.mean(final["accuracy"])),
-            "final_f1": float(np.mean(final["f1"])),
+            "final_accuracy": _nanmean(final["accuracy"]),
+            "final_f1": _nanmean(final["f1"]),
             "forgetting": average_forgetting(matrix),
             "bwt": backward_transfer(matrix),
             "prequential_accuracy": float(correct.mean()),
@@ -619,13 +766,20 @@ def run_one(
             "correct": correct.astype(np.int8).tolist(),
             "loss": np.round(losses, 4).tolist(),
             "label": [e.label for e in events],
-            "domain": domains.tolist(),
+            "segment": segments.tolist(),
         },
     }
     if trainer.drift is not None:
         positions = trainer.drift.monitor.detection_positions()
-        result["drift"] = {"positions": positions, "report": drift_report(positions, scenario.boundaries, n)}
+        result["drift"] = {"positions": positions}
+        if scenario.shifts_known:
+            result["drift"]["report"] = drift_report(positions, ends[:-1], n)
     return result
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
 
 
 # ========================================================================================== the bench
@@ -651,7 +805,7 @@ def summarize_drift(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Per scenario, the default runs' detection reports and their aggregate (delays, false alarms)."""
     out: dict[str, Any] = {}
     for r in runs:
-        if "drift" not in r:
+        if "report" not in r.get("drift", {}):
             continue
         rep = r["drift"]["report"]
         entry = out.setdefault(r["scenario"], {"per_seed": [], "all_ok": True})
@@ -677,7 +831,7 @@ def plan_runs(cfg: EvalConfig) -> list[tuple[str, Strategy, int]]:
         raise ValueError(f"jobs must be at least 1, not {cfg.jobs}")
     return [
         (scenario, cfg.strategy(name), seed)
-        for scenario in cfg.scenarios
+        for scenario in cfg.scenario_names()
         for name in cfg.strategies
         for seed in range(cfg.n_seeds(name))
     ]
@@ -711,28 +865,63 @@ def _run_in_worker(scenario: str, strategy: Strategy, seed: int) -> dict[str, An
     )
 
 
+class Budget:
+    """Which runs to start, and in which order, so that everything started ends within ``minutes``.
+
+    Without a budget the costliest runs go first (the last to finish are short: the cores stay busy).
+    With one the cheapest go first — as many settings as the budget allows — and a run starts only if
+    the time it is expected to take fits in what is left: its cost (:func:`run_cost` × events) times the
+    seconds per unit of cost measured on the runs done so far (the first run always starts).
+    """
+
+    def __init__(
+        self, plan: Sequence[tuple[str, Strategy, int]], scenarios: Mapping[str, Scenario], cfg: EvalConfig
+    ) -> None:
+        self.costs = [run_cost(st, cfg) * len(scenarios[sc].events) for sc, st, _ in plan]
+        self.limit = None if cfg.budget_minutes is None else 60.0 * cfg.budget_minutes
+        cheapest_first = self.limit is not None
+        self.order = sorted(range(len(plan)), key=lambda i: self.costs[i] * (1 if cheapest_first else -1))
+        self.started = time.perf_counter()
+        self._spent: list[tuple[float, float]] = []  # (cost, seconds) of the runs done
+
+    def done(self, i: int, seconds: float) -> None:
+        self._spent.append((self.costs[i], seconds))
+
+    def fits(self, i: int, running: int = 0) -> bool:
+        """Whether run ``i`` may start now (``running``: runs started and not done)."""
+        if self.limit is None or (not self._spent and running == 0):
+            return True
+        if not self._spent:
+            return False  # within a budget, a second run waits for the first one's measurement
+        rate = sum(s for _, s in self._spent) / sum(c for c, _ in self._spent)
+        left = self.limit - (time.perf_counter() - self.started)
+        return self.costs[i] * rate <= left
+
+
 def run_in_processes(
     plan: Sequence[tuple[str, Strategy, int]],
     scenarios: dict[str, Scenario],
     heldout: HeldOut,
     cfg: EvalConfig,
+    budget: Budget,
     bar: Any,
     task: Any,
-) -> list[dict[str, Any]]:
+) -> list[dict[str, Any] | None]:
     """The runs of ``plan`` on ``cfg.jobs`` worker processes; the results in ``plan``'s order.
 
     Runs are independent, so on a machine with several cores whole runs in parallel use them better
     than torch's intra-op threads do on a small model. Workers are spawned (not forked: the parent
-    holds torch's thread pools) and each gets the tokenized streams once; the costliest runs go first
-    so the last ones to finish are short. Each worker reports its steps through a queue, which feeds
-    the progress bar. A run's result does not depend on the process it ran in.
+    holds torch's thread pools) and each gets the tokenized streams once; runs are handed out one per
+    free worker in the :class:`Budget`'s order, and a run the budget has no time for is not started
+    (its result is ``None``). Each worker reports its steps through a queue, which feeds the progress
+    bar. A run's result does not depend on the process it ran in.
     """
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     threads = cfg.threads or max(1, (torch.get_num_threads() or 1) // cfg.jobs)
-    order = sorted(range(len(plan)), key=lambda i: -run_cost(plan[i][1], cfg))
     context = mp.get_context("spawn")
+    results: list[dict[str, Any] | None] = [None] * len(plan)
     with context.Manager() as manager:
         steps = manager.Queue()
         with ProcessPoolExecutor(
@@ -741,24 +930,27 @@ def run_in_processes(
             initializer=_start_worker,
             initargs=(scenarios, heldout, cfg, threads, steps),
         ) as pool:
-            futures = {pool.submit(_run_in_worker, *plan[i]): i for i in order}
-            pending, done = set(futures), 0
-            while pending:
-                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                done += len(finished)
+            todo, running, done = list(budget.order), {}, 0
+            while todo or running:
+                while todo and len(running) < cfg.jobs and budget.fits(todo[0], len(running)):
+                    i = todo.pop(0)
+                    running[pool.submit(_run_in_worker, *plan[i])] = (i, time.perf_counter())
+                if todo and not running:  # the budget has no time left for the rest
+                    break
+                finished, _ = wait(set(running), timeout=0.5, return_when=FIRST_COMPLETED)
                 for future in finished:
+                    i, t0 = running.pop(future)
                     if future.exception() is not None:  # fail fast: the queued runs are not started
-                        pool.shutdown(wait=True, cancel_futures=True)
                         raise future.exception()  # type: ignore[misc]
+                    results[i] = future.result()
+                    budget.done(i, time.perf_counter() - t0)
+                    done += 1
                 bar.update(task, description=f"{done}/{len(plan)} runs done, {cfg.jobs} at a time")
                 while True:
                     try:
                         bar.advance(task, steps.get_nowait())
                     except queue.Empty:
                         break
-            results: list[dict[str, Any]] = [{}] * len(plan)
-            for future, i in futures.items():
-                results[i] = future.result()
     return results
 
 
@@ -780,97 +972,114 @@ def run_benchmark(cfg: EvalConfig, out: Path, console: Any = None, progress: boo
 def _run_benchmark(cfg: EvalConfig, out: Path, console: Any, progress: bool) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    for name in cfg.scenarios:
-        if name not in SCENARIOS:
-            raise ValueError(f"unknown scenario {name!r}; choose from {sorted(SCENARIOS)}")
     plan = plan_runs(cfg)  # validates the strategy names before anything heavy
-
     base = run_settings(cfg, STRATEGIES["default"], 0)
+    data = user_input(cfg, base) if cfg.stream is not None else bundled_input(cfg, base)
     tokenizer = load_tokenizer(base.model)
-    tokenize, labels = Tokenize(tokenizer, base.model.max_length), LabelSet(base.model.labels)
+    tokenize = Tokenize(tokenizer, base.model.max_length)
     with_types = "token_type_ids" in tokenizer.model_input_names
-    stream_rows = list(read_jsonl(bundled_path(STREAM)))
     heldout = build_heldout(
-        list(read_jsonl(bundled_path(HELDOUT))),
+        data.heldout,
+        data.heldout_segments,
+        data.names,
         cfg,
         tokenize,
-        labels,
         tokenizer.pad_token_id or 0,
         with_types,
     )
     scenarios: dict[str, Scenario] = {}
+    lengths: list[np.ndarray] = []
     with contextlib.ExitStack() as stack:
         bootstrap = cfg.broker
         if bootstrap == "local":
             from stream_learner.tools.local_broker import LocalBroker
 
             bootstrap = stack.enter_context(LocalBroker()).bootstrap_servers
-        for name in cfg.scenarios:
-            rows = make_stream(name, stream_rows, cfg, base.model.labels)
-            domains = np.array([DOMAINS.index(r["domain"]) for r in rows], dtype=np.int64)
-            events = (
-                tokenize_rows(rows, tokenize, labels)
-                if bootstrap is None
-                else events_through_broker(rows, base, tokenizer, bootstrap)
+        for name, (events, segments, about) in data.scenarios.items():
+            lengths.append(source.token_lengths(tokenizer, events))
+            tokenized = (
+                tokenize_events(events, tokenize)
+                if bootstrap is None or cfg.stream is not None  # a user's stream was read once already
+                else events_through_broker(events, base, tokenizer, bootstrap)
             )
-            scenarios[name] = Scenario(name, events, domains, boundaries_of(domains))
+            blocks = source.segment_blocks(segments)
+            scenarios[name] = Scenario(name, tokenized, segments, blocks, about, shifts_known=data.by_field)
 
     started = time.perf_counter()
     total = sum(len(scenarios[s].events) for s, _, _ in plan)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not progress) as bar:
         task = bar.add_task("eval", total=total)
+        budget = Budget(plan, scenarios, cfg)
         if cfg.jobs > 1:
-            runs = run_in_processes(plan, scenarios, heldout, cfg, bar, task)
+            results_in_plan = run_in_processes(plan, scenarios, heldout, cfg, budget, bar, task)
         else:
-            runs = []
-            for i, (name, strategy, seed) in enumerate(plan, 1):
-                bar.update(task, description=f"run {i}/{len(plan)} {name} · {strategy.name} · seed {seed}")
-                runs.append(
-                    run_one(
-                        scenarios[name],
-                        heldout,
-                        strategy,
-                        seed,
-                        cfg,
-                        tokenizer,
-                        lambda k: bar.advance(task, k),
-                    )
+            results_in_plan = [None] * len(plan)
+            for k, i in enumerate(budget.order, 1):
+                if not budget.fits(i):
+                    continue
+                name, strategy, seed = plan[i]
+                bar.update(task, description=f"run {k}/{len(plan)} {name} · {strategy.name} · seed {seed}")
+                t0 = time.perf_counter()
+                results_in_plan[i] = run_one(
+                    scenarios[name], heldout, strategy, seed, cfg, tokenizer, lambda n: bar.advance(task, n)
                 )
+                budget.done(i, time.perf_counter() - t0)
+    runs = [r for r in results_in_plan if r is not None]
+    not_run = [
+        {
+            "scenario": sc,
+            "strategy": st.name,
+            "seed": seed,
+            "reason": f"{cfg.budget_minutes} min budget spent",
+        }
+        for (sc, st, seed), r in zip(plan, results_in_plan, strict=True)
+        if r is None
+    ]
+    if not runs:
+        raise RuntimeError("no run fitted in the budget")
 
+    labels = list(base.model.labels)
     results: dict[str, Any] = {
         "format": FORMAT,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": cfg.to_json(),
         "environment": environment(),
-        "domains": list(DOMAINS),
-        "labels": list(base.model.labels),
+        "segments": list(data.names),
+        "segments_from": "segment field" if data.by_field else f"{cfg.slices} equal slices",
+        "labels": labels,
+        "input": data.report,
+        "tokens": source.token_report(np.concatenate(lengths), base.model.max_length),
         "strategies": {s.name: dataclasses.asdict(s) for s in {st.name: st for _, st, _ in plan}.values()},
         "scenarios": {
             name: {
-                "about": SCENARIOS[name],
+                "about": s.about,
                 "events": len(s.events),
                 "boundaries": s.boundaries,
-                "label_counts": label_counts(s, len(labels)),
+                "label_counts": label_counts(s, data.names, len(labels)),
             }
             for name, s in scenarios.items()
         },
-        "heldout": {"per_domain": heldout.sizes},
+        "heldout": {"per_segment": heldout.sizes},
         "runs": runs,
+        "not_run": not_run,
         "summary": summarize(runs),
         "drift": summarize_drift(runs),
         "wall_seconds": time.perf_counter() - started,
     }
     results["plots"] = write_plots(results, out)
+    results["reports"] = write_reports(results, out)
     (out / "results.json").write_text(json.dumps(results, allow_nan=True, separators=(",", ":")))
     return results
 
 
-def label_counts(scenario: Scenario, num_labels: int) -> dict[str, list[int]]:
-    """Events per label in each domain block of the stream."""
+def label_counts(scenario: Scenario, names: Sequence[str], num_labels: int) -> dict[str, list[int]]:
+    """Events per label in each segment of the stream."""
     y = scenario.labels
     return {
-        d: np.bincount(y[scenario.domains == k], minlength=num_labels).tolist() for k, d in enumerate(DOMAINS)
+        name: np.bincount(y[scenario.segments == k], minlength=num_labels).tolist()
+        for k, name in enumerate(names)
+        if (scenario.segments == k).any()
     }
 
 

@@ -7,12 +7,14 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 from typer.testing import CliRunner
 
 from stream_learner.cli import app
 from stream_learner.tools import evaluation as ev
 from stream_learner.tools import evaluation_report as report
+from stream_learner.tools import stream_source as source
 from stream_learner.tools.datasets import DOMAINS, STREAM, bundled_path, read_jsonl
 from tests.support.tiny_model import tiny_model_dir
 
@@ -73,7 +75,7 @@ def test_covariate_slice_keeps_stream_order_and_domain_order(stream_rows):
     assert [r["domain"] for r in rows] == [d for d in DOMAINS for _ in range(50)]
     movie = [r for r in stream_rows if r["domain"] == "movie"][:50]
     assert rows[:50] == movie
-    assert ev.boundaries_of([DOMAINS.index(r["domain"]) for r in rows]) == [50, 100, 150]
+    assert source.segment_blocks(np.array([DOMAINS.index(r["domain"]) for r in rows])) == [50, 100, 150]
 
 
 def test_prior_shift_resampler_gives_the_mix_with_alternating_majority(stream_rows):
@@ -168,9 +170,9 @@ def test_quick_run_results_have_the_expected_structure_and_ranges(quick):
         assert m["final_accuracy"] == pytest.approx(np.mean(matrix[-1]))
         # per-event prequential records
         pq = r["prequential"]
-        assert len(pq["correct"]) == len(pq["loss"]) == len(pq["label"]) == len(pq["domain"]) == n
+        assert len(pq["correct"]) == len(pq["loss"]) == len(pq["label"]) == len(pq["segment"]) == n
         assert m["prequential_accuracy"] == pytest.approx(np.mean(pq["correct"]))
-        assert Counter(pq["domain"]) == {0: 32, 1: 32, 2: 32, 3: 32}
+        assert Counter(pq["segment"]) == {0: 32, 1: 32, 2: 32, 3: 32}
     # summary: mean over the one seed, no std
     s = results["summary"]["covariate"]["default"]["final_accuracy"]
     assert s["n"] == 1 and s["std"] is None
@@ -183,10 +185,10 @@ def test_quick_run_strategies_do_what_they_say(quick):
     assert len({r["steps"] for r in runs.values()}) == 1 and runs["default"]["steps"] == 8
     # offline: same events (same label counts per domain), another order
     d, o = runs["default"]["prequential"], runs["offline"]["prequential"]
-    assert Counter(zip(d["domain"], d["label"], strict=True)) == Counter(
-        zip(o["domain"], o["label"], strict=True)
+    assert Counter(zip(d["segment"], d["label"], strict=True)) == Counter(
+        zip(o["segment"], o["label"], strict=True)
     )
-    assert d["domain"] != o["domain"]
+    assert d["segment"] != o["segment"]
     # frozen: the encoder never moved; the default moved away from θ0 and replayed
     assert runs["frozen"]["param_distance"] == 0.0
     assert runs["default"]["param_distance"] > 0.0 and runs["default"]["examples_replayed"] > 0
@@ -254,14 +256,18 @@ def test_stream_through_the_broker_equals_the_in_process_stream(stream_rows, kaf
     """``--broker``: the events the service's consumer makes from the topic are those tokenized in process."""
     from stream_learner.core.events import LabelSet
     from stream_learner.core.intake import Tokenize
+    from stream_learner.tools.stream_source import parse_rows
     from tests.support.factories import small_settings, tokenizer
 
     cfg = ev.EvalConfig(per_domain=15)
     rows = ev.make_stream("prior_shift", stream_rows, cfg, ["neg", "pos"])
     settings = small_settings()
     tok = tokenizer()
-    direct = ev.tokenize_rows(rows, Tokenize(tok, settings.model.max_length), LabelSet(settings.model.labels))
-    through = ev.events_through_broker(rows, settings, tok, kafka_bootstrap, timeout_s=60)
+    events = parse_rows(
+        (orjson.dumps(r) for r in rows), LabelSet(settings.model.labels), 10_000, "rows"
+    ).events
+    direct = ev.tokenize_events(events, Tokenize(tok, settings.model.max_length))
+    through = ev.events_through_broker(events, settings, tok, kafka_bootstrap, timeout_s=60)
     assert len(through) == len(rows) == 60
     for a, b in zip(direct, through, strict=True):
         np.testing.assert_array_equal(a.input_ids, b.input_ids)
