@@ -334,7 +334,11 @@ def eval_(
         float | None, typer.Option(help="start no run that would end after this (cheapest runs first)")
     ] = None,
     scenario: Annotated[
-        str, typer.Option(help="covariate | prior_shift | imbalanced | all (= covariate and prior_shift)")
+        str,
+        typer.Option(
+            help="bundled: covariate | prior_shift | imbalanced | one_class_start | "
+            "all (= covariate and prior_shift)"
+        ),
     ] = "all",
     strategies: Annotated[
         str,

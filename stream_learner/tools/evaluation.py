@@ -1,6 +1,7 @@
 """The quality benchmark: does the learner follow a drifting stream without forgetting, and at what cost?
 
-``stream-learner eval`` replays labeled streams built from the bundled VADER data through the
+``stream-learner eval`` replays a labeled stream — the bundled VADER scenarios, or the user's own
+(a JSONL file or a range of a Kafka topic: :mod:`stream_learner.tools.stream_source`) — through the
 service's own training loop (``training.factory.build_trainer``) — in process, one
 ``train_window`` per window of ``bucket_window × fresh_per_step`` events, the calls the trainer thread
 makes: the same length-bucketed micro-batches, the same replay draws, nothing patched — under
@@ -9,31 +10,37 @@ several strategies, and measures:
 * **prequential** accuracy and loss of every event (test-then-train, Gama et al. 2013): each step's
   scores of its fresh events (an observer of the loop), i.e. the prediction of the weights *before*
   they learned it;
-* **held-out** accuracy and macro-F1 per domain at checkpoints (every ``eval_every`` events and at
-  each domain boundary), from which come the final average accuracy and macro-F1, the average
-  forgetting (Chaudhry et al. 2018) and the backward transfer (Lopez-Paz & Ranzato 2017);
+* **held-out** accuracy and macro-F1 per segment at checkpoints (every ``eval_every`` events and at
+  each segment boundary), from which come the final average accuracy and macro-F1, the average
+  forgetting (Chaudhry et al. 2018) and the backward transfer (Lopez-Paz & Ranzato 2017). Segments
+  are the bundled data's four domains, a user's ``segment`` field, or equal slices of the stream;
 * for the ``default`` strategy, the events at which each drift signal of ``drift.py`` fired, scored
-  against the domain boundaries (detection delay, false alarms per 5,000 events).
+  against the segment boundaries when these are real shifts (detection delay, false alarms per 5,000
+  events).
 
-Scenarios (:data:`SCENARIOS`): ``covariate`` — the bundled stream as it is, ``per_domain`` events of
-each domain in stream order (movie → amazon → tweets → nyt); ``prior_shift`` — each domain block
-resampled to a skewed label mix (85/15 by default), the majority class alternating between blocks;
-``imbalanced`` — every block 90/10 with the same majority (for the class-balanced reservoir).
+Bundled scenarios (:data:`SCENARIOS`): ``covariate`` — the bundled stream as it is, ``per_domain``
+events of each domain in stream order (movie → amazon → tweets → nyt); ``prior_shift`` — each domain
+block resampled to a skewed label mix (85/15 by default), the majority class alternating between
+blocks; ``imbalanced`` — every block 90/10 with the same majority (for the class-balanced reservoir);
+``one_class_start`` — the covariate stream whose first block has one label only. A user's stream is
+one scenario, in its own order, named after its file or topic.
 
 Strategies (:data:`STRATEGIES`), all with the same stream, model and number of gradient steps:
 ``frozen`` (encoder frozen, head only), ``naive`` (no replay, λ = 0), ``replay`` (λ = 0), ``l2sp``
 (no replay), ``default`` (replay + L2-SP: the current ``Settings`` defaults), ``offline`` (the default
-settings on the same events shuffled i.i.d.: the upper bound), and named variants such as
-``default_cbrs``.
+settings on the same events shuffled i.i.d.: the upper bound), named variants such as
+``default_cbrs``, and the points of a ``--sweep`` grid (:mod:`stream_learner.tools.sweep`), run within
+a time budget (:class:`Budget`).
 
 With ``broker`` set (``stream-learner eval --broker local``, or the bootstrap servers of a running
-broker) each scenario's stream is produced to a topic and read back by the service's own consumer —
-parse, validate, tokenize — before it is trained; otherwise it is tokenized in process, which gives
-the same events (tested) without a broker.
+broker) each bundled scenario's stream is produced to a topic and read back by the service's own
+consumer — parse, validate, tokenize — before it is trained; otherwise it is tokenized in process,
+which gives the same events (tested) without a broker.
 
 Everything is written to ``out``: ``results.json`` (every run, its checkpoints and per-event records,
-the summary), ``prequential_<scenario>.png`` and ``heldout_<scenario>.png``. :func:`run_benchmark` is
-the entry point; :func:`run_one` is the evaluation loop of one run, top to bottom.
+the summary), the plots, ``report.md``, ``report.html`` and ``recommended.yaml``
+(:mod:`stream_learner.tools.evaluation_report`). :func:`run_benchmark` is the entry point;
+:func:`run_one` is the evaluation loop of one run, top to bottom.
 """
 
 from __future__ import annotations
@@ -171,12 +178,26 @@ def skewed_blocks(
     return out
 
 
+def one_class_start(rows: Sequence[Row], per_domain: int, label: str) -> list[Row]:
+    """The covariate stream whose first domain block holds ``label`` events only (a one-class start).
+
+    What a new deployment often sees first: one kind of ticket, one sentiment, before the mix arrives.
+    The replay memory is then full of that class when the others come — unless replay balances it.
+    """
+    first = [r for r in rows if r["domain"] == DOMAINS[0] and r["label"] == label][:per_domain]
+    if len(first) < per_domain:
+        raise ValueError(f"domain {DOMAINS[0]!r} has {len(first)} {label!r} rows, fewer than {per_domain}")
+    return first + domain_slice(rows, per_domain)[per_domain:]
+
+
 def make_stream(scenario: str, rows: Sequence[Row], cfg: EvalConfig, labels: Sequence[str]) -> list[Row]:
     """The event stream of ``scenario`` (see :data:`SCENARIOS`)."""
     if scenario == "covariate":
         return domain_slice(rows, cfg.per_domain)
     if scenario == "prior_shift":
         return skewed_blocks(rows, cfg.per_domain, labels, cfg.majority_share, seed=cfg.data_seed)
+    if scenario == "one_class_start":
+        return one_class_start(rows, cfg.per_domain, labels[0])
     if scenario == "imbalanced":
         return skewed_blocks(
             rows, cfg.per_domain, labels, cfg.imbalance_share, alternate=False, seed=cfg.data_seed
@@ -188,6 +209,7 @@ SCENARIOS = {
     "covariate": "the bundled stream as it is: per_domain events of each domain, in stream order",
     "prior_shift": "each domain block resampled to an 85/15 label mix, the majority alternating",
     "imbalanced": "each domain block resampled to 90/10, always the same majority (CBRS vs Algorithm R)",
+    "one_class_start": "the covariate stream whose first domain block has one label only (replay balance)",
 }
 
 

@@ -127,12 +127,9 @@ def quick_config(**changes) -> ev.EvalConfig:
     """The quick run on the tiny model (tests/support/tiny_model.py): the tests below check the tool's
     results, their structure and consistency, never how well a model learns (docs/quality.md measures
     that)."""
+    base = {"scenarios": ("covariate",), "strategies": ("frozen", "default", "offline"), "layers": None}
     return ev.EvalConfig.quick(
-        scenarios=("covariate",),
-        strategies=("frozen", "default", "offline"),
-        layers=None,
-        settings={"model": {"name_or_path": tiny_model_dir()}},
-        **changes,
+        **{**base, "settings": {"model": {"name_or_path": tiny_model_dir()}}, **changes}
     )
 
 
@@ -273,3 +270,75 @@ def test_stream_through_the_broker_equals_the_in_process_stream(stream_rows, kaf
         np.testing.assert_array_equal(a.input_ids, b.input_ids)
         assert (a.label, a.pair_start, a.offset, b.partition) == (b.label, b.pair_start, b.offset, 0)
     assert all(e.timestamp_ms > 0 for e in through)  # they did cross the broker
+
+
+def test_one_class_start_has_one_label_in_its_first_block_then_the_covariate_stream(stream_rows):
+    rows = ev.make_stream("one_class_start", stream_rows, ev.EvalConfig(per_domain=40), ["neg", "pos"])
+    assert {(r["domain"], r["label"]) for r in rows[:40]} == {("movie", "neg")}
+    assert rows[40:] == ev.domain_slice(stream_rows, 40)[40:]
+
+
+# ------------------------------------------------------------------------------------ the user's stream
+
+
+def _own_files(tmp_path: Path, stream_rows: list[dict]) -> tuple[Path, Path]:
+    """VADER rows renamed into another label set (bad/good), with a segment field and two bad rows."""
+    names = {"neg": "bad", "pos": "good"}
+    rows = ev.domain_slice(stream_rows, 24)
+    lines = [
+        orjson.dumps({"text": r["text"], "label": names[r["label"]], "segment": r["domain"]}) for r in rows
+    ]
+    stream, heldout = tmp_path / "mine.jsonl", tmp_path / "mine_heldout.jsonl"
+    stream.write_bytes(b"\n".join([*lines[:48], b'{"text": "no label"}', b"{oops", *lines[48:]]) + b"\n")
+    held = [
+        orjson.dumps({**orjson.loads(line), "text": orjson.loads(line)["text"] + " !"}) for line in lines[::3]
+    ]
+    heldout.write_bytes(b"\n".join(held) + b"\n")
+    return stream, heldout
+
+
+def test_own_stream_within_a_budget_runs_the_cheapest_first_and_lists_the_rest(stream_rows, tmp_path):
+    stream, heldout = _own_files(tmp_path, stream_rows)
+    cfg = quick_config(
+        stream=str(stream),
+        heldout=str(heldout),
+        labels=("bad", "good"),
+        strategies=("default", "frozen", "naive"),
+        budget_minutes=1e-6,  # the first run always starts; nothing else fits after it
+    )
+    results = ev.run_benchmark(cfg, tmp_path / "out", progress=False)
+    # cheapest first: a frozen encoder costs less than the others
+    assert [r["strategy"] for r in results["runs"]] == ["frozen"]
+    assert sorted(r["strategy"] for r in results["not_run"]) == ["default", "naive"]
+    assert results["input"]["stream"] == {
+        "source": str(stream),
+        "rows": 98,
+        "valid": 96,
+        "invalid": {"missing_label": 1, "not_json": 1},
+    }
+    assert results["segments"] == list(DOMAINS) and results["segments_from"] == "segment field"
+    assert results["scenarios"]["mine"]["boundaries"] == [24, 48, 72]
+    assert results["labels"] == ["bad", "good"]
+    assert (tmp_path / "out" / "recommended.yaml").is_file()
+
+
+def test_own_stream_without_segments_is_scored_in_equal_slices(stream_rows, tmp_path):
+    stream, heldout = _own_files(tmp_path, stream_rows)
+    for path in (stream, heldout):  # the same rows without their segment field
+        lines = [orjson.loads(x) if x.startswith(b'{"') else None for x in path.read_bytes().splitlines()]
+        path.write_bytes(
+            b"\n".join(
+                orjson.dumps({k: v for k, v in d.items() if k != "segment"}) if d else raw
+                for d, raw in zip(lines, path.read_bytes().splitlines(), strict=True)
+            )
+        )
+    cfg = quick_config(
+        stream=str(stream), heldout="last:25%", labels=("bad", "good"), strategies=("default",), slices=3
+    )
+    results = ev.run_benchmark(cfg, tmp_path / "out", progress=False)
+    assert results["segments"] == ["part 1/3", "part 2/3", "part 3/3"]
+    assert results["segments_from"] == "3 equal slices"
+    assert results["input"]["heldout"]["valid"] == 24 and results["scenarios"]["mine"]["events"] == 72
+    assert results["scenarios"]["mine"]["boundaries"] == [24, 48]
+    [run] = results["runs"]
+    assert all(len(c["accuracy"]) == 3 for c in run["checkpoints"]) and "report" not in run["drift"]
