@@ -15,6 +15,20 @@ from stream_learner.training.observers import LoopObserver, StepRecord
 
 PREFIX = "stream_learner"
 
+# Weight of the newest step in the instantaneous per-second gauges (an exponential moving average over
+# the last ~1/EWMA_WEIGHT steps). Averages over a window come from the counters, with rate().
+EWMA_WEIGHT = 0.1
+
+
+def _per_second_help(what: str, counter: str) -> str:
+    """Help of an instantaneous per-second gauge, naming the counter whose rate() gives averages."""
+    return (
+        f"{what} per second of step time, instantaneous: an exponential moving average of the last "
+        f"steps' rates (weight {EWMA_WEIGHT:g} for the newest), unchanged while no step runs. Averages "
+        f"over a window: rate({counter}) / rate({PREFIX}_step_seconds_sum) per second of step time, "
+        f"rate({counter}) per second of wall time (throughput)"
+    )
+
 
 class Metrics:
     """The learner's metrics on ``registry`` (a fresh one when not given)."""
@@ -66,10 +80,24 @@ class Metrics:
             f"{PREFIX}_offset_commits", "Offset commits after a durable version", registry=r
         )
 
-        # trainer
-        self.events_trained = Counter(f"{PREFIX}_events_trained", "Fresh events learned from", registry=r)
+        # trainer. Every step that ran counts in the counters below, a step skipped as non-finite
+        # included: what went through the trainer, and (step_seconds) for how long.
+        self.events_trained = Counter(
+            f"{PREFIX}_events_trained",
+            "Fresh events that went through a training step (those of a step skipped as non-finite included)",
+            registry=r,
+        )
         self.examples_replayed = Counter(
-            f"{PREFIX}_examples_replayed", "Replayed examples in micro-batches", registry=r
+            f"{PREFIX}_examples_replayed",
+            "Replayed examples that went through a training step (skipped steps included)",
+            registry=r,
+        )
+        self.examples_trained = Counter(
+            f"{PREFIX}_examples_trained",
+            "Examples, fresh + replayed, that went through a training step (skipped steps included), "
+            "i.e. events_trained + examples_replayed. The trainer's speed while busy: "
+            f"rate({PREFIX}_examples_trained_total) / rate({PREFIX}_step_seconds_sum)",
+            registry=r,
         )
         self.steps = Counter(f"{PREFIX}_steps", "Optimizer steps taken", registry=r)
         self.nonfinite_skipped = Counter(
@@ -82,7 +110,8 @@ class Metrics:
         )
         self.step_seconds = Histogram(
             f"{PREFIX}_step_seconds",
-            "Duration of one training step",
+            "Duration of one training step (skipped ones included); its _sum counts the seconds spent in "
+            "steps: rate() of it is the share of time the trainer is busy",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
@@ -103,10 +132,14 @@ class Metrics:
             f"{PREFIX}_prequential_f1", "Macro-F1 on fresh events before learning them (window)", registry=r
         )
         self.examples_per_second = Gauge(
-            f"{PREFIX}_examples_per_second", "Trained examples (fresh + replay) per second", registry=r
+            f"{PREFIX}_examples_per_second",
+            _per_second_help("Examples (fresh + replay) trained", f"{PREFIX}_examples_trained_total"),
+            registry=r,
         )
         self.events_per_second = Gauge(
-            f"{PREFIX}_events_per_second", "Fresh events trained per second", registry=r
+            f"{PREFIX}_events_per_second",
+            _per_second_help("Fresh events trained", f"{PREFIX}_events_trained_total"),
+            registry=r,
         )
         self.training_precision = Gauge(
             f"{PREFIX}_training_precision",
@@ -165,10 +198,16 @@ class Metrics:
         return 0.0 if v is None else v
 
 
+def _ewma(average: float, value: float) -> float:
+    """``average`` moved towards ``value`` by :data:`EWMA_WEIGHT` (``value`` itself while it is 0)."""
+    return value if average == 0 else (1 - EWMA_WEIGHT) * average + EWMA_WEIGHT * value
+
+
 class MetricsObserver(LoopObserver):
     """The training loop's events as Prometheus metrics (a :class:`LoopObserver` of ``training``).
 
-    Rates are exponentially weighted over steps (weight 0.1 for the newest step).
+    Counters sum what every step did (rate() of them gives averages); the per-second gauges are
+    exponentially weighted over steps (:data:`EWMA_WEIGHT` for the newest step).
     """
 
     def __init__(self, metrics: Metrics) -> None:
@@ -177,7 +216,16 @@ class MetricsObserver(LoopObserver):
 
     def on_step(self, r: StepRecord) -> None:
         m, n = self.metrics, len(r.fresh)
+        seconds = max(r.ended - r.started, 1e-9)
+        # every step that ran, a skipped one included: its examples, its time, its speed
         m.events_trained.inc(n)
+        m.examples_replayed.inc(r.replayed)
+        m.examples_trained.inc(n + r.replayed)
+        m.step_seconds.observe(seconds)
+        self._rate = _ewma(self._rate, (n + r.replayed) / seconds)
+        self._fresh_rate = _ewma(self._fresh_rate, n / seconds)
+        m.examples_per_second.set(self._rate)
+        m.events_per_second.set(self._fresh_rate)
         for name in r.drift_fired:
             m.drift_detections.labels(name).inc()
         for name, score in r.drift_scores.items():
@@ -185,19 +233,11 @@ class MetricsObserver(LoopObserver):
         if r.skipped:
             m.nonfinite_skipped.inc()
             return
-        seconds = max(r.ended - r.started, 1e-9)
         if r.param_distance is not None:
             m.l2sp_penalty.set(r.penalty)
             m.param_distance.set(r.param_distance)
         m.steps.inc()
-        m.examples_replayed.inc(r.replayed)
-        m.step_seconds.observe(seconds)
         m.training_loss.set(r.loss + r.penalty)
-        rate, fresh_rate = (n + r.replayed) / seconds, n / seconds
-        self._rate = rate if self._rate == 0 else 0.9 * self._rate + 0.1 * rate
-        self._fresh_rate = fresh_rate if self._fresh_rate == 0 else 0.9 * self._fresh_rate + 0.1 * fresh_rate
-        m.examples_per_second.set(self._rate)
-        m.events_per_second.set(self._fresh_rate)
         m.replay_size.set(r.replay_size)
         m.replay_bytes.set(r.replay_bytes)
         for key in ("prequential_loss", "prequential_accuracy", "prequential_f1"):

@@ -22,12 +22,17 @@ What "accepted and returns data" means here:
   loaded the rule file has evaluated every rule with health ``ok``. And one alert is seen to work on
   real data: the malformed events make up more than 5 % of those consumed, so
   ``StreamLearnerDeadLetterRateHigh`` must become active (pending: it has ``for: 10m``).
+* **averages from the counters** (issue 18): Prometheus holds the learner's final
+  ``examples_trained_total`` and ``step_seconds_sum``, and the trainer's speed while busy computed
+  with ``rate()`` of the two over a window spanning the run is the learner's own examples / step seconds.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+
+import pytest
 
 from stream_learner.core.events import Reason, encode_event
 from stream_learner.service.app import Learner
@@ -118,6 +123,25 @@ def test_dashboard_and_alert_queries_on_a_real_learner(
         assert by_reason == {reason.value: float(Counter(r for r, _ in bad)[reason]) for reason in Reason}, (
             "Prometheus does not see the learner's dead letters by reason"
         )
+
+        # ---- averages from the counters (issue 18): Prometheus has the learner's totals, and the
+        # trainer's speed while busy from rate() of the counters is the learner's own examples / step time
+        m = learner.metrics
+        examples = m.value("stream_learner_examples_trained_total")
+        step_time = m.value("stream_learner_step_seconds_sum")
+        assert examples == m.value("stream_learner_events_trained_total") + m.value(
+            "stream_learner_examples_replayed_total"
+        )
+        assert examples > 0 and step_time > 0
+        prom.wait_for(f"stream_learner_examples_trained_total{sel} == {examples:g}", timeout_s=30)
+        prom.wait_for(f"stream_learner_step_seconds_sum{sel} == {step_time!r}", timeout_s=30)
+        # the window spans the run, which started from 0 at Prometheus' first scrape: rate() over it is
+        # extrapolated alike for both counters (same scrapes), so the ratio is the run's exact average
+        busy_seconds = f"rate(stream_learner_step_seconds_sum{sel}[1h])"
+        (speed,) = prom.query(f"rate(stream_learner_examples_trained_total{sel}[1h]) / {busy_seconds}")
+        assert float(speed["value"][1]) == pytest.approx(examples / step_time, rel=1e-3)
+        (busy,) = prom.query(busy_seconds)
+        assert 0 < float(busy["value"][1]) <= 1
 
         failures: list[str] = []
 

@@ -287,6 +287,10 @@ def test_dashboard_panels_cover_the_issue() -> None:
         "stream_learner_param_distance",
         "stream_learner_nonfinite_steps_skipped_total",
         "stream_learner_step_seconds_bucket",
+        # issue 18: throughput and speed as rate() of counters; the gauges are instantaneous
+        "rate(stream_learner_events_trained_total",
+        "rate(stream_learner_examples_trained_total",
+        "/ rate(stream_learner_step_seconds_sum",
         "stream_learner_replay_size",
         "stream_learner_replay_bytes",
         "process_resident_memory_bytes",
