@@ -279,7 +279,11 @@ class TrainingSettings(_Section):
 
 class ReplaySettings(_Section):
     capacity: int = Field(10_000, ge=1, description="events kept in the reservoir")
-    class_balanced: bool = Field(False, description="class-balanced reservoir (CBRS) instead of Algorithm R")
+    class_balanced: bool = Field(
+        False,
+        description="class-balanced replay: draws each class equally often from the first step on, and once "
+        "full evicts from the largest class (CBRS); false = Algorithm R, uniform (see 'Replay' below)",
+    )
 
 
 class PublishSettings(_Section):
