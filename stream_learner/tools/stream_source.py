@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -311,15 +312,19 @@ def _bound(text: str) -> tuple[str, int]:
 
 
 def read_topic_range(
-    rng: KafkaRange, client: dict[str, Any], timeout_s: float = 60.0
+    rng: KafkaRange, client: dict[str, Any], timeout_s: float = 60.0, idle_s: float = 3.0
 ) -> tuple[list[tuple[int, int, int, bytes | None]], dict[int, tuple[int, int]]]:
     """Every record of ``rng``: (timestamp ms, partition, offset, value), in time order across partitions.
 
     ``client`` is the librdkafka configuration (``Settings.kafka.librdkafka()``). Reads with a consumer
     of its own that is assigned the range and commits nothing, so a learner's group is left as it was.
-    Returns the records and the [first, end) offsets read per partition.
+    A partition with an ``end`` is read up to it; without one, until no record has come for ``idle_s``
+    (the end of the topic as it was: high watermarks are not trusted, some brokers report them wrong
+    after multi-record batches). Raises :class:`RuntimeError` when a bounded partition does not reach
+    its end within ``timeout_s`` of the last record. Returns the records and the [first, end) offsets
+    read per partition.
     """
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
 
     consumer = Consumer(
         {
@@ -330,43 +335,44 @@ def read_topic_range(
             "auto.offset.reset": "earliest",
         }
     )
+    records: list[tuple[int, int, int, bytes | None]] = []
     try:
         meta = consumer.list_topics(rng.topic, timeout=timeout_s)
         topic = meta.topics.get(rng.topic)
         if topic is None or topic.error is not None or not topic.partitions:
             raise ValueError(f"topic {rng.topic!r} not found on the broker")
-        spans: dict[int, tuple[int, int]] = {}
+        first: dict[int, int] = {}
+        ends: dict[int, int | None] = {}
         for p in sorted(topic.partitions):
             low, high = consumer.get_watermark_offsets(TopicPartition(rng.topic, p), timeout=timeout_s)
-            first = _resolve(consumer, rng.topic, p, rng.start, low, high, timeout_s)
-            end = _resolve(consumer, rng.topic, p, rng.end, low, high, timeout_s) if rng.end else high
-            spans[p] = (max(first, low), min(end, high))
-        todo = {p: span for p, span in spans.items() if span[0] < span[1]}
-        consumer.assign(
-            [TopicPartition(rng.topic, p, first) for p, (first, _) in todo.items()]
-            or [TopicPartition(rng.topic, 0, OFFSET_BEGINNING)]
-        )
-        records: list[tuple[int, int, int, bytes | None]] = []
-        import time
-
-        deadline = time.monotonic() + timeout_s
-        while todo and time.monotonic() < deadline:
+            first[p] = max(_resolve(consumer, rng.topic, p, rng.start, low, high, timeout_s), low)
+            ends[p] = _resolve(consumer, rng.topic, p, rng.end, low, high, timeout_s) if rng.end else None
+        open_ = {p for p in first if ends[p] is None or first[p] < ends[p]}  # type: ignore[operator]
+        consumer.assign([TopicPartition(rng.topic, p, first[p]) for p in sorted(open_)])
+        reached = {p: first[p] for p in first}
+        last = time.monotonic()
+        while open_:
             for msg in consumer.consume(500, timeout=0.5):
                 if msg.error() is not None:
                     raise KafkaException(msg.error())
                 p, off = msg.partition(), msg.offset()
-                if p in todo and off < todo[p][1]:
+                end = ends[p]
+                if p in open_ and (end is None or off < end):
                     records.append((msg.timestamp()[1], p, off, msg.value()))
-                    deadline = time.monotonic() + timeout_s
-                if p in todo and off + 1 >= todo[p][1]:
-                    del todo[p]
-        if todo:
-            missing = ", ".join(f"partition {p} from {a} to {b}" for p, (a, b) in todo.items())
-            raise RuntimeError(f"topic {rng.topic!r}: {missing} not read within {timeout_s:.0f} s")
+                    reached[p] = off + 1
+                    last = time.monotonic()
+                if end is not None and off + 1 >= end:
+                    open_.discard(p)
+            quiet = time.monotonic() - last
+            if quiet > idle_s:
+                open_ -= {p for p in open_ if ends[p] is None}
+            if open_ and quiet > timeout_s:
+                missing = ", ".join(f"partition {p} from {reached[p]} to {ends[p]}" for p in sorted(open_))
+                raise RuntimeError(f"topic {rng.topic!r}: {missing} not read within {timeout_s:.0f} s")
     finally:
         consumer.close()
     records.sort(key=lambda r: (r[0], r[1], r[2]))
-    return records, spans
+    return records, {p: (first[p], reached[p]) for p in sorted(first)}
 
 
 def _resolve(
