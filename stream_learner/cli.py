@@ -460,6 +460,8 @@ def eval_(
         raise _fail("eval", err) from None
     for table in evaluation_report.tables(results):
         Console().print(table)
+    if stream is not None or sweep:
+        Console().print(evaluation_report.ranking_table(results, next(iter(results["scenarios"]))))
     for scenario_name, d in results["drift"].items():
         for s in d["per_seed"]:
             console.print(

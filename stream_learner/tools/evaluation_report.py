@@ -324,6 +324,31 @@ def write_recommended(results: Mapping[str, Any], scenario: str, out: Path) -> P
     return path
 
 
+def ranking_table(results: Mapping[str, Any], scenario: str) -> Any:
+    """The ranking of :func:`ranking` as a rich table, for the terminal (recommended one first)."""
+    from rich.table import Table
+
+    table = Table(title=f"ranking on {scenario}: held-out macro-F1, mean ± std over seeds")
+    for col in ("rank", "strategy", "seeds", "held-out F1", "held-out acc", "preq. acc", "s/run"):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    recommended = next((r["strategy"] for r in ranking(results, scenario) if r["deployable"]), None)
+    for k, r in enumerate(ranking(results, scenario), 1):
+        f1 = _num(r["heldout_f1"]) + ("" if r["heldout_f1_std"] is None else f" ± {r['heldout_f1_std']:.3f}")
+        name = r["strategy"] if r["deployable"] else f"{r['strategy']} (bound)"
+        style = "bold green" if r["strategy"] == recommended else ("dim" if not r["deployable"] else None)
+        table.add_row(
+            str(k),
+            name,
+            str(r["seeds"]),
+            f1,
+            _num(r["heldout_accuracy"]),
+            _num(r["prequential_accuracy"]),
+            f"{r['seconds_per_run']:.0f}",
+            style=style,
+        )
+    return table
+
+
 def ranking_markdown(results: Mapping[str, Any], scenario: str) -> str:
     """The ranking of :func:`ranking` as a Markdown table."""
     rows = [

@@ -88,6 +88,7 @@ def test_a_sweep_recommends_settings_that_start_a_learner(kafka_bootstrap, uniqu
     args += ["--sweep", "training.learning_rate=0.0001,0.001", "--sweep", "replay.capacity=64,500"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert f"ranking on {STREAM_FILE.stem}" in result.output  # the ranked table, in the terminal
     results = json.loads((out / "results.json").read_text())
     ranked = [r["strategy"] for r in report.ranking(results, STREAM_FILE.stem)]
     assert len(ranked) == 3 + 4 and "offline" in ranked  # default, naive, offline and the 2 × 2 grid
