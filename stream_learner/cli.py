@@ -382,18 +382,25 @@ def eval_(
     ] = Path("stream-learner-eval"),
     config: ConfigOpt = None,
 ) -> None:
-    """Will it help on my stream, and with which settings? Strategies side by side, prequential and held out.
+    """Will it help on my stream, and with which settings? Strategies side by side.
 
     \b
-    Your stream, from a file to a recommended configuration:
-      1. stream-learner eval --stream events.jsonl --heldout heldout.jsonl --labels spam,ham
-      2. open stream-learner-eval/report.html (ranking, held-out accuracy per segment, drift, label mix)
-      3. stream-learner eval --stream events.jsonl --heldout heldout.jsonl --labels spam,ham \\
-           --sweep training.learning_rate=1e-5,3e-5 --sweep model.max_length=128,256 --budget-minutes 60
-      4. stream-learner run -c stream-learner-eval/recommended.yaml   (add your kafka.* and publish.*)
-    Events are the learner's own format (README, "Events"); a row's optional "segment" (a source, a
-    month, a customer…) groups the scores. From Kafka: --stream kafka://TOPIC --from … --to …
-    --heldout last:10%. Without --stream: the bundled VADER scenarios (docs/quality.md).
+    From your file to a recommended configuration:
+    1. stream-learner eval --stream events.jsonl --heldout held.jsonl \\
+         --labels spam,ham
+    2. open stream-learner-eval/report.html
+    3. stream-learner eval --stream events.jsonl --heldout held.jsonl \\
+         --labels spam,ham --sweep training.learning_rate=1e-5,3e-5 \\
+         --sweep model.max_length=128,256 --budget-minutes 60
+    4. stream-learner run -c stream-learner-eval/recommended.yaml
+       (after adding your kafka.* and publish.* settings)
+
+    \b
+    Events are the learner's own format (README, "Events"). A row's
+    optional "segment" (a source, a month, a customer…) groups the
+    held-out scores; without it, --slices equal parts of the stream.
+    From Kafka: --stream kafka://TOPIC --from … --to … --heldout last:10%.
+    Without --stream: the bundled VADER scenarios (docs/quality.md).
     """
     _require_tools("eval")
     from stream_learner.tools import evaluation as ev
