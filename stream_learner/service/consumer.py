@@ -52,7 +52,7 @@ from stream_learner.core.intake import (
 )
 from stream_learner.service.dead_letters import FLUSH_SLICE_S, DeadLetters
 from stream_learner.service.limits import PREFETCH_KBYTES
-from stream_learner.service.metrics import Metrics
+from stream_learner.service.metrics import PREFIX, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ class EventConsumer:
         self.kafka = settings.kafka
         self.labels = LabelSet(settings.model.labels)
         self.tokenize = Tokenize(tokenizer, settings.model.max_length)
+        self._cut_reported = False  # the first event cut at max_length is logged, the rest counted
         self.fresh_queue, self.commit_queue, self.metrics, self.stop_event = (
             fresh_queue,
             commit_queue,
@@ -202,6 +203,24 @@ class EventConsumer:
             producer.flush(10)
             consumer.close()
 
+    def _count_cut(self, events: list[TokenizedEvent]) -> None:
+        """Count the events cut at ``model.max_length``; say it once in the log, with the fix."""
+        cut = sum(len(e.input_ids) >= self.tokenize.max_length for e in events)
+        if not cut:
+            return
+        self.metrics.events_at_max_length.inc(cut)
+        if not self._cut_reported:
+            self._cut_reported = True
+            log.warning(
+                "events reach model.max_length = %d tokens and are cut there (%d of %d in this poll); "
+                "%s_events_at_max_length_total counts them: raise model.max_length, or measure it with "
+                "`stream-learner eval --sweep model.max_length=…`",
+                self.tokenize.max_length,
+                cut,
+                len(events),
+                PREFIX,
+            )
+
     def _process(self, msgs: list[Message]) -> None:
         """Validate, dead-letter the bad, tokenize the good, buffer them all by partition.
 
@@ -240,6 +259,7 @@ class EventConsumer:
         for err, _ in dead:
             self.metrics.events_dead_lettered.labels(reason=err.reason.value).inc()
         self.metrics.events_consumed.inc(len(records))
+        self._count_cut([v for v in verdicts if isinstance(v, TokenizedEvent)])
         self.watch.observe(
             len(records), [(err, f"{m.topic()}[{m.partition()}]@{m.offset()}") for err, m in dead]
         )

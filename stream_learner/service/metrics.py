@@ -44,6 +44,13 @@ class Metrics:
         self.events_consumed = Counter(
             f"{PREFIX}_events_consumed", "Messages read from the input topic", registry=r
         )
+        self.events_at_max_length = Counter(
+            f"{PREFIX}_events_at_max_length",
+            "Valid events whose tokens reached model.max_length: cut there (or exactly that long). A large "
+            "share of events means the model sees only their beginning: raise model.max_length, or measure "
+            "it with `stream-learner eval --sweep model.max_length=…`",
+            registry=r,
+        )
         self.events_dead_lettered = Counter(
             f"{PREFIX}_events_dead_lettered", "Events sent to the dead-letter topic", ["reason"], registry=r
         )

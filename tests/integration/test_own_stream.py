@@ -10,7 +10,6 @@ from collections import Counter
 from pathlib import Path
 
 import yaml
-from tests.support.own_stream import HELDOUT_FILE, LABELS, STREAM_FILE, stream_lines
 from typer.testing import CliRunner
 
 from stream_learner.cli import app
@@ -25,6 +24,7 @@ from stream_learner.tools import evaluation as ev
 from stream_learner.tools import evaluation_report as report
 from stream_learner.tools.datasets import malformed_events
 from tests.support.learner_process import LearnerProcess
+from tests.support.own_stream import HELDOUT_FILE, LABELS, STREAM_FILE, stream_lines
 from tests.support.tiny_model import tiny_model_dir
 
 

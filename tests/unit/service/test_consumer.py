@@ -10,6 +10,7 @@ tests/integration/test_intake_kafka.py.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -454,3 +455,14 @@ def test_a_fatal_kafka_error_stops_the_loop_naming_it():
     with pytest.raises(IntakeFailed, match=r"processing events partition 0 offsets 0–5: KafkaException"):
         run.run()
     assert run.fake.closed
+
+
+def test_events_cut_at_max_length_are_counted_and_said_once(caplog):
+    long = encode_event("word " * 50, "pos")  # 250 bytes (the limit: 256), over max_length = 32 tokens
+    logs = {0: [valid(0), long, valid(1), long, long]}
+    with caplog.at_level(logging.WARNING, logger="stream_learner.service.consumer"):
+        run = Run(logs).run()
+    run.check_every_record_once_in_order()
+    assert run.metrics.value("stream_learner_events_at_max_length_total") == 3
+    said = [r for r in caplog.records if "model.max_length = 32" in r.getMessage()]
+    assert len(said) == 1 and "--sweep model.max_length" in said[0].getMessage()
