@@ -70,84 +70,58 @@ from stream_learner.core.config import ModelSettings
 from stream_learner.core.model import load_model, load_tokenizer
 load_tokenizer(ModelSettings()); load_model(ModelSettings())'
 fi
-# Prometheus (server + promtool) for the tests of the alert rules and the dashboard (dev only):
-# Debian's package, ~20 MB, a few seconds. Only the binaries are wanted: the package's daemon is kept
-# from starting (a policy-rc.d answering 101 for the install) and left stopped and disabled.
-install_prometheus() {
-  if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
-    return 0
-  fi
-  local hint="install Prometheus >= 2.42 (server and promtool) on PATH, e.g. apt-get install -y --no-install-recommends prometheus"
+# Debian packages only the tests need (dev only), in one apt-get run:
+# * Prometheus (server + promtool) for the tests of the alert rules and the dashboard: ~20 MB. Only the
+#   binaries are wanted: the package's daemon is kept from starting (a policy-rc.d answering 101 for
+#   the install) and left stopped and disabled.
+# * headless Chromium and its WebDriver for the browser test of the eval report
+#   (tests/integration/test_report_html.py, through Selenium, which is given both paths and downloads
+#   nothing): Debian's chromium and chromium-driver, built from one source package, so always the same
+#   version; ≈ 120 MB to download, 380 MB installed, 13 s measured.
+# Each test that needs one fails with the install hint when it is missing.
+TEST_PACKAGES_HINT="apt-get install -y --no-install-recommends prometheus chromium chromium-driver"
+have_test_packages() {
+  command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 &&
+    [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]
+}
+install_test_packages() {
+  have_test_packages && return 0
   local sudo=""
   if [ "$(id -u)" -ne 0 ]; then
     if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
       sudo="sudo -n"
     else
-      echo "setup: WARNING: prometheus/promtool not found and no root or password-less sudo: the alert and dashboard tests will fail; $hint" >&2
+      echo "setup: WARNING: no root or password-less sudo to install the tests' Debian packages: the alert, dashboard and report tests will fail; $TEST_PACKAGES_HINT" >&2
       return 0
     fi
   fi
   if ! command -v apt-get >/dev/null 2>&1; then
-    echo "setup: WARNING: prometheus/promtool not found and no apt-get: the alert and dashboard tests will fail; $hint" >&2
+    echo "setup: WARNING: no apt-get to install the tests' Debian packages: the alert, dashboard and report tests will fail; $TEST_PACKAGES_HINT" >&2
     return 0
   fi
-  echo "setup: installing Debian's prometheus package (server + promtool, for the tests)"
-  local policy=/usr/sbin/policy-rc.d added=""
+  echo "setup: installing Debian's prometheus, chromium and chromium-driver (for the tests)"
+  local started=$SECONDS policy=/usr/sbin/policy-rc.d added=""
   if [ ! -e "$policy" ]; then
     printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null && $sudo chmod 755 "$policy" && added=1
   fi
   local apt="$sudo env DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Dpkg::Use-Pty=0"
+  local packages=(prometheus chromium chromium-driver)
   # the package lists may be missing or stale on a fresh machine: update once and retry
-  $apt install --no-install-recommends prometheus >/dev/null 2>&1 ||
-    { $apt update >/dev/null 2>&1 && $apt install --no-install-recommends prometheus >/dev/null; } || true
+  $apt install --no-install-recommends "${packages[@]}" >/dev/null 2>&1 ||
+    { $apt update >/dev/null 2>&1 && $apt install --no-install-recommends "${packages[@]}" >/dev/null; } || true
   if [ -n "$added" ]; then $sudo rm -f "$policy"; fi
   if [ -d /run/systemd/system ]; then
     $sudo systemctl disable --now prometheus.service >/dev/null 2>&1 || true
   elif [ -x /etc/init.d/prometheus ]; then
     $sudo /etc/init.d/prometheus stop >/dev/null 2>&1 || true
   fi
-  if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
-    echo "setup: $(prometheus --version 2>&1 | head -n 1)"
+  if have_test_packages; then
+    echo "setup: $(prometheus --version 2>&1 | head -n 1); $(/usr/bin/chromium --version 2>/dev/null | head -n 1) ($((SECONDS - started)) s)"
   else
-    echo "setup: WARNING: installing Debian's prometheus package failed: the alert and dashboard tests will fail; $hint" >&2
-  fi
-}
-# Headless Chromium and its WebDriver for the browser test of the eval report (dev only:
-# tests/integration/test_report_html.py, through Selenium, which is given both paths and downloads
-# nothing): Debian's chromium and chromium-driver, built from one source package, so always the same
-# version. ≈ 120 MB to download, 380 MB installed: 13 s, measured (the time it took is printed).
-install_chromium() {
-  local chromium=/usr/bin/chromium driver=/usr/bin/chromedriver
-  if [ -x "$chromium" ] && [ -x "$driver" ]; then
-    return 0
-  fi
-  local hint="install Debian's chromium and chromium-driver, e.g. apt-get install -y --no-install-recommends chromium chromium-driver"
-  local sudo=""
-  if [ "$(id -u)" -ne 0 ]; then
-    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-      sudo="sudo -n"
-    else
-      echo "setup: WARNING: chromium/chromedriver not found and no root or password-less sudo: the report's browser test will fail; $hint" >&2
-      return 0
-    fi
-  fi
-  if ! command -v apt-get >/dev/null 2>&1; then
-    echo "setup: WARNING: chromium/chromedriver not found and no apt-get: the report's browser test will fail; $hint" >&2
-    return 0
-  fi
-  echo "setup: installing Debian's chromium and chromium-driver (headless, for the report's browser test)"
-  local started=$SECONDS
-  local apt="$sudo env DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Dpkg::Use-Pty=0"
-  # the package lists may be missing or stale on a fresh machine: update once and retry
-  $apt install --no-install-recommends chromium chromium-driver >/dev/null 2>&1 ||
-    { $apt update >/dev/null 2>&1 && $apt install --no-install-recommends chromium chromium-driver >/dev/null; } || true
-  if [ -x "$chromium" ] && [ -x "$driver" ]; then
-    echo "setup: $("$chromium" --version 2>/dev/null | head -n 1), installed in $((SECONDS - started)) s"
-  else
-    echo "setup: WARNING: installing Debian's chromium failed: the report's browser test will fail; $hint" >&2
+    echo "setup: WARNING: installing the tests' Debian packages failed: the alert, dashboard and report tests will fail; $TEST_PACKAGES_HINT" >&2
   fi
 }
 case ",$EXTRAS," in
-  *,dev,*) install_prometheus; install_chromium ;;
+  *,dev,*) install_test_packages ;;
 esac
 echo "setup: done ($("$VENV/bin/python" -c 'import torch, transformers; print("torch", torch.__version__, "· transformers", transformers.__version__)'))"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import queue
 
+import numpy as np
+
 from stream_learner.core.config import Settings, load_settings
 from stream_learner.core.events import LabeledEvent, LabelSet, TokenizedEvent
 from stream_learner.core.intake import ConsumedBatch, Tokenize
@@ -15,6 +17,7 @@ from stream_learner.tools.datasets import TINY, bundled_path, read_jsonl
 from stream_learner.training.distributed import Group
 from stream_learner.training.factory import build_trainer
 from stream_learner.training.loop import TrainingLoop
+from stream_learner.training.observers import StepRecord
 from stream_learner.training.state import Snapshot
 from tests.support.tiny_model import tiny_model_dir
 
@@ -90,4 +93,38 @@ def make_trainer(
         observers=[MetricsObserver(Metrics())],
         restored=restored,
         group=group,
+    )
+
+
+def step_record(
+    started: float,
+    ended: float,
+    events: list[TokenizedEvent],
+    replayed: int,
+    *,
+    skipped: bool = False,
+    real_tokens: int = 10,
+    padded_tokens: int = 10,
+    cpu_seconds: float | None = None,
+) -> StepRecord:
+    """A training step's record, as the loop hands it to its observers (no predictions kept)."""
+    none = np.zeros(0)
+    return StepRecord(
+        started=started,
+        ended=ended,
+        fresh=events,
+        replayed=replayed,
+        real_tokens=real_tokens,
+        padded_tokens=padded_tokens,
+        loss=float("nan") if skipped else 0.5,
+        skipped=skipped,
+        cpu_seconds=ended - started if cpu_seconds is None else cpu_seconds,
+        predictions=none,
+        labels=none,
+        losses=none,
+        steps=1,
+        penalty=0.0,
+        param_distance=None,
+        replay_size=0,
+        replay_bytes=0,
     )

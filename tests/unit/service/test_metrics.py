@@ -6,6 +6,7 @@ the per-second gauges are instantaneous (a moving average over the last steps) a
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from stream_learner.core.events import TokenizedEvent
 from stream_learner.service.metrics import EWMA_WEIGHT, PREFIX, Metrics, MetricsObserver
 from stream_learner.training.observers import StepRecord
+from tests.support.factories import step_record
 
 NONE = np.zeros(0)
 
@@ -27,25 +29,16 @@ def record(
         )
         for i in range(fresh)
     ]
-    return StepRecord(
-        started=started,
-        ended=started + seconds,
-        fresh=events,
-        replayed=replayed,
+    record = step_record(
+        started,
+        started + seconds,
+        events,
+        replayed,
+        skipped=skipped,
         real_tokens=3 * (fresh + replayed),
         padded_tokens=3 * (fresh + replayed),
-        loss=float("nan") if skipped else 0.5,
-        skipped=skipped,
-        cpu_seconds=seconds,
-        predictions=NONE,
-        labels=NONE,
-        losses=NONE,
-        steps=1,
-        penalty=0.0,
-        param_distance=None,
-        replay_size=replayed,
-        replay_bytes=0,
     )
+    return dataclasses.replace(record, replay_size=replayed)
 
 
 def counts(m: Metrics) -> dict[str, float]:

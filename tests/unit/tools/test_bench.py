@@ -11,7 +11,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from stream_learner.tools.bench import BenchConfig, fastest, rate_inside, run_bench
@@ -25,8 +24,7 @@ from stream_learner.tools.bench_report import (
 )
 from stream_learner.tools.bench_report import targets as bench_targets
 from stream_learner.tools.harness import summarize_steps
-from stream_learner.training.observers import StepRecord
-from tests.support.factories import small_settings, tiny_rows, tokenized
+from tests.support.factories import small_settings, step_record, tiny_rows, tokenized
 from tests.support.tiny_model import tiny_model_dir
 
 LOOPS = ("roofline", "trainer_alone", "pipeline", "hand_written", "tutorial")
@@ -215,27 +213,15 @@ def check_targets_and_markdown(results: dict, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------- the measuring functions
 def _record(started: float, ended: float, fresh: int, replayed: int, real: int = 10, padded: int = 10):
-    s = small_settings()
-    events = tokenized(tiny_rows(fresh), s) if fresh else []
-    none = np.zeros(0)
-    return StepRecord(
-        started=started,
-        ended=ended,
-        fresh=events,
-        replayed=replayed,
+    events = tokenized(tiny_rows(fresh), small_settings()) if fresh else []
+    return step_record(
+        started,
+        ended,
+        events,
+        replayed,
         real_tokens=real,
         padded_tokens=padded,
-        loss=0.5,
-        skipped=False,
         cpu_seconds=(ended - started) / 2,
-        predictions=none,
-        labels=none,
-        losses=none,
-        steps=1,
-        penalty=0.0,
-        param_distance=None,
-        replay_size=0,
-        replay_bytes=0,
     )
 
 
