@@ -67,7 +67,7 @@ def test_eval_reads_a_range_of_a_real_topic_through_the_consumers_barrier(
     assert info["heldout"]["valid"] == round(0.2 * valid)
     assert results["scenarios"][topic]["events"] == info["stream"]["valid"]
     assert {r["strategy"] for r in results["runs"]} == set(ev.CORE_STRATEGIES)
-    for name in ("results.json", "report.md", "recommended.yaml"):
+    for name in ("results.json", "report.md", "report.html", "recommended.yaml"):
         assert (tmp_path / name).is_file(), name
 
 
@@ -90,6 +90,7 @@ def test_a_sweep_recommends_settings_that_start_a_learner(kafka_bootstrap, uniqu
     assert result.exit_code == 0, result.output
     assert f"ranking on {STREAM_FILE.stem}" in result.output  # the ranked table, in the terminal
     results = json.loads((out / "results.json").read_text())
+    assert (out / "report.html").stat().st_size > 10_000  # opened in a real browser: test_report_html.py
     ranked = [r["strategy"] for r in report.ranking(results, STREAM_FILE.stem)]
     assert len(ranked) == 3 + 4 and "offline" in ranked  # default, naive, offline and the 2 × 2 grid
 
