@@ -434,6 +434,26 @@ class Scenario:
 
 
 @dataclass
+class TokenizedInput:
+    """The scenarios and the held-out set tokenized at every ``model.max_length`` the runs ask for.
+
+    A sweep of ``model.max_length`` trains and scores each point on events cut at its own length (as
+    the consumer would cut them), so each length gets its own tokenization.
+    """
+
+    scenarios: dict[tuple[str, int], Scenario]
+    heldouts: dict[int, HeldOut]
+
+    def for_run(self, scenario: str, strategy: Strategy, cfg: EvalConfig) -> tuple[Scenario, HeldOut]:
+        length = run_settings(cfg, strategy, 0).model.max_length
+        return self.scenarios[scenario, length], self.heldouts[length]
+
+    def tokens(self, scenario: str, strategy: Strategy, cfg: EvalConfig) -> int:
+        """Tokens the run's stream holds (its share of a run's cost)."""
+        return sum(len(e.input_ids) for e in self.for_run(scenario, strategy, cfg)[0].events)
+
+
+@dataclass
 class StreamInput:
     """The validated events of every scenario and of the held-out set, with their segments."""
 
@@ -870,21 +890,16 @@ def run_cost(strategy: Strategy, cfg: EvalConfig) -> float:
 _worker: dict[str, Any] = {}
 
 
-def _start_worker(
-    scenarios: dict[str, Scenario], heldout: HeldOut, cfg: EvalConfig, threads: int, steps: Any
-) -> None:
+def _start_worker(inputs: TokenizedInput, cfg: EvalConfig, threads: int, steps: Any) -> None:
     torch.set_num_threads(threads)
     base = run_settings(cfg, STRATEGIES["default"], 0)
-    _worker.update(
-        scenarios=scenarios, heldout=heldout, cfg=cfg, steps=steps, tokenizer=load_tokenizer(base.model)
-    )
+    _worker.update(inputs=inputs, cfg=cfg, steps=steps, tokenizer=load_tokenizer(base.model))
 
 
 def _run_in_worker(scenario: str, strategy: Strategy, seed: int) -> dict[str, Any]:
     w = _worker
-    return run_one(
-        w["scenarios"][scenario], w["heldout"], strategy, seed, w["cfg"], w["tokenizer"], w["steps"].put
-    )
+    stream, heldout = w["inputs"].for_run(scenario, strategy, w["cfg"])
+    return run_one(stream, heldout, strategy, seed, w["cfg"], w["tokenizer"], w["steps"].put)
 
 
 class Budget:
@@ -892,14 +907,14 @@ class Budget:
 
     Without a budget the costliest runs go first (the last to finish are short: the cores stay busy).
     With one the cheapest go first — as many settings as the budget allows — and a run starts only if
-    the time it is expected to take fits in what is left: its cost (:func:`run_cost` × events) times the
+    the time it is expected to take fits in what is left: its cost (:func:`run_cost` × tokens) times the
     seconds per unit of cost measured on the runs done so far (the first run always starts).
     """
 
     def __init__(
-        self, plan: Sequence[tuple[str, Strategy, int]], scenarios: Mapping[str, Scenario], cfg: EvalConfig
+        self, plan: Sequence[tuple[str, Strategy, int]], inputs: TokenizedInput, cfg: EvalConfig
     ) -> None:
-        self.costs = [run_cost(st, cfg) * len(scenarios[sc].events) for sc, st, _ in plan]
+        self.costs = [run_cost(st, cfg) * inputs.tokens(sc, st, cfg) for sc, st, _ in plan]
         self.limit = None if cfg.budget_minutes is None else 60.0 * cfg.budget_minutes
         cheapest_first = self.limit is not None
         self.order = sorted(range(len(plan)), key=lambda i: self.costs[i] * (1 if cheapest_first else -1))
@@ -922,8 +937,7 @@ class Budget:
 
 def run_in_processes(
     plan: Sequence[tuple[str, Strategy, int]],
-    scenarios: dict[str, Scenario],
-    heldout: HeldOut,
+    inputs: TokenizedInput,
     cfg: EvalConfig,
     budget: Budget,
     bar: Any,
@@ -950,7 +964,7 @@ def run_in_processes(
             cfg.jobs,
             mp_context=context,
             initializer=_start_worker,
-            initargs=(scenarios, heldout, cfg, threads, steps),
+            initargs=(inputs, cfg, threads, steps),
         ) as pool:
             todo, running, done = list(budget.order), {}, 0
             while todo or running:
@@ -998,43 +1012,52 @@ def _run_benchmark(cfg: EvalConfig, out: Path, console: Any, progress: bool) -> 
     base = run_settings(cfg, STRATEGIES["default"], 0)
     data = user_input(cfg, base) if cfg.stream is not None else bundled_input(cfg, base)
     tokenizer = load_tokenizer(base.model)
-    tokenize = Tokenize(tokenizer, base.model.max_length)
     with_types = "token_type_ids" in tokenizer.model_input_names
-    heldout = build_heldout(
-        data.heldout,
-        data.heldout_segments,
-        data.names,
-        cfg,
-        tokenize,
-        tokenizer.pad_token_id or 0,
-        with_types,
-    )
-    scenarios: dict[str, Scenario] = {}
-    lengths: list[np.ndarray] = []
+    max_lengths = sorted({run_settings(cfg, st, 0).model.max_length for _, st, _ in plan})
+    inputs = TokenizedInput({}, {})
     with contextlib.ExitStack() as stack:
         bootstrap = cfg.broker
-        if bootstrap == "local":
+        if bootstrap == "local" and cfg.stream is None:
             from stream_learner.tools.local_broker import LocalBroker
 
             bootstrap = stack.enter_context(LocalBroker()).bootstrap_servers
-        for name, (events, segments, about) in data.scenarios.items():
-            lengths.append(source.token_lengths(tokenizer, events))
-            tokenized = (
-                tokenize_events(events, tokenize)
-                if bootstrap is None or cfg.stream is not None  # a user's stream was read once already
-                else events_through_broker(events, base, tokenizer, bootstrap)
+        for length in max_lengths:
+            tokenize = Tokenize(tokenizer, length)
+            inputs.heldouts[length] = build_heldout(
+                data.heldout,
+                data.heldout_segments,
+                data.names,
+                cfg,
+                tokenize,
+                tokenizer.pad_token_id or 0,
+                with_types,
             )
-            blocks = source.segment_blocks(segments)
-            scenarios[name] = Scenario(name, tokenized, segments, blocks, about, shifts_known=data.by_field)
+            for name, (events, segments, about) in data.scenarios.items():
+                through_broker = (
+                    bootstrap is not None and cfg.stream is None and length == base.model.max_length
+                )
+                tokenized = (  # a user's stream was read from Kafka once already; other lengths in process
+                    events_through_broker(events, base, tokenizer, bootstrap)  # type: ignore[arg-type]
+                    if through_broker
+                    else tokenize_events(events, tokenize)
+                )
+                blocks = source.segment_blocks(segments)
+                inputs.scenarios[name, length] = Scenario(
+                    name, tokenized, segments, blocks, about, shifts_known=data.by_field
+                )
+    scenarios = {name: inputs.scenarios[name, max_lengths[0]] for name in data.scenarios}
+    lengths = np.concatenate(
+        [source.token_lengths(tokenizer, events) for events, _, _ in data.scenarios.values()]
+    )
 
     started = time.perf_counter()
     total = sum(len(scenarios[s].events) for s, _, _ in plan)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not progress) as bar:
         task = bar.add_task("eval", total=total)
-        budget = Budget(plan, scenarios, cfg)
+        budget = Budget(plan, inputs, cfg)
         if cfg.jobs > 1:
-            results_in_plan = run_in_processes(plan, scenarios, heldout, cfg, budget, bar, task)
+            results_in_plan = run_in_processes(plan, inputs, cfg, budget, bar, task)
         else:
             results_in_plan = [None] * len(plan)
             for k, i in enumerate(budget.order, 1):
@@ -1043,8 +1066,9 @@ def _run_benchmark(cfg: EvalConfig, out: Path, console: Any, progress: bool) -> 
                 name, strategy, seed = plan[i]
                 bar.update(task, description=f"run {k}/{len(plan)} {name} · {strategy.name} · seed {seed}")
                 t0 = time.perf_counter()
+                stream, heldout = inputs.for_run(name, strategy, cfg)
                 results_in_plan[i] = run_one(
-                    scenarios[name], heldout, strategy, seed, cfg, tokenizer, lambda n: bar.advance(task, n)
+                    stream, heldout, strategy, seed, cfg, tokenizer, lambda n: bar.advance(task, n)
                 )
                 budget.done(i, time.perf_counter() - t0)
     runs = [r for r in results_in_plan if r is not None]
@@ -1071,7 +1095,7 @@ def _run_benchmark(cfg: EvalConfig, out: Path, console: Any, progress: bool) -> 
         "segments_from": "segment field" if data.by_field else f"{cfg.slices} equal slices",
         "labels": labels,
         "input": data.report,
-        "tokens": source.token_report(np.concatenate(lengths), base.model.max_length),
+        "tokens": source.token_report(lengths, base.model.max_length),
         "strategies": {s.name: dataclasses.asdict(s) for s in {st.name: st for _, st, _ in plan}.values()},
         "scenarios": {
             name: {
@@ -1082,7 +1106,7 @@ def _run_benchmark(cfg: EvalConfig, out: Path, console: Any, progress: bool) -> 
             }
             for name, s in scenarios.items()
         },
-        "heldout": {"per_segment": heldout.sizes},
+        "heldout": {"per_segment": inputs.heldouts[max_lengths[0]].sizes},
         "runs": runs,
         "not_run": not_run,
         "summary": summarize(runs),

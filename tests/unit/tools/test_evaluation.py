@@ -377,3 +377,26 @@ def test_eval_help_gives_the_path_from_a_file_to_a_recommended_configuration():
         "run -c",
     ):
         assert needle in text, needle
+
+
+def test_a_sweep_of_max_length_trains_each_point_on_events_cut_at_its_length(tmp_path):
+    from stream_learner.tools.sweep import grid
+    from tests.support.own_stream import HELDOUT_FILE, LABELS, STREAM_FILE
+
+    points = grid(["model.max_length=16,64"])
+    cfg = quick_config(
+        stream=str(STREAM_FILE),
+        heldout=str(HELDOUT_FILE),
+        labels=LABELS,
+        limit=48,
+        heldout_per_segment=4,
+        strategies=tuple(p.name for p in points),
+        variants={p.name: p for p in points},
+        drift=False,
+    )
+    results = ev.run_benchmark(cfg, tmp_path, progress=False)
+    short, long = results["runs"]
+    assert short["settings"]["model"]["max_length"] == 16 and long["settings"]["model"]["max_length"] == 64
+    # the same stream, seed and steps: only the cut differs, and it reaches the training
+    assert short["steps"] == long["steps"] and short["prequential"]["loss"] != long["prequential"]["loss"]
+    assert results["tokens"]["max_length"] == 64 and results["tokens"]["truncated_share"] > 0.1  # long texts
