@@ -1,4 +1,4 @@
-"""The ``stream-learner`` command: run | demo | produce | versions | eval | bench."""
+"""The ``stream-learner`` command: run | serve | demo | produce | versions | eval | bench."""
 
 from __future__ import annotations
 
@@ -123,6 +123,50 @@ def run(config: ConfigOpt = None, log_level: str = "INFO") -> None:
         raise _fail("stopped on error", learner.error)
     if not learner.stopped_cleanly:
         raise _fail("stop", RuntimeError("the grace period ran out before the final version was published"))
+
+
+# ----------------------------------------------------------------------------------------- serve
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    version: Annotated[
+        int | None,
+        typer.Option("--version", help="serve this version only, never another (serving.version)"),
+    ] = None,
+    log_level: str = "INFO",
+) -> None:
+    """Serve the published versions over the Open Inference Protocol (KServe V2 REST), following LATEST.
+
+    Reads the versions the learner publishes to publish.storage_url; answers POST
+    /v2/models/<serving.model_name>/infer on serving.host:serving.port, with /metrics beside it
+    (docs/serving.md). Exit status: 0 after a clean stop (SIGTERM, SIGINT); 2 when a setting is wrong
+    (one line naming it); 1 on anything else.
+    """
+    settings = _settings(config, **({"serving": {"version": version}} if version is not None else {}))
+    _logging(log_level)
+    from stream_learner.service.serving.server import InferenceServer
+
+    server = InferenceServer(settings)
+    try:
+        server.start()
+    except ConfigError as err:  # the store's directory or bucket, the port
+        typer.echo(f"stream-learner: {err}", err=True)
+        raise typer.Exit(2) from None
+    except Exception as err:
+        raise _fail("start-up failed", err) from None
+
+    def graceful_stop(signum: int, _frame: object) -> None:
+        logging.getLogger(__name__).info("%s: stopping", signal.Signals(signum).name)
+        threading.Thread(target=server.stop, name="stream-learner-signal-stop", daemon=True).start()
+
+    # once started: a signal before that ends the process as usual (there is nothing to finish yet)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, graceful_stop)
+    # sliced, as in `run`: a signal is handled on the main thread between two waits
+    while not server.wait(timeout=SIGNAL_POLL_S):
+        if server.error is not None:
+            server.stop()
+            raise _fail("stopped on error", server.error)
 
 
 # --------------------------------------------------------------------------------------- produce

@@ -357,6 +357,50 @@ class HttpSettings(_Section):
     port: int = Field(9108, ge=0, le=65535, description="port of the HTTP endpoint (0 = any free port)")
 
 
+class ServingSettings(_Section):
+    """``stream-learner serve``: the inference server of the versions under ``publish.storage_url``."""
+
+    # a path segment of the protocol's URLs (/v2/models/<name>/infer): nothing that needs escaping
+    model_name: str = Field(
+        "stream-learner",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="the model's name in the inference protocol's paths: /v2/models/<model_name>/infer",
+    )
+    host: str = Field("0.0.0.0", description="address `stream-learner serve` binds")
+    # 8080: KServe's port for a custom predictor's HTTP (the learner's own endpoint is http.port)
+    port: int = Field(8080, ge=0, le=65535, description="port of `stream-learner serve` (0 = any free port)")
+    # one small read of LATEST per poll; an hour is already far past any publish interval in use
+    poll_interval_s: float = Field(
+        5.0,
+        gt=0,
+        le=HOUR,
+        description="seconds between two reads of LATEST: a new version serves within this plus its load "
+        "time",
+    )
+    max_batch: int = Field(
+        32, ge=1, le=4096, description="most texts in one forward pass of the micro-batcher"
+    )
+    # a request waits this long for others to share its forward pass: a second is far past any use.
+    # 0 by default: on the 2-core CPU a 5 ms wait cost a lone request 8 ms and gained 16 concurrent
+    # clients nothing (those queued while a batch computes form the next one anyway; docs/serving.md)
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="longest a request waits for others to fill its batch (0 = no wait: a batch takes the "
+        "requests that queued while the previous one computed)",
+    )
+    version: int | None = Field(
+        None, ge=1, description="serve this version only, never another (`serve --version N`); empty = LATEST"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' serves on CUDA when present")
+    max_request_bytes: int = Field(
+        4 * 2**20, ge=1024, le=2**30, description="largest request body accepted (413 above it)"
+    )
+
+
 class DriftSettings(_Section):
     # defaults calibrated on synthetic streams and on the bundled stream's embeddings: docs/drift.md
     enabled: bool = Field(True, description="compute the drift signals (loss, label mix, embedding)")
@@ -437,6 +481,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = LimitsSettings()
     drift: DriftSettings = DriftSettings()
     distributed: DistributedSettings = DistributedSettings()
+    serving: ServingSettings = ServingSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

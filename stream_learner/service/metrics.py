@@ -7,10 +7,13 @@ change one here and there together.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from stream_learner.core.drift import DRIFT_SIGNALS
 from stream_learner.core.events import Reason
+from stream_learner.service.versions import CORRUPT, FENCED, INCOMPLETE, REJECTED
 from stream_learner.training.observers import LoopObserver, StepRecord
 
 PREFIX = "stream_learner"
@@ -259,3 +262,103 @@ class MetricsObserver(LoopObserver):
 
     def on_weight_check(self) -> None:
         self.metrics.weight_checks.inc()
+
+
+class ServingMetrics:
+    """The inference server's metrics (``stream-learner serve``) on ``registry`` (a fresh one when not
+    given): a server is its own process, and exports none of the learner's series.
+
+    The served version's age is computed at each scrape from the ``created_at`` of its manifest, which
+    the batcher hands over at the swap (:meth:`now_serving`).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        if registry is None:
+            ProcessCollector(registry=r)
+        self._created_at: float | None = None  # written by the batcher thread only, read at scrapes
+
+        self.version = Gauge(
+            f"{PREFIX}_serving_version",
+            "Version the server answers with (0 before one is loaded)",
+            registry=r,
+        )
+        self.version_age = Gauge(
+            f"{PREFIX}_serving_version_age_seconds",
+            "Seconds since the served version was created (its manifest's created_at); 0 before one is "
+            "loaded",
+            registry=r,
+        )
+        self.version_age.set_function(
+            lambda: 0.0 if self._created_at is None else max(time.time() - self._created_at, 0.0)
+        )
+        self.latest_version = Gauge(
+            f"{PREFIX}_serving_latest_version",
+            "Version LATEST named at the last poll that read it: the served version lags behind it while a "
+            "new one loads, or stays behind it when that one is refused",
+            registry=r,
+        )
+        self.swaps = Counter(
+            f"{PREFIX}_serving_swaps",
+            "Versions the server started answering with (the first one included)",
+            registry=r,
+        )
+        self.versions_refused = Counter(
+            f"{PREFIX}_serving_versions_refused",
+            "Versions the server refused to serve, by status (rejected, fenced, incomplete, corrupt: a file "
+            "whose sha256 differs from its manifest's, or that does not load)",
+            ["status"],
+            registry=r,
+        )
+        self.load_seconds = Histogram(
+            f"{PREFIX}_serving_load_seconds",
+            "Time from reading a new version's manifest to being ready to swap it in: download, sha256 "
+            "checks, loading, warm-up",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=r,
+        )
+        self.failed_polls = Counter(
+            f"{PREFIX}_serving_failed_polls",
+            "Polls of the object store that failed (an outage: the served version stays)",
+            registry=r,
+        )
+        self.storage_degraded = Gauge(
+            f"{PREFIX}_serving_storage_degraded",
+            "1 while polls of the object store fail (the served version stays, readiness unchanged)",
+            registry=r,
+        )
+        self.requests = Counter(
+            f"{PREFIX}_serving_requests",
+            "HTTP requests answered, by endpoint (infer, metadata, ready, live, metrics, other) and status "
+            "code",
+            ["endpoint", "code"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            f"{PREFIX}_serving_request_seconds",
+            "Time to answer an inference request, from its body read to its response built (queueing, "
+            "batching and the forward pass included)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}_serving_batch_size",
+            "Texts in one batch of the micro-batcher (serving.max_batch bounds it, but for a single larger "
+            "request)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=r,
+        )
+        for status in (REJECTED, FENCED, INCOMPLETE, CORRUPT):
+            self.versions_refused.labels(status)
+
+    def now_serving(self, version: int, created_at: float | None) -> None:
+        """The batcher swapped ``version`` in (``created_at``: its manifest's, as a Unix time)."""
+        self.version.set(version)
+        self._created_at = created_at
+        self.swaps.inc()
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """Current value of a sample, named as exposed; 0 if absent."""
+        v = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if v is None else v

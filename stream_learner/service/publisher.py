@@ -168,31 +168,51 @@ def _read_trainer_state(root: Path, model_state: dict[str, torch.Tensor], versio
     )
 
 
-def load_version(store: ObjectStore, version: int, workdir: Path) -> tuple[Snapshot, dict]:
-    """Download version ``version``, verify every file's sha256, and return its state and manifest.
+def download_version(
+    store: ObjectStore,
+    version: int,
+    workdir: Path,
+    manifest: dict | None = None,
+    wanted: Callable[[str], bool] = lambda name: True,
+) -> tuple[Path, dict]:
+    """Download the files of version ``version`` its manifest lists (those ``wanted`` keeps) into
+    ``workdir/versions/NNNNNN/`` and verify each one's sha256 against the manifest; returns that
+    directory and the manifest (read here unless given).
 
     Raises :class:`CorruptVersion` when the manifest is unreadable, a file is missing, or a file's
-    sha256 differs from the manifest's.
+    sha256 differs from the manifest's. Storage errors propagate.
     """
 
     def corrupt(reason: str) -> CorruptVersion:
         return CorruptVersion(f"version {version}: {reason}", version, reason)
 
     try:
-        manifest = read_manifest(store, version)
-        files = manifest["files"]
-    except (KeyError, ValueError, TypeError) as err:
+        manifest = read_manifest(store, version) if manifest is None else manifest
+        files = {name: info["sha256"] for name, info in manifest["files"].items() if wanted(name)}
+    except (KeyError, ValueError, TypeError, AttributeError) as err:
         raise corrupt(f"manifest missing or unreadable ({err})") from None
     root = workdir / version_dir(version)
-    for name, info in files.items():
+    for name, sha256 in files.items():
         path = root / name
+        if not path.resolve().is_relative_to(root.resolve()):  # a manifest naming ../x writes nowhere else
+            raise corrupt(f"manifest names a file outside the version: {name!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             store.get_to_file(f"{version_dir(version)}/{name}", path)
         except KeyError:
             raise corrupt(f"{name} is missing") from None
-        if _sha256(path) != info["sha256"]:
+        except ValueError as err:  # not a valid storage key
+            raise corrupt(f"manifest names an invalid file {name!r} ({err})") from None
+        if _sha256(path) != sha256:
             raise corrupt(f"{name} does not match the sha256 in its manifest")
+    return root, manifest
+
+
+def load_version(store: ObjectStore, version: int, workdir: Path) -> tuple[Snapshot, dict]:
+    """Download version ``version``, verify every file's sha256 (:func:`download_version`), and return
+    its state and manifest. Raises :class:`CorruptVersion` as :func:`download_version` does.
+    """
+    root, manifest = download_version(store, version, workdir)
     model_state = safetensors.torch.load_file(root / WEIGHTS)
     return _read_trainer_state(root, model_state, version), manifest
 

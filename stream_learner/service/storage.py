@@ -135,9 +135,14 @@ class LocalStore(ObjectStore):
     network filesystems only as far as their ``flock`` is).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, create: bool = True) -> None:
+        """``create``: make the directory if it is not there (a reader passes False: a directory that is
+        not there is a mistake in its settings, and it never writes)."""
         self.root = Path(root).expanduser().absolute()
-        self.root.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        elif not self.root.is_dir():
+            raise FileNotFoundError(f"no directory {self.root}")
         self.url = self.root.as_uri()
 
     def _path(self, key: str) -> Path:
@@ -411,19 +416,21 @@ def open_store(
     access_key_id: str | None = None,
     secret_access_key: str | None = None,
     region: str | None = None,
+    create: bool = True,
 ) -> ObjectStore:
     """Open the store a URL names (see the module docstring).
 
     The S3 arguments are ignored for ``file://``. Each one left None falls back to boto3's usual
-    chain (environment, ``~/.aws``, instance role). Raises :class:`ValueError` for an unsupported
-    scheme or a malformed URL.
+    chain (environment, ``~/.aws``, instance role). ``create=False``: a local directory that is not
+    there raises :class:`FileNotFoundError` instead of being made. Raises :class:`ValueError` for an
+    unsupported scheme or a malformed URL.
     """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme in ("", "file"):
         if not url.strip() or (scheme == "file" and not (parts.netloc or parts.path)):
             raise ValueError(f"storage URL {url!r}: no directory; use file:///abs/dir or file://./rel/dir")
-        return LocalStore(_local_root(url))
+        return LocalStore(_local_root(url), create=create)
     if scheme == "s3":
         if not parts.netloc:
             raise ValueError(f"storage URL {url!r}: no bucket; use s3://bucket/prefix")
@@ -554,8 +561,8 @@ def check_reachable(store: ObjectStore, timeout_s: float = STORE_CHECK_TIMEOUT_S
     ) from None
 
 
-def open_settings_store(settings: Settings) -> ObjectStore:
-    """The store of ``publish.*`` (its URL, endpoint and secrets)."""
+def open_settings_store(settings: Settings, create: bool = True) -> ObjectStore:
+    """The store of ``publish.*`` (its URL, endpoint and secrets); ``create`` as :func:`open_store`."""
     p = settings.publish
     secret = lambda s: s.get_secret_value() if s is not None else None  # noqa: E731
     return open_store(
@@ -564,4 +571,5 @@ def open_settings_store(settings: Settings) -> ObjectStore:
         access_key_id=secret(p.s3_access_key_id),
         secret_access_key=secret(p.s3_secret_access_key),
         region=p.s3_region,
+        create=create,
     )

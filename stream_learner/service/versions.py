@@ -151,14 +151,21 @@ def survey_versions(store: ObjectStore, read_manifests: bool = True) -> dict[int
 
 def _parse_manifest(store: ObjectStore, version: int) -> tuple[dict | None, str | None]:
     try:
-        manifest = upgraded(json.loads(store.get(f"{version_dir(version)}/{MANIFEST}")))
+        data = store.get(f"{version_dir(version)}/{MANIFEST}")
     except KeyError:
         return None, "manifest missing"
+    return _parsed_manifest(data)
+
+
+def _parsed_manifest(data: bytes) -> tuple[dict | None, str | None]:
+    """(manifest, None), or (None, why it cannot be read)."""
+    try:
+        manifest = json.loads(data)
     except ValueError as err:  # not UTF-8, not JSON
         return None, f"manifest unreadable ({err})"
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         return None, "manifest unreadable (not a manifest)"
-    return manifest, None
+    return upgraded(manifest), None
 
 
 def written_status(manifest: dict) -> str | None:
@@ -250,6 +257,35 @@ def _chain_intact(store: ObjectStore, entries: dict[int, VersionEntry], version:
         if entries[parent].manifest is None:
             return False
         version = parent
+
+
+class NotServable(RuntimeError):
+    """A version no server may serve: ``status`` (incomplete, corrupt, rejected, fenced) and ``detail``
+    say why."""
+
+    def __init__(self, version: int, status: str, detail: str) -> None:
+        super().__init__(f"version {version} is {status} ({detail})")
+        self.version, self.status, self.detail = version, status, detail
+
+
+def servable_manifest(store: ObjectStore, version: int) -> dict:
+    """The manifest of ``version`` if it may be served; :class:`NotServable` if it is incomplete (no
+    manifest), corrupt (one that cannot be parsed), rejected or fenced. Storage errors propagate.
+
+    Its files are not checked here: the server downloads them and checks each one's sha256 against this
+    manifest (``publisher.download_version``), and a mismatch makes the version corrupt there.
+    """
+    try:
+        data = store.get(f"{version_dir(version)}/{MANIFEST}")
+    except KeyError:
+        raise NotServable(version, INCOMPLETE, "no manifest: a publish cut short, or one running") from None
+    manifest, unreadable = _parsed_manifest(data)
+    if manifest is None:
+        raise NotServable(version, CORRUPT, unreadable or "manifest unreadable")
+    written = written_status(manifest)
+    if written is not None:
+        raise NotServable(version, written, status_detail(manifest))
+    return manifest
 
 
 def claim_writer(claim: bytes) -> str:
