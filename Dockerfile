@@ -76,7 +76,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 # a writable working directory for `docker run` (the chart mounts its own writable paths)
 WORKDIR /home/learner
-# http.port: /metrics, /healthz, /readyz
-EXPOSE 9108
+# http.port: the learner's /metrics, /healthz, /readyz; serving.port: `stream-learner serve`, the
+# inference server (the Open Inference Protocol and its /metrics; 8080 is KServe's predictor port)
+EXPOSE 9108 8080
 ENTRYPOINT ["stream-learner"]
 CMD ["run"]

@@ -261,12 +261,20 @@ def test_entrypoint_is_stream_learner_run(dockerfile: tuple[dict[str, str], dict
     assert "/opt/venv/bin" in " ".join(runtime.all("ENV"))  # where setup.sh (VENV=/opt/venv) put the script
 
 
-def test_exposes_the_http_port(dockerfile: tuple[dict[str, str], dict[str, Stage]]) -> None:
+def test_exposes_the_learner_and_the_serving_ports(
+    dockerfile: tuple[dict[str, str], dict[str, Stage]],
+) -> None:
+    """One image, two commands: ``run`` listens on http.port, ``serve`` on serving.port; both are
+    exposed, at the settings' defaults and the chart's values."""
     _, stages = dockerfile
-    (port,) = stages["runtime"].all("EXPOSE")
-    assert int(port) == Settings.model_fields["http"].default.port
+    exposed = [int(port) for line in stages["runtime"].all("EXPOSE") for port in line.split()]
+    http_port = Settings.model_fields["http"].default.port
+    serving_port = Settings.model_fields["serving"].default.port
+    assert sorted(exposed) == sorted([http_port, serving_port])
+    assert serving_port == 8080  # KServe's port for a custom predictor's HTTP (docs/deploy.md)
     values = yaml.safe_load((ROOT / "helm" / "stream-learner" / "values.yaml").read_text())
-    assert values["config"]["http"]["port"] == int(port)
+    assert values["config"]["http"]["port"] == http_port
+    assert values["config"]["serving"]["port"] == serving_port
 
 
 # ------------------------------------------------------------------ training.compile in the image
