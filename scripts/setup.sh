@@ -78,11 +78,13 @@ fi
 #   (tests/integration/test_report_html.py, through Selenium, which is given both paths and downloads
 #   nothing): Debian's chromium and chromium-driver, built from one source package, so always the same
 #   version; ≈ 120 MB to download, 380 MB installed, 13 s measured.
+# * wrk, the HTTP load tool, for the load test of the inference server across version swaps
+#   (tests/integration/test_serving_load.py, benchmarks/serving_load.sh): one binary, < 1 MB.
 # Each test that needs one fails with the install hint when it is missing.
-TEST_PACKAGES_HINT="apt-get install -y --no-install-recommends prometheus chromium chromium-driver"
+TEST_PACKAGES_HINT="apt-get install -y --no-install-recommends prometheus chromium chromium-driver wrk"
 have_test_packages() {
   command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 &&
-    [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]
+    [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] && command -v wrk >/dev/null 2>&1
 }
 install_test_packages() {
   have_test_packages && return 0
@@ -91,21 +93,21 @@ install_test_packages() {
     if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
       sudo="sudo -n"
     else
-      echo "setup: WARNING: no root or password-less sudo to install the tests' Debian packages: the alert, dashboard and report tests will fail; $TEST_PACKAGES_HINT" >&2
+      echo "setup: WARNING: no root or password-less sudo to install the tests' Debian packages: the alert, dashboard, report and serving-load tests will fail; $TEST_PACKAGES_HINT" >&2
       return 0
     fi
   fi
   if ! command -v apt-get >/dev/null 2>&1; then
-    echo "setup: WARNING: no apt-get to install the tests' Debian packages: the alert, dashboard and report tests will fail; $TEST_PACKAGES_HINT" >&2
+    echo "setup: WARNING: no apt-get to install the tests' Debian packages: the alert, dashboard, report and serving-load tests will fail; $TEST_PACKAGES_HINT" >&2
     return 0
   fi
-  echo "setup: installing Debian's prometheus, chromium and chromium-driver (for the tests)"
+  echo "setup: installing Debian's prometheus, chromium, chromium-driver and wrk (for the tests)"
   local started=$SECONDS policy=/usr/sbin/policy-rc.d added=""
   if [ ! -e "$policy" ]; then
     printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null && $sudo chmod 755 "$policy" && added=1
   fi
   local apt="$sudo env DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Dpkg::Use-Pty=0"
-  local packages=(prometheus chromium chromium-driver)
+  local packages=(prometheus chromium chromium-driver wrk)
   # the package lists may be missing or stale on a fresh machine: update once and retry
   $apt install --no-install-recommends "${packages[@]}" >/dev/null 2>&1 ||
     { $apt update >/dev/null 2>&1 && $apt install --no-install-recommends "${packages[@]}" >/dev/null; } || true
@@ -116,9 +118,9 @@ install_test_packages() {
     $sudo /etc/init.d/prometheus stop >/dev/null 2>&1 || true
   fi
   if have_test_packages; then
-    echo "setup: $(prometheus --version 2>&1 | head -n 1); $(/usr/bin/chromium --version 2>/dev/null | head -n 1) ($((SECONDS - started)) s)"
+    echo "setup: $(prometheus --version 2>&1 | head -n 1); $(/usr/bin/chromium --version 2>/dev/null | head -n 1); $(wrk --version 2>&1 | head -n 1) ($((SECONDS - started)) s)"
   else
-    echo "setup: WARNING: installing the tests' Debian packages failed: the alert, dashboard and report tests will fail; $TEST_PACKAGES_HINT" >&2
+    echo "setup: WARNING: installing the tests' Debian packages failed: the alert, dashboard, report and serving-load tests will fail; $TEST_PACKAGES_HINT" >&2
   fi
 }
 case ",$EXTRAS," in
