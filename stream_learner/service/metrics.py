@@ -7,11 +7,17 @@ change one here and there together.
 
 from __future__ import annotations
 
+import math
+import threading
 import time
+from collections.abc import Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 from stream_learner.core.drift import DRIFT_SIGNALS
+from stream_learner.core.event_times import EventTimes
 from stream_learner.core.events import Reason
 from stream_learner.service.versions import CORRUPT, FENCED, INCOMPLETE, REJECTED
 from stream_learner.training.observers import LoopObserver, StepRecord
@@ -349,16 +355,91 @@ class ServingMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
             registry=r,
         )
+        self.newest_event_timestamp = Gauge(
+            f"{PREFIX}_serving_newest_event_timestamp_seconds",
+            "Produce time of the newest event the served version learned (its manifest's "
+            "newest_event_ms); 0 before one is loaded, or for a version from before manifests recorded it",
+            registry=r,
+        )
+        self.freshness = CountedHistogram(
+            f"{PREFIX}_serving_freshness_seconds",
+            "Event to served prediction: from a learned event's produce time to the moment the first "
+            "version that learned it started answering here (observed at each swap, for the events learned "
+            "since the version served before; none at the first swap of a process)",
+            buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600),
+            registry=r,
+        )
         for status in (REJECTED, FENCED, INCOMPLETE, CORRUPT):
             self.versions_refused.labels(status)
 
-    def now_serving(self, version: int, created_at: float | None) -> None:
-        """The batcher swapped ``version`` in (``created_at``: its manifest's, as a Unix time)."""
+    def now_serving(
+        self,
+        version: int,
+        created_at: float | None,
+        newest_event_ms: int | None = None,
+        learned: EventTimes | None = None,
+    ) -> None:
+        """The batcher swapped ``version`` in: ``created_at`` and ``newest_event_ms`` are its manifest's
+        (a Unix time; ms since the epoch), ``learned`` the produce times of the events it learned that
+        the version served before had not (observed as freshness, their ages now)."""
         self.version.set(version)
         self._created_at = created_at
+        self.newest_event_timestamp.set((newest_event_ms or 0) / 1000)
+        if learned is not None:
+            for age, n in learned.ages(time.time()):
+                self.freshness.observe(max(age, 0.0), n)
         self.swaps.inc()
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """Current value of a sample, named as exposed; 0 if absent."""
         v = self.registry.get_sample_value(name, labels or {})
         return 0.0 if v is None else v
+
+
+class CountedHistogram(Collector):
+    """A Prometheus histogram whose observations carry a count: ``observe(v, n)`` is ``n``
+    observations of ``v`` at once, as a version's thousands of events with one age each are.
+
+    ``prometheus_client.Histogram`` observes one value per call; this exposes the same series
+    (``_bucket{le}``, ``_count``, ``_sum``) from counts kept here, so a swap costs a few additions,
+    not one call per event.
+
+    >>> from prometheus_client import CollectorRegistry
+    >>> h = CountedHistogram("age_seconds", "Ages", buckets=(1, 10), registry=CollectorRegistry())
+    >>> h.observe(5.0, 3)
+    >>> [(s.labels.get("le"), s.value) for s in next(iter(h.collect())).samples][:3]
+    [('1.0', 0.0), ('10.0', 3.0), ('+Inf', 3.0)]
+    """
+
+    def __init__(
+        self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds = [*sorted(float(b) for b in buckets), math.inf]
+        self._counts = [0] * len(self.bounds)
+        self._sum = 0.0
+        self._lock = threading.Lock()  # observed by the batcher thread, collected by a scrape's
+        registry.register(self)
+
+    def observe(self, value: float, count: int = 1) -> None:
+        """Count ``count`` observations of ``value``."""
+        if count <= 0:
+            return
+        i = next(i for i, bound in enumerate(self.bounds) if value <= bound)
+        with self._lock:
+            self._counts[i] += count
+            self._sum += value * count
+
+    def describe(self) -> Iterable[HistogramMetricFamily]:
+        return [HistogramMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        cumulative = [sum(counts[: i + 1]) for i in range(len(counts))]
+        buckets = [(_le(b), float(c)) for b, c in zip(self.bounds, cumulative, strict=True)]
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=total)
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(float(bound))

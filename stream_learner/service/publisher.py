@@ -465,6 +465,10 @@ class Publisher:
             "steps": snap.counters.steps,
             "examples_replayed": snap.counters.examples_replayed,
             "nonfinite_skipped": snap.counters.nonfinite_skipped,
+            # freshness: the lineage's newest event, and when the events new in this version were produced
+            # (a server observes event → served from them at its swap; core/event_times.py)
+            "newest_event_ms": snap.counters.newest_event_ms or None,
+            "event_times": snap.event_times.to_manifest(),
             "world_size": 1 + len(snap.replay_shards),  # ranks of the data-parallel group that trained it
             "metrics": snap.metrics,
             "files": files,

@@ -201,11 +201,12 @@ def merge_offsets(parts: Sequence[Mapping[int, int]]) -> dict[int, int]:
 
 def merge_counters(parts: Sequence[Counters]) -> Counters:
     """The group's counters: events and replayed examples add up; steps and skips are the same on
-    every rank (the lockstep), rank 0's are taken."""
+    every rank (the lockstep), rank 0's are taken; the newest event is the newest of any rank's."""
     return dataclasses.replace(
         parts[0],
         events_trained=sum(c.events_trained for c in parts),
         examples_replayed=sum(c.examples_replayed for c in parts),
+        newest_event_ms=max(c.newest_event_ms for c in parts),
     )
 
 

@@ -39,6 +39,7 @@ import torch
 
 from stream_learner.core.batching import Example, plan_window
 from stream_learner.core.config import Settings
+from stream_learner.core.event_times import EventTimes
 from stream_learner.core.events import TokenizedEvent
 from stream_learner.core.intake import ConsumedBatch
 from stream_learner.core.prequential import PrequentialScores
@@ -102,6 +103,7 @@ class TrainingLoop:
             p.every_steps, p.every_seconds, self.counters.steps, self.ledger.covered
         )
         self._pending: collections.deque[TokenizedEvent] = collections.deque()
+        self.learned_times = EventTimes()  # of the events learned since the last snapshot handed over
         self._in_window = False  # inside a window: covered offsets are not a prefix yet
         self.penalty = engine.l2sp.penalty().item()
         self.last_loss = float("nan")  # the last step's objective: data loss + penalty
@@ -228,6 +230,10 @@ class TrainingLoop:
                     fresh, out.predictions, out.labels, out.losses, replayed, self.replay
                 )
         self.counters.events_trained += len(fresh)
+        if fresh:
+            self.learned_times.add_all(e.timestamp_ms for e in fresh)
+            newest = max(e.timestamp_ms for e in fresh)
+            self.counters.newest_event_ms = max(self.counters.newest_event_ms, newest)
         self.counters.examples_replayed += len(replayed)
         self.ledger.trained(fresh)
         distance = None
@@ -303,6 +309,7 @@ class TrainingLoop:
             except queue.Full:
                 return False  # the publisher is busy with the previous one: try after the next window
         self.cadence.mark(self.counters.steps, self.ledger.covered)
+        self.learned_times = EventTimes()  # they are in the snapshot handed over
         return True
 
     def _hand_over_final(self, snap: Snapshot) -> None:
@@ -331,7 +338,9 @@ class TrainingLoop:
             raise RuntimeError("no snapshot inside a bucketed window: its covered offsets are not exact")
         if self.group is not None and not self.group.is_root:
             arrays, meta = self.replay.state_dict()
-            self.group.gather((dict(self.ledger.covered), Counters(**vars(self.counters)), arrays, meta))
+            self.group.gather(
+                (dict(self.ledger.covered), Counters(**vars(self.counters)), arrays, meta, self.learned_times)
+            )
             return None
         snap = self._local_snapshot()
         if self.group is not None:
@@ -340,6 +349,8 @@ class TrainingLoop:
             snap.offsets = merge_offsets([snap.offsets, *(p[0] for p in parts[1:])])
             snap.counters = merge_counters([snap.counters, *(p[1] for p in parts[1:])])
             snap.replay_shards = [(p[2], p[3]) for p in parts[1:]]
+            for p in parts[1:]:
+                snap.event_times.update(p[4])
         return snap
 
     def _local_snapshot(self) -> Snapshot:
@@ -361,4 +372,5 @@ class TrainingLoop:
             offsets=dict(self.ledger.covered),
             metrics={k: v for k, v in metrics.items() if v == v},  # drop NaN
             drift=self.drift.state_dict() if self.drift is not None else None,
+            event_times=self.learned_times.copy(),
         )

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from stream_learner.core.event_times import EventTimes
+
 ArraysAndMeta = tuple[dict[str, np.ndarray], dict]
 
 
@@ -24,6 +26,7 @@ class Counters:
     events_trained: int = 0  # fresh events that went through a step (learned, or skipped as non-finite)
     examples_replayed: int = 0
     nonfinite_skipped: int = 0
+    newest_event_ms: int = 0  # produce time of the newest event learned in the lineage (0: none known)
 
     @classmethod
     def from_dict(cls, d: dict) -> Counters:
@@ -38,6 +41,8 @@ class Counters:
 class Snapshot:
     """A consistent copy of everything a version holds, taken between two windows.
 
+    ``event_times`` counts the produce times of the events learned since the previous snapshot handed
+    to the publisher (the freshness record, ``core/event_times.py``; empty in a snapshot read back).
     ``version`` is 0 for a snapshot not yet published, and the version number for one read back.
     ``replay_shards`` are the replay buffers of ranks 1… of a data-parallel group, as (arrays, meta)
     (see ``distributed.py``); ``drift`` the drift signals' state (None: a version from before they were
@@ -55,4 +60,5 @@ class Snapshot:
     created_at: float = field(default_factory=time.time)
     replay_shards: list[ArraysAndMeta] = field(default_factory=list)
     drift: ArraysAndMeta | None = None
+    event_times: EventTimes = field(default_factory=EventTimes)  # of the events new since the last one
     version: int = 0

@@ -58,7 +58,7 @@ def tiny_rows(n: int | None = None) -> list[dict]:
 
 
 def tokenized(
-    rows: list[dict], settings: Settings, partition: int = 0, first_offset: int = 0
+    rows: list[dict], settings: Settings, partition: int = 0, first_offset: int = 0, timestamp_ms: int = 0
 ) -> list[TokenizedEvent]:
     labels = LabelSet(settings.model.labels)
     events = [LabeledEvent(text=r["text"], label=labels.index(r["label"])) for r in rows]
@@ -70,7 +70,7 @@ def tokenized(
             pair_start=start,
             partition=partition,
             offset=first_offset + i,
-            timestamp_ms=0,
+            timestamp_ms=timestamp_ms,
         )
         for i, (e, (ids, start)) in enumerate(zip(events, toks, strict=True))
     ]

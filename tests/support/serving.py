@@ -28,6 +28,7 @@ from stream_learner.service.publisher import Publisher
 from stream_learner.service.serving.server import InferenceServer
 from stream_learner.service.storage import ObjectStore
 from stream_learner.service.versions import read_latest
+from stream_learner.training.state import Snapshot
 from tests.support.factories import batch, make_trainer, small_settings, tiny_rows, tokenized, tokenizer
 
 TEXTS = ["a wonderful, moving film", "dull and far too long", "it was fine", "I would not watch it again"]
@@ -55,23 +56,32 @@ class VersionSource:
         self._rows = tiny_rows()
         self._offset = 0
 
-    def step(self) -> None:
+    def step(self, produced_ms: int | None = None) -> None:
+        """One step on the next 8 events, produced at ``produced_ms`` (default: now)."""
+        produced_ms = int(time.time() * 1000) if produced_ms is None else produced_ms
         rows = self._rows[self._offset % len(self._rows) :][:8]
-        self.trainer.accept(batch(tokenized(rows, self.settings, first_offset=self._offset)))
+        events = tokenized(rows, self.settings, first_offset=self._offset, timestamp_ms=produced_ms)
+        self.trainer.accept(batch(events))
         self.trainer.train_window(self.trainer.take_fresh(8))
         self.trainer.ledger.advance()
         self._offset += len(rows)
 
-    def publish(self) -> int:
-        """One more step, then a version; returns its number."""
-        self.step()
-        return self.publisher.publish_version(self.trainer.snapshot())
+    def publish(self, produced_ms: int | None = None) -> int:
+        """One more step (on events produced at ``produced_ms``, default now), then a version; returns
+        its number."""
+        self.step(produced_ms)
+        return self.publisher.publish_version(self.snapshot())
 
-    def publish_rejected(self) -> int:
+    def snapshot(self) -> Snapshot:
+        """The trainer's snapshot, handed over as the training loop hands it to its publisher."""
+        assert self.trainer.maybe_publish(force=True)
+        return self.trainer.publish_queue.get_nowait()
+
+    def publish_rejected(self, produced_ms: int | None = None) -> int:
         """One more step, then a version the poisoning gate rejects (its probe accuracy far below
         LATEST's): published with ``status: rejected``, LATEST stays."""
-        self.step()
-        snap = self.trainer.snapshot()
+        self.step(produced_ms)
+        snap = self.snapshot()
         self.publisher.latest_probe_accuracy = 0.9
         snap = dataclasses.replace(snap, metrics={**snap.metrics, "probe_accuracy": 0.1})
         return self.publisher.publish_version(snap)

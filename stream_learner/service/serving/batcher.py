@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stream_learner.core.event_times import EventTimes
 from stream_learner.service.metrics import ServingMetrics
 from stream_learner.service.serving.classifier import Classifier
 from stream_learner.service.serving.protocol import created_timestamp
@@ -64,9 +65,11 @@ class Infer:
 
 @dataclass(frozen=True)
 class Swap:
-    """Serve ``classifier`` from the next batch on."""
+    """Serve ``classifier`` from the next batch on; ``learned`` holds the produce times of the events it
+    learned that the version served now had not (None: not known, or nothing served before)."""
 
     classifier: Classifier
+    learned: EventTimes | None = None
 
 
 @dataclass(frozen=True)
@@ -116,14 +119,14 @@ class MicroBatcher:
             first = carried if carried is not None else self.inbox.get()
             carried = None
             if isinstance(first, Swap):
-                self._swap(first.classifier)
+                self._swap(first)
                 continue
             if isinstance(first, Stop):
                 return
             batch, swaps, carried, stop = self._gather(first)
             self._compute(batch)
             for swap in swaps:
-                self._swap(swap.classifier)
+                self._swap(swap)
             if stop:
                 if carried is not None:
                     self._compute([carried])
@@ -181,11 +184,18 @@ class MicroBatcher:
             first += request.size
             _send(request, Answer(version=model.version, labels=model.labels, probabilities=rows))
 
-    def _swap(self, classifier: Classifier) -> None:
+    def _swap(self, swap: Swap) -> None:
+        classifier = swap.classifier
         before = self._model.version if self._model is not None else None
         self._model = classifier  # the previous one is dropped here, between two batches
         self.served = ServedVersion(classifier.version, classifier.labels, classifier.manifest)
-        self.metrics.now_serving(classifier.version, created_timestamp(classifier.manifest))
+        newest = classifier.manifest.get("newest_event_ms")
+        self.metrics.now_serving(
+            classifier.version,
+            created_timestamp(classifier.manifest),
+            newest if isinstance(newest, int) and not isinstance(newest, bool) else None,
+            swap.learned,
+        )
         self.ready.set()
         log.info(
             "serving version %d%s", classifier.version, "" if before is None else f" (was version {before})"

@@ -15,6 +15,10 @@ now — with nothing served yet, to the newest servable one at all, as a learner
 nothing found, the current version stays. A rollback (LATEST moved to an older version) is followed:
 LATEST's own version is tried whatever its number, never its ancestors below the one serving.
 
+**Freshness**: with each loaded version the follower hands the batcher the produce times of the events
+it learned that the version offered before had not (the ``event_times`` of the manifests between them
+on its chain, ``core/event_times.py``); the batcher observes their ages at the swap.
+
 **Pinned** (``serving.version``, ``serve --version N``): only N is ever loaded; LATEST is not read.
 
 **Outages**: a poll that fails for a storage error (the store raised) changes nothing: the served
@@ -31,11 +35,12 @@ import queue
 import threading
 import time
 
+from stream_learner.core.event_times import EventTimes
 from stream_learner.service.metrics import ServingMetrics
 from stream_learner.service.serving.batcher import Message, Swap
 from stream_learner.service.serving.loader import VersionLoader
 from stream_learner.service.storage import ObjectStore
-from stream_learner.service.versions import NotServable, chain_of, read_latest
+from stream_learner.service.versions import NotServable, chain_of, read_latest, read_manifest
 from stream_learner.training.threads import take_threads
 
 log = logging.getLogger(__name__)
@@ -130,9 +135,33 @@ class VersionFollower:
             )
             log.error("refusing to serve %s; %s", refusal, serving)
             return False
-        self.inbox.put(Swap(classifier))
+        self.inbox.put(Swap(classifier, self._learned_since_offered(version, classifier.manifest)))
         self.offered = version
         return True
+
+    def _learned_since_offered(self, version: int, manifest: dict) -> EventTimes | None:
+        """The produce times of the events ``version`` learned that the version offered before had not:
+        the ``event_times`` of the manifests on ``version``'s chain down to that one (rejected versions
+        included: their weights are trained on). None with nothing offered before (a server starting
+        makes no event fresh) or on a rollback. Freshness is a measure, never a reason not to serve: a
+        manifest that cannot be read ends the walk there."""
+        if self.offered is None or version < self.offered:
+            return None
+        learned = EventTimes()
+        try:
+            for v in chain_of(self.store, version):
+                if v <= self.offered:
+                    break
+                learned.update(
+                    EventTimes.from_manifest(
+                        (manifest if v == version else read_manifest(self.store, v)).get("event_times")
+                    )
+                )
+        except Exception as err:
+            log.debug(
+                "freshness of version %d: the chain's manifests could not all be read: %s", version, err
+            )
+        return learned
 
     def _failed(self, err: BaseException) -> None:
         self.metrics.failed_polls.inc()

@@ -11,9 +11,12 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram
 
 from stream_learner.core.events import TokenizedEvent
-from stream_learner.service.metrics import EWMA_WEIGHT, PREFIX, Metrics, MetricsObserver
+from stream_learner.service.metrics import EWMA_WEIGHT, PREFIX, CountedHistogram, Metrics, MetricsObserver
 from stream_learner.training.observers import StepRecord
 from tests.support.factories import step_record
 
@@ -122,3 +125,30 @@ def test_the_gauges_help_says_instantaneous_and_names_the_counters_to_rate() -> 
     for name, help_ in docs.items():
         for named in re.findall(rf"\b{PREFIX}_\w+", help_):
             assert named in exposed, f"the help of {name} names {named}, which is not exposed"
+
+
+@given(st.lists(st.tuples(st.floats(0, 1e5, allow_nan=False), st.integers(0, 50)), max_size=40))
+def test_a_counted_histogram_exposes_what_as_many_single_observations_would(observed) -> None:
+    """``CountedHistogram.observe(v, n)`` against prometheus_client's own Histogram observing v n times:
+    the same buckets, count and sum (the series the freshness panel's quantiles are computed from)."""
+    buckets = (0.5, 1, 10, 60, 3600)
+    ours = CountedHistogram("age_seconds", "Ages", buckets, CollectorRegistry())
+    theirs_registry = CollectorRegistry()
+    theirs = Histogram("age_seconds", "Ages", buckets=buckets, registry=theirs_registry)
+    for value, n in observed:
+        ours.observe(value, n)
+        for _ in range(n):
+            theirs.observe(value)
+
+    def samples(families) -> dict:
+        return {
+            (s.name, s.labels.get("le")): s.value
+            for f in families
+            for s in f.samples
+            if not s.name.endswith("_created")
+        }
+
+    mine, reference = samples(ours.collect()), samples(theirs_registry.collect())
+    assert mine.keys() == reference.keys()
+    for key, value in reference.items():
+        assert mine[key] == pytest.approx(value, rel=1e-9, abs=1e-6), key

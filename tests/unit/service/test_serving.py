@@ -8,6 +8,7 @@ import json
 import queue
 import socket
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 
 from stream_learner.service.metrics import ServingMetrics
 from stream_learner.service.serving.batcher import Answer, Infer, MicroBatcher, Stop, Swap
+from stream_learner.service.serving.follower import VersionFollower
 from stream_learner.service.serving.loader import VersionLoader, served_file
 from stream_learner.service.serving.server import bind
 from stream_learner.service.storage import LocalStore
@@ -151,3 +153,40 @@ def test_the_listening_socket_says_tcp_so_that_responses_go_out_without_nagles_w
         assert sock.proto == socket.IPPROTO_TCP
     finally:
         sock.close()
+
+
+def test_each_swap_observes_the_events_learned_since_the_served_version_once(tmp_path: Path) -> None:
+    """Freshness: at the swap to version 3 the follower hands over the produce times of the events of
+    versions 2 (rejected by the gate: its weights are trained on) and 3, and the batcher observes them
+    once, as their ages at the swap; the first version of a process observes none."""
+    store = LocalStore(tmp_path)
+    source = VersionSource(store)
+    now_ms = int(time.time() * 1000)
+    source.publish(produced_ms=now_ms - 60_000)
+    inbox: queue.Queue = queue.Queue()
+    metrics = ServingMetrics()
+    follower = VersionFollower(store, loader(tmp_path, metrics), inbox, metrics, threading.Event(), 3600)
+    follower.poll()
+    first = inbox.get_nowait()
+    assert first.classifier.version == 1 and first.learned is None
+    source.publish_rejected(produced_ms=now_ms - 30_000)
+    source.publish(produced_ms=now_ms - 10_000)
+    follower.poll()
+    swap = inbox.get_nowait()
+    assert swap.classifier.version == 3
+    assert swap.learned.to_manifest()["counts"] == [
+        [(now_ms - 30_000) // 1000, 8],
+        [(now_ms - 10_000) // 1000, 8],
+    ]
+    assert swap.classifier.manifest["newest_event_ms"] == now_ms - 10_000
+
+    for message in (first, swap, Stop()):
+        inbox.put(message)
+    batcher = MicroBatcher(inbox, max_batch=4, max_wait_s=0.0, metrics=metrics)
+    batcher.run()
+    name = "stream_learner_serving_freshness_seconds"
+    assert metrics.value(f"{name}_count") == 16  # versions 2 and 3's events; version 1's none
+    assert metrics.value(f"{name}_bucket", {"le": "20.0"}) == 8  # ≈ 10 s old at the swap
+    assert metrics.value(f"{name}_bucket", {"le": "30.0"}) == 8  # the rejected version's ≈ 30 s: just above
+    assert 8 * 39 < metrics.value(f"{name}_sum") < 8 * 42 + 16 * 30  # 8 × ~10 s + 8 × ~30 s, plus test time
+    assert metrics.value("stream_learner_serving_newest_event_timestamp_seconds") == (now_ms - 10_000) / 1000

@@ -114,8 +114,10 @@ def test_group_from_env_and_partition_shares() -> None:
 
 def test_merges_add_events_and_keep_the_furthest_offsets() -> None:
     assert merge_offsets([{0: 10, 1: 4}, {1: 9, 3: 2}]) == {0: 10, 1: 9, 3: 2}
-    merged = merge_counters([Counters(7, 30, 60, 1), Counters(7, 12, 28, 1)])
-    assert merged == Counters(steps=7, events_trained=42, examples_replayed=88, nonfinite_skipped=1)
+    merged = merge_counters([Counters(7, 30, 60, 1, 1_000), Counters(7, 12, 28, 1, 2_000)])
+    assert merged == Counters(
+        steps=7, events_trained=42, examples_replayed=88, nonfinite_skipped=1, newest_event_ms=2_000
+    )
 
 
 def _restored(shards: int) -> Snapshot:

@@ -329,3 +329,31 @@ def test_a_window_ends_where_a_publish_falls_due():
     assert tr._window_size() == 8 * per_step
     tr.maybe_publish()
     assert tr._window_size() == 5 * per_step
+
+
+def test_a_snapshot_carries_the_produce_times_learned_since_the_last_one_handed_over():
+    """The freshness record: each version's manifest counts the events new in it — none lost when the
+    publisher is busy (the snapshot refused), none counted in two versions."""
+    s = small_settings(publish={"every_steps": 1})
+    tr = make_trainer(s)
+    rows = tiny_rows(24)
+    t0 = 1_700_000_000_000
+    step(tr, tokenized(rows[:8], s, timestamp_ms=t0 + 300))
+    tr.ledger.advance()
+    assert tr.maybe_publish()
+    first = tr.publish_queue.get_nowait()
+    assert first.event_times.to_manifest() == {"resolution_s": 1, "counts": [[t0 // 1000, 8]]}
+    assert first.counters.newest_event_ms == t0 + 300
+    step(tr, tokenized(rows[8:16], s, first_offset=8, timestamp_ms=t0 + 5_000))
+    tr.ledger.advance()
+    tr.publish_queue.put_nowait(first)  # the publisher still busy with the previous version
+    assert not tr.maybe_publish()
+    step(tr, tokenized(rows[16:], s, first_offset=16, timestamp_ms=t0 + 9_000))
+    tr.ledger.advance()
+    tr.publish_queue.get_nowait()
+    assert tr.maybe_publish()
+    second = tr.publish_queue.get_nowait()
+    assert second.event_times.to_manifest()["counts"] == [[t0 // 1000 + 5, 8], [t0 // 1000 + 9, 8]]
+    assert second.counters.newest_event_ms == t0 + 9_000
+    step(tr, tokenized(rows[:8], s, first_offset=24, timestamp_ms=t0 - 60_000))  # produced earlier
+    assert tr.snapshot().counters.newest_event_ms == t0 + 9_000  # the lineage's newest stays
