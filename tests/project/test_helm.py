@@ -45,7 +45,8 @@ CONFIG_PATH = "/etc/stream-learner/config.yaml"
 KUBE_VERSIONS = ["1.29", kv.major_minor(kv.latest_version())]
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
-# Everything optional switched on: GPU, monitoring objects, every Secret reference, mutual TLS.
+# Everything optional switched on: GPU, monitoring objects, every Secret reference, mutual TLS, the
+# inference server (on CPU nodes, beside a learner on a GPU node).
 FULL_VALUES: dict[str, Any] = {
     "image": {"repository": "registry.example.com/ml/stream-learner", "tag": "0.1.0-cuda"},
     "imagePullSecrets": [{"name": "registry-credentials"}],
@@ -90,6 +91,13 @@ FULL_VALUES: dict[str, Any] = {
     },
     "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
     "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "ML"}},
+    "serving": {
+        "enabled": True,
+        "replicas": 3,
+        "resources": {"requests": {"cpu": "2", "memory": "3Gi"}, "limits": {"memory": "6Gi"}},
+        "nodeSelector": {"node-role/inference": "true"},
+        "service": {"annotations": {"example.com/expose": "internal"}},
+    },
     "config": {
         "kafka": {
             "bootstrap_servers": "kafka-0.kafka:9093,kafka-1.kafka:9093",
@@ -108,6 +116,7 @@ FULL_VALUES: dict[str, Any] = {
             "s3_region": "eu-west-1",
             "stop_timeout_s": 600.5,
         },
+        "serving": {"port": 8081, "model_name": "sentiment", "max_batch": 64},
     },
 }
 # The data-parallel mode: a StatefulSet of ranks and their headless Service, on an object store.
@@ -151,15 +160,26 @@ def only(docs: list[dict[str, Any]], kind: str, name: str = FULLNAME) -> dict[st
     return found[0]
 
 
+SERVING = f"{FULLNAME}-serving"
+
+
 def workload(docs: list[dict[str, Any]]) -> dict[str, Any]:
     """The learner's Deployment, or its StatefulSet in the distributed mode."""
-    [found] = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    [found] = [
+        d for d in docs if d["kind"] in ("Deployment", "StatefulSet") and d["metadata"]["name"] == FULLNAME
+    ]
     return found
 
 
 def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
     (learner,) = workload(docs)["spec"]["template"]["spec"]["containers"]
     return learner
+
+
+def serving_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The inference server's container (``serving.enabled``)."""
+    (server,) = only(docs, "Deployment", SERVING)["spec"]["template"]["spec"]["containers"]
+    return server
 
 
 def rendered_settings_file(docs: list[dict[str, Any]]) -> str:
@@ -264,6 +284,10 @@ def test_full_render_has_every_optional_object(chart: helm.Chart) -> None:
             ("Service", FULLNAME),
             ("ServiceAccount", FULLNAME),
             ("ServiceMonitor", FULLNAME),
+            ("Deployment", SERVING),
+            ("Service", SERVING),
+            ("PodDisruptionBudget", SERVING),
+            ("ServiceMonitor", SERVING),
         ]
     )
 
@@ -433,9 +457,11 @@ def _check_custom_resource(doc: dict[str, Any], schema: dict[str, Any]) -> None:
         )
 
 
-def test_service_monitor_scrapes_the_metrics_service(chart: helm.Chart) -> None:
+@pytest.mark.parametrize(("name", "job"), [(FULLNAME, "stream-learner"), (SERVING, "stream-learner-serving")])
+def test_service_monitor_scrapes_the_metrics_service(chart: helm.Chart, name: str, job: str) -> None:
+    """The learner's ServiceMonitor, and the inference server's: each finds its own Service."""
     docs = manifests(render(chart, FULL_VALUES))
-    monitor, service = only(docs, "ServiceMonitor"), only(docs, "Service")
+    monitor, service = only(docs, "ServiceMonitor", name), only(docs, "Service", name)
     _check_custom_resource(monitor, SERVICE_MONITOR_SCHEMA)
     spec = monitor["spec"]
     assert monitor["metadata"]["namespace"] == "monitoring"
@@ -447,13 +473,18 @@ def test_service_monitor_scrapes_the_metrics_service(chart: helm.Chart) -> None:
     (endpoint,) = spec["endpoints"]
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert endpoint["path"] == "/metrics"
-    # job="stream-learner" whatever the release is called: the label it names is on the Service…
-    job = service["metadata"]["labels"][spec["jobLabel"]]
-    assert job == "stream-learner"
-    # …and every job matcher of files/alerts.yaml selects it (Prometheus regexes are anchored)
-    alerts = (CHART / "files" / "alerts.yaml").read_text()
-    for op, matcher in re.findall(r'\bjob\s*(=~|=)\s*"([^"]*)"', alerts):
-        assert re.fullmatch(matcher, job) if op == "=~" else matcher == job, f"job{op}{matcher!r}"
+    # job="stream-learner" (-serving) whatever the release is called: the label it names is on the
+    # Service (files/alerts.yaml and the dashboard match these jobs: test_alerts_select_their_own_jobs)
+    assert service["metadata"]["labels"][spec["jobLabel"]] == job
+    # …and no other ServiceMonitor selects this Service: a target is scraped once, as one job
+    others = [d for d in docs if d["kind"] == "ServiceMonitor" and d["metadata"]["name"] != name]
+    assert others
+    for other in others:
+        assert not other["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    if name == FULLNAME:
+        alerts = (CHART / "files" / "alerts.yaml").read_text()
+        for op, matcher in re.findall(r'\bjob\s*(=~|=)\s*"([^"]*)"', alerts):
+            assert re.fullmatch(matcher, job) if op == "=~" else matcher == job, f"job{op}{matcher!r}"
 
 
 def test_prometheus_rule_carries_files_alerts_yaml_unchanged(chart: helm.Chart) -> None:
@@ -504,6 +535,18 @@ def test_grafana_dashboard_config_map_is_files_dashboard_json(chart: helm.Chart)
         ({"image": {"allowNonCudaTagWithGpu": "yes"}}, "/image/allowNonCudaTagWithGpu"),
         ({"serviceMonitor": {"interval": "30 seconds"}}, "/serviceMonitor/interval"),
         ({"podDisruptionBudget": {"maxUnavailable": 2}}, "/podDisruptionBudget/maxUnavailable"),
+        ({"serving": {"enabled": "yes"}}, "/serving/enabled"),
+        ({"serving": {"replicas": -1}}, "/serving/replicas"),
+        ({"serving": {"rollingUpdate": {"maxSurge": "ten"}}}, "/serving/rollingUpdate/maxSurge"),
+        ({"serving": {"resources": {"requests": {"memory": "2 GB"}}}}, "/serving/resources/requests/memory"),
+        (
+            {"serving": {"probes": {"readiness": {"periodSeconds": 0}}}},
+            "/serving/probes/readiness/periodSeconds",
+        ),
+        ({"serving": {"service": {"port": 0}}}, "/serving/service/port"),
+        ({"serving": {"gpu": {"resourceName": "x"}}}, "resourceName"),  # gpu.resourceName is shared
+        ({"serving": {"replicaCount": 2}}, "replicaCount"),
+        ({"config": {"serving": {"port": 0}}}, "/config/serving/port"),  # the probes need a fixed port
         ({"replicaCount": 1}, "replicaCount"),  # unknown top-level value: a typo must not pass silently
         ({"config": {"kafka": {"topik": "x"}}}, "topik"),  # unknown setting
         ({"config": {"publish": {"stop_timeout_s": "2m"}}}, "/config/publish/stop_timeout_s"),
@@ -897,6 +940,186 @@ def test_notes_warn_about_an_ephemeral_file_store(chart: helm.Chart) -> None:
     notes = render(chart, FULL_VALUES)["stream-learner/templates/NOTES.txt"]
     assert "WARNING" not in notes
     assert f"kubectl -n {NAMESPACE} rollout status deployment/{FULLNAME}" in notes
+    # the inference server's Service and model name, when it is deployed
+    assert f"port-forward service/{SERVING} 8080:8080" in notes
+    assert f"http://{SERVING}.{NAMESPACE}.svc:8080/v2/models/sentiment/infer" in notes
+    assert SERVING not in render(chart, {})["stream-learner/templates/NOTES.txt"]
+
+
+# ------------------------------------------------------------------------------ the inference server
+def test_server_runs_serve_on_the_learners_settings_and_credentials(chart: helm.Chart) -> None:
+    """`stream-learner serve --config` the learner's settings file, with the learner's env (caches, S3
+    credentials, extraEnv) but none of its Kafka Secrets, its own resources and scheduling."""
+    from stream_learner.service.serving.server import GRACEFUL_S
+
+    docs = manifests(render(chart, FULL_VALUES))
+    deployment = only(docs, "Deployment", SERVING)
+    spec, learner_spec = deployment["spec"], workload(docs)["spec"]
+    assert spec["replicas"] == 3
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    pod, learner_pod = spec["template"]["spec"], learner_spec["template"]["spec"]
+    server, learner = serving_container(docs), container(docs)
+    assert "command" not in server and server["args"] == ["serve", "--config", CONFIG_PATH]
+    assert server["image"] == learner["image"]
+    # config.serving.port, named for the probes and the Service
+    assert server["ports"] == [{"name": "http", "containerPort": 8081, "protocol": "TCP"}]
+    assert server["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert server["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    assert (
+        server["readinessProbe"]["periodSeconds"]
+        == chart_values()["serving"]["probes"]["readiness"]["periodSeconds"]
+    )
+    # the same settings file, mounted alike, restarting both when it changes
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    learner_volumes = {v["name"]: v for v in learner_pod["volumes"]}
+    mounts = {m["name"]: m for m in server["volumeMounts"]}
+    learner_mounts = {m["name"]: m for m in learner["volumeMounts"]}
+    for name in ("config", "tmp", "cache", "extra"):
+        assert mounts[name] == learner_mounts[name] and volumes[name] == learner_volumes[name], name
+    assert "kafka-tls" not in mounts and "kafka-tls" not in volumes
+    checksum = "checksum/config"
+    annotations = spec["template"]["metadata"]["annotations"]
+    assert annotations[checksum] == learner_spec["template"]["metadata"]["annotations"][checksum]
+    # the learner's env but Kafka's: caches, S3 credentials from the Secret, extraEnv
+    env = {e["name"]: e for e in server["env"]}
+    learner_env = {e["name"]: e for e in learner["env"]}
+    kafka = {name for name in learner_env if name.startswith("STREAM_LEARNER_KAFKA__")}
+    assert len(kafka) == 3
+    assert env == {name: e for name, e in learner_env.items() if name not in kafka}
+    assert (
+        env["STREAM_LEARNER_PUBLISH__S3_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "learner-s3"
+    )
+    # the same identity and hardening
+    assert server["securityContext"] == learner["securityContext"]
+    assert pod["securityContext"] == learner_pod["securityContext"]
+    for key in (
+        "serviceAccountName",
+        "automountServiceAccountToken",
+        "imagePullSecrets",
+        "priorityClassName",
+    ):
+        assert pod[key] == learner_pod[key], key
+    # its own resources and nodes: no GPU beside a learner that has one
+    assert server["resources"] == FULL_VALUES["serving"]["resources"]
+    assert pod["nodeSelector"] == {"node-role/inference": "true"} and "tolerations" not in pod
+    # a stop: the preStop sleep, the server's own graceful stop, the margin
+    assert server["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    assert pod["terminationGracePeriodSeconds"] == 5 + GRACEFUL_S + 30
+
+
+@pytest.mark.parametrize("value_set", ["full", "distributed"])
+def test_learner_and_server_objects_select_only_their_own_pods(chart: helm.Chart, value_set: str) -> None:
+    """The learner's selector labels (name, instance) cannot change after install: the servers' pods
+    must not carry them, or the learner's Service, PodDisruptionBudget and workload would count them."""
+    docs = manifests(render(chart, merge(VALUE_SETS[value_set], {"serving": {"enabled": True}})))
+    learner_pods = workload(docs)["spec"]["template"]["metadata"]["labels"]
+    server_pods = only(docs, "Deployment", SERVING)["spec"]["template"]["metadata"]["labels"]
+    for doc in docs:
+        selector = {
+            "Deployment": lambda d: d["spec"]["selector"]["matchLabels"],
+            "StatefulSet": lambda d: d["spec"]["selector"]["matchLabels"],
+            "PodDisruptionBudget": lambda d: d["spec"]["selector"]["matchLabels"],
+            "Service": lambda d: d["spec"]["selector"],
+        }.get(doc["kind"])
+        if selector is None:
+            continue
+        name = doc["metadata"]["name"]
+        own, other = (server_pods, learner_pods) if name == SERVING else (learner_pods, server_pods)
+        assert selector(doc).items() <= own.items(), f"{doc['kind']}/{name} misses its own pods"
+        assert not selector(doc).items() <= other.items(), f"{doc['kind']}/{name} selects the other pods"
+
+
+def test_server_service_and_disruption_budget(chart: helm.Chart) -> None:
+    docs = manifests(render(chart, FULL_VALUES))
+    service = only(docs, "Service", SERVING)
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}
+    ]
+    # requests reach ready replicas only (the learner's metrics Service publishes the others)
+    assert "publishNotReadyAddresses" not in service["spec"]
+    assert service["metadata"]["annotations"] == {"example.com/expose": "internal"}
+    assert service["metadata"]["labels"]["app.kubernetes.io/component"] == "serving"
+    budget = only(docs, "PodDisruptionBudget", SERVING)["spec"]
+    assert budget["maxUnavailable"] == 1 and budget["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    # without the ServiceMonitors: no ServiceMonitor for the servers either
+    off = manifests(render(chart, merge(FULL_VALUES, {"serviceMonitor": {"enabled": False}})))
+    assert not [d for d in off if d["kind"] == "ServiceMonitor"]
+    off = manifests(
+        render(chart, merge(FULL_VALUES, {"serving": {"podDisruptionBudget": {"enabled": False}}}))
+    )
+    assert [d["metadata"]["name"] for d in off if d["kind"] == "PodDisruptionBudget"] == [FULLNAME]
+
+
+@pytest.mark.parametrize(
+    "persistence",
+    [{}, {"enabled": True}, {"enabled": True, "existingClaim": "models", "accessModes": ["ReadWriteOnce"]}],
+    ids=["emptyDir", "ReadWriteOnce", "existing-ReadWriteOnce"],
+)
+def test_server_on_a_file_store_of_one_pod_fails_with_the_fix(persistence: dict[str, Any]) -> None:
+    """A file:// store is the learner pod's directory: other pods read it only from a ReadWriteMany claim."""
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError) as err:
+        render(chart, {"serving": {"enabled": True}, "persistence": persistence})
+    message = str(err.value)
+    assert (
+        "config.publish.storage_url file:///var/lib/stream-learner/models is a directory of the learner's pod"
+        in message
+    )
+    assert "Use an object store all pods reach (config.publish.storage_url=s3://bucket/prefix)" in message
+    assert "persistence.enabled=true with persistence.accessModes=[ReadWriteMany]" in message
+
+
+@pytest.mark.parametrize(("existing", "claim"), [("", FULLNAME), ("shared-models", "shared-models")])
+def test_server_on_a_read_write_many_claim_mounts_it_read_only(
+    chart: helm.Chart, existing: str, claim: str
+) -> None:
+    values = {
+        "serving": {"enabled": True},
+        "persistence": {"enabled": True, "existingClaim": existing, "accessModes": ["ReadWriteMany"]},
+    }
+    docs = manifests(render(chart, values))
+    for doc in docs:
+        kv.validate(doc, KUBE_VERSIONS[0], strict=True)
+    pod = only(docs, "Deployment", SERVING)["spec"]["template"]["spec"]
+    learner_pod = workload(docs)["spec"]["template"]["spec"]
+    (data,) = [v for v in pod["volumes"] if v["name"] == "data"]
+    assert data["persistentVolumeClaim"] == {"claimName": claim, "readOnly": True}
+    (learner_data,) = [v for v in learner_pod["volumes"] if v["name"] == "data"]
+    assert learner_data["persistentVolumeClaim"] == {"claimName": claim}  # the learner writes
+    (mount,) = [m for m in serving_container(docs)["volumeMounts"] if m["name"] == "data"]
+    assert mount == {"name": "data", "mountPath": "/var/lib/stream-learner", "readOnly": True}
+    assert not any(
+        m["name"] == "data" for m in serving_container(manifests(render(chart, FULL_VALUES)))["volumeMounts"]
+    )
+
+
+def test_server_gpu_gets_the_cuda_image_and_one_gpu_at_most(chart: helm.Chart) -> None:
+    """serving.gpu.count as the learner's gpu.count: the CUDA image when no tag is given, one per pod."""
+    app_version = chart.metadata["appVersion"]
+    values = {
+        "serving": {"enabled": True, "gpu": {"count": 1}},
+        "config": {"publish": {"storage_url": "s3://m/x"}},
+    }
+    docs = manifests(render(chart, values))
+    server, learner = serving_container(docs), container(docs)
+    assert server["image"] == f"stream-learner:{app_version}-cuda"
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert (
+        learner["image"] == f"stream-learner:{app_version}"
+        and "nvidia.com/gpu" not in learner["resources"]["limits"]
+    )
+    for bad, expected in [
+        (
+            {"serving": {"gpu": {"count": 2}}},
+            "serving.gpu.count=2: an inference server computes on one device",
+        ),
+        ({"image": {"tag": "0.2.0"}}, 'image.tag "0.2.0" with serving.gpu.count=1'),
+    ]:
+        with helm.Chart.load(CHART) as fresh, pytest.raises(helm.HelmRenderError) as err:
+            render(fresh, merge(values, bad))
+        assert expected in str(err.value)
 
 
 # ---------------------------------------------------------------------------------- the chart README
@@ -906,7 +1129,12 @@ def test_readme_documents_every_value() -> None:
     values = chart_values()
     # objects passed whole to Kubernetes are documented as one value
     whole = {"resources", "podSecurityContext", "securityContext", "probes.liveness", "probes.readiness"}
-    whole |= {"grafanaDashboard.labels"}
+    whole |= {
+        "grafanaDashboard.labels",
+        "serving.resources",
+        "serving.probes.liveness",
+        "serving.probes.readiness",
+    }
     wanted = leaf_paths({k: v for k, v in values.items() if k != "config"}, stop_at=whole)
     wanted |= {f"config.{section}" for section in values["config"]}
     assert sorted(wanted - documented) == [], "values missing from the chart README's table"
@@ -970,7 +1198,7 @@ def test_deploy_doc_commands_match_the_chart_and_the_cli(chart: helm.Chart) -> N
             assert (kind, name) in rendered, f"{command}: no {kind}/{name}"
         if "stream-learner" in words and words[0] != "docker" and words[0] != "helm":
             args = words[words.index("stream-learner") + 1 :]
-            if args and args[0] in ("produce", "versions", "run"):
+            if args and args[0] in ("produce", "versions", "run", "serve"):
                 learner_cli += 1
                 # unknown options fail Click's parsing; --help then stops before anything runs
                 result = CliRunner().invoke(app, [*args, "--help"])
