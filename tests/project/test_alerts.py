@@ -3,14 +3,15 @@
 * ``promtool check rules`` accepts ``alerts.yaml``; ``promtool test rules`` runs
   ``tests/support/promtool/alerts_test.yaml``, in which every alert fires on a synthetic series and stays
   silent on a healthy one (checked here to hold for every alert of the file);
-* every metric the alerts and the dashboard read is one the learner exposes (its registry, so a
-  misspelled name fails), and the dashboard shows every metric of the learner;
+* every metric the alerts and the dashboard read is one the learner or the inference server exposes
+  (their registries, so a misspelled name fails), and the dashboard shows every metric of both;
 * the dashboard's structure (datasource variable, job/instance variables, every panel queried, unique
   ids, a layout without overlaps);
 * ``docs/observability.md`` names every metric, alert and panel.
 
 The queries themselves run against a real Prometheus scraping a real learner in
-``tests/integration/test_observability.py``.
+``tests/integration/test_observability.py``, and a real inference server in
+``tests/integration/test_serving_observability.py``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 import yaml
 from prometheus_client.metrics_core import Metric
 
-from stream_learner.service.metrics import Metrics
+from stream_learner.service.metrics import Metrics, ServingMetrics
 from tests.support.prometheus import (
     ALERTS_FILE,
     REPO,
@@ -50,6 +51,11 @@ def families() -> list[Metric]:
     return list(Metrics().registry.collect())
 
 
+def serving_families() -> list[Metric]:
+    """Every metric family an inference server (``stream-learner serve``) exposes, process metrics too."""
+    return list(ServingMetrics().registry.collect())
+
+
 # the sample names of each metric type, as exposed (a labelled metric without children has no samples)
 SUFFIXES = {
     "counter": ("_total", "_created"),
@@ -61,10 +67,11 @@ SUFFIXES = {
 
 
 def exposed_names() -> set[str]:
-    """Every sample name as scraped: ``x_total`` of a counter, ``x_bucket`` of a histogram, …"""
+    """Every sample name as scraped, by a learner or a server: ``x_total`` of a counter, ``x_bucket``
+    of a histogram, …"""
     return {
         name
-        for family in families()
+        for family in families() + serving_families()
         for name in [family.name + suffix for suffix in SUFFIXES[family.type]]
         + [sample.name for sample in family.samples]
     }
@@ -153,6 +160,9 @@ def test_rules_are_labelled_and_annotated() -> None:
         "stream_learner_prequential_accuracy",
         "stream_learner_versions_rejected_total",
         "stream_learner_corrupt_versions_total",
+        # issue 19: an inference server behind LATEST, or cut off from the store
+        "stream_learner_serving_latest_version > stream_learner_serving_version",
+        "stream_learner_serving_storage_degraded",
     ):
         assert needle in exprs, f"no alert on {needle}"
 
@@ -194,14 +204,18 @@ def test_alerts_read_only_exposed_metrics() -> None:
     exposed = exposed_names() | SYNTHETIC
     for rule in alert_rules():
         unknown = metric_names(rule["expr"]) - exposed
-        assert not unknown, f"{rule['alert']} reads metrics the learner does not expose: {sorted(unknown)}"
+        assert not unknown, (
+            f"{rule['alert']} reads metrics neither a learner nor a server exposes: {sorted(unknown)}"
+        )
 
 
 def test_dashboard_reads_only_exposed_metrics() -> None:
     exposed = exposed_names() | SYNTHETIC
     for title, expr in dashboard_exprs(load_dashboard()):
         unknown = metric_names(expr) - exposed
-        assert not unknown, f"panel {title!r} reads metrics the learner does not expose: {sorted(unknown)}"
+        assert not unknown, (
+            f"panel {title!r} reads metrics neither a learner nor a server exposes: {sorted(unknown)}"
+        )
 
 
 def test_dashboard_shows_every_learner_metric() -> None:
@@ -302,7 +316,7 @@ def test_dashboard_panels_cover_the_issue() -> None:
 # -------------------------------------------------------------------------------------------- docs
 def test_observability_doc_names_every_metric_alert_and_panel() -> None:
     doc = OBSERVABILITY_DOC.read_text()
-    for family in families():
+    for family in families() + serving_families():
         if family.name.startswith("stream_learner_"):
             # documented as exposed: the counter's _total, the histogram's base name
             shown = family.name + ("_total" if family.type == "counter" else "")

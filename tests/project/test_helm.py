@@ -481,10 +481,38 @@ def test_service_monitor_scrapes_the_metrics_service(chart: helm.Chart, name: st
     assert others
     for other in others:
         assert not other["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-    if name == FULLNAME:
-        alerts = (CHART / "files" / "alerts.yaml").read_text()
-        for op, matcher in re.findall(r'\bjob\s*(=~|=)\s*"([^"]*)"', alerts):
-            assert re.fullmatch(matcher, job) if op == "=~" else matcher == job, f"job{op}{matcher!r}"
+    # …and the alerts of its group in files/alerts.yaml that name a job select it, the others do not
+    groups = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())["groups"]
+    named = 0
+    for group in groups:
+        for rule in group["rules"]:
+            selects = _selects_job(rule["expr"], job)
+            if selects is not None:
+                assert selects == (group["name"] == job), f"{rule['alert']}: {rule['expr']}"
+                named += 1
+    assert named >= 3
+
+
+def _selects_job(expr: str, job: str) -> bool | None:
+    """Whether the ``job`` label matchers of ``expr`` all accept ``job`` (Prometheus anchors its
+    regexes); None when ``expr`` has none."""
+    matchers = re.findall(r'\bjob\s*(=~|!~|!=|=)\s*"([^"]*)"', expr)
+    if not matchers:
+        return None
+    accepts = {
+        "=": lambda m: job == m,
+        "!=": lambda m: job != m,
+        "=~": lambda m: re.fullmatch(m, job) is not None,
+        "!~": lambda m: re.fullmatch(m, job) is None,
+    }
+    return all(accepts[op](matcher) for op, matcher in matchers)
+
+
+def test_job_matching_reads_every_operator() -> None:
+    expr = 'up{job=~".*stream-learner.*", job!~".*-serving"} == 0 and x{job!="a"}'
+    assert _selects_job(expr, "prod-stream-learner") is True
+    assert _selects_job(expr, "stream-learner-serving") is False
+    assert _selects_job('up{job="a"}', "a") is True and _selects_job("up == 0", "a") is None
 
 
 def test_prometheus_rule_carries_files_alerts_yaml_unchanged(chart: helm.Chart) -> None:
