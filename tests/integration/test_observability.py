@@ -12,7 +12,9 @@ What "accepted and returns data" means here:
 * **dashboard**: each panel query, with ``$job`` → ``stream-learner``, ``$instance`` → the learner's
   ``host:port`` and ``$__rate_interval`` → ``30s``, answers ``status: success`` with at least one
   sample (a value may be NaN, e.g. a latency quantile over a window without observations). The
-  ``job`` and ``instance`` variables' ``label_values()`` queries list the learner.
+  ``job`` and ``instance`` variables' ``label_values()`` queries list the learner. The Serving row
+  (``$serving_job``, ``$serving_instance``) and the alert group ``stream-learner-serving`` read the
+  inference server's metrics, another process: ``test_serving_observability.py`` runs them.
 * **alerts**: a healthy learner must not fire them, so an alert expression is usually empty. For each
   one: (1) the full expression answers ``status: success``; (2) every operand of its top-level
   comparisons and ``and``/``or``/``unless`` that is not a number (``rate(a) / rate(b)`` of
@@ -31,8 +33,10 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from typing import Any
 
 import pytest
+import yaml
 
 from stream_learner.core.events import Reason, encode_event
 from stream_learner.service.app import Learner
@@ -61,6 +65,12 @@ def handled(learner: Learner) -> float:
     m = learner.metrics
     dead = sum(m.value("stream_learner_events_dead_lettered_total", {"reason": r.value}) for r in Reason)
     return m.value("stream_learner_events_trained_total") + dead
+
+
+def learner_rules() -> list[dict[str, Any]]:
+    """The alerting rules of the group ``stream-learner`` (the other group reads a server's metrics)."""
+    (group,) = [g for g in yaml.safe_load(ALERTS_FILE.read_text())["groups"] if g["name"] == JOB]
+    return [rule for rule in group["rules"] if "alert" in rule]
 
 
 def returns_data(prom: PrometheusServer, expr: str) -> str | None:
@@ -148,14 +158,21 @@ def test_dashboard_and_alert_queries_on_a_real_learner(
         # ---- the dashboard: every panel query returns data for this learner
         dashboard = load_dashboard()
         variables = {"job": JOB, "instance": instance, "__rate_interval": RATE_INTERVAL}
-        exprs = dashboard_exprs(dashboard, variables)
+        # the Serving row reads the inference server's job: test_serving_observability.py
+        exprs = [
+            substituted
+            for (_, raw), substituted in zip(
+                dashboard_exprs(dashboard), dashboard_exprs(dashboard, variables), strict=True
+            )
+            if "$serving_" not in raw
+        ]
         assert len(exprs) >= 40
         for title, expr in exprs:
             assert "$" not in expr, f"unsubstituted variable in panel {title!r}: {expr}"
             if problem := returns_data(prom, expr):
                 failures.append(f"dashboard panel {title!r}: {expr}\n    {problem}")
         for var in dashboard["templating"]["list"]:
-            if var["type"] != "query":
+            if var["type"] != "query" or var["name"].startswith("serving_"):
                 continue
             query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
             match, label = query.removeprefix("label_values(").removesuffix(")").rsplit(",", 1)
@@ -164,8 +181,8 @@ def test_dashboard_and_alert_queries_on_a_real_learner(
             if variables[var["name"]] not in got:
                 failures.append(f"dashboard variable {var['name']}: {query} lists {got}")
 
-        # ---- the alerts: accepted; their operands and selectors return data
-        for rule in alert_rules():
+        # ---- the learner's alerts: accepted; their operands and selectors return data
+        for rule in learner_rules():
             name, expr = rule["alert"], rule["expr"]
             try:
                 prom.query(expr)

@@ -218,16 +218,30 @@ def test_dashboard_reads_only_exposed_metrics() -> None:
         )
 
 
-def test_dashboard_shows_every_learner_metric() -> None:
-    """A metric added to metrics.py gets a panel (or a query in one): the dashboard is the product."""
+@pytest.mark.parametrize("process", ["learner", "server"])
+def test_dashboard_shows_every_metric(process: str) -> None:
+    """A metric added to metrics.py gets a panel (or a query in one), the learner's and the inference
+    server's alike: the dashboard is the product."""
     used = set().union(*(metric_names(expr) for _, expr in dashboard_exprs(load_dashboard())))
     missing = [
         family.name
-        for family in families()
+        for family in (families() if process == "learner" else serving_families())
         if family.name.startswith("stream_learner_")
         and not any(family.name + suffix in used for suffix in SUFFIXES[family.type])
     ]
     assert not missing, f"no dashboard panel reads {missing}"
+
+
+# The dashboard's variable pairs: the learner's job/instance, the inference server's (another scrape
+# job: the chart's ServiceMonitors name them stream-learner and stream-learner-serving)
+LEARNER_VARIABLES = ("job", "instance")
+SERVING_VARIABLES = ("serving_job", "serving_instance")
+
+
+def follows(selector: str, variables: tuple[str, str]) -> bool:
+    """Whether a vector selector filters on this job / instance variable pair."""
+    job, instance = variables
+    return f'job=~"${job}"' in selector and f'instance=~"${instance}"' in selector
 
 
 # --------------------------------------------------------------------------------------- dashboard
@@ -238,12 +252,18 @@ def test_dashboard_structure() -> None:
     variables = {v["name"]: v for v in d["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    for name in ("job", "instance"):
+    for name in LEARNER_VARIABLES + SERVING_VARIABLES:
         var = variables[name]
         assert var["type"] == "query"
         assert var["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
-        assert query.startswith("label_values(") and query.endswith(f", {name})")
+        label = name.removeprefix("serving_")
+        assert query.startswith("label_values(") and query.endswith(f", {label})")
+        # each pair lists the targets of its own process: by a metric only that process exposes
+        metric = query.removeprefix("label_values(").split("{")[0].split(",")[0]
+        assert metric.startswith("stream_learner_serving_") == (name in SERVING_VARIABLES), query
+        if label == "instance":
+            assert f'job=~"${name.replace("instance", "job")}"' in query, query
 
     panels = dashboard_panels(d)
     ids = [p["id"] for p in panels]
@@ -261,12 +281,24 @@ def test_dashboard_structure() -> None:
         targets = p["targets"]
         assert targets, f"panel {title!r} has no query"
         assert len({t["refId"] for t in targets}) == len(targets), title
+        pairs = set()
         for t in targets:
             assert t["expr"].strip(), title
             assert t.get("datasource", p["datasource"]) == p["datasource"], title
-            # every selector follows the job / instance variables
+            # every selector follows the job / instance variables of the process that exposes its
+            # metric: the inference server's own (stream_learner_serving_*) or the learner's
             for selector in vector_selectors(t["expr"]):
-                assert 'job=~"$job"' in selector and 'instance=~"$instance"' in selector, (title, selector)
+                serving = selector.startswith("stream_learner_serving_")
+                learner = selector.startswith("stream_learner_") and not serving
+                pair = (
+                    SERVING_VARIABLES
+                    if serving or follows(selector, SERVING_VARIABLES)
+                    else LEARNER_VARIABLES
+                )
+                assert not (learner and pair == SERVING_VARIABLES), (title, selector)
+                assert follows(selector, pair), (title, selector)
+                pairs.add(pair)
+        assert len(pairs) == 1, f"panel {title!r} mixes the learner's and the server's variables"
 
     # no two panels overlap
     def cells(p: dict[str, Any]) -> set[tuple[int, int]]:
@@ -275,6 +307,9 @@ def test_dashboard_structure() -> None:
 
     for a, b in combinations(panels, 2):
         assert not cells(a) & cells(b), f"panels {a['title']!r} and {b['title']!r} overlap"
+
+
+SERVING_QUANTILE = "histogram_quantile({}, sum by (job, instance, le) (rate(stream_learner_serving_{}_bucket"
 
 
 def test_dashboard_panels_cover_the_issue() -> None:
@@ -309,8 +344,26 @@ def test_dashboard_panels_cover_the_issue() -> None:
         "stream_learner_replay_bytes",
         "process_resident_memory_bytes",
         "process_cpu_seconds_total",
+        # issue 19: the inference server — served version and LATEST, the lag between them, requests
+        # and errors, latency and batch quantiles, version age, freshness, refusals, the store
+        "stream_learner_serving_version{",
+        "max by (job) (stream_learner_serving_latest_version{",
+        "stream_learner_serving_latest_version{",
+        'rate(stream_learner_serving_requests_total{endpoint="infer", code=~"5..",',
+        SERVING_QUANTILE.format(0.5, "request_seconds"),
+        SERVING_QUANTILE.format(0.99, "request_seconds"),
+        "stream_learner_serving_batch_size_bucket",
+        "stream_learner_serving_version_age_seconds",
+        SERVING_QUANTILE.format(0.5, "freshness_seconds"),
+        SERVING_QUANTILE.format(0.99, "freshness_seconds"),
+        "stream_learner_serving_versions_refused_total",
+        "stream_learner_serving_storage_degraded",
     ):
         assert needle in exprs, f"no panel queries {needle}"
+    # the lag behind LATEST: LATEST minus the served version, per replica
+    lag = "stream_learner_serving_latest_version{%s} - stream_learner_serving_version{%s}"
+    selector = 'job=~"$serving_job", instance=~"$serving_instance"'
+    assert lag % (selector, selector) in exprs
 
 
 # -------------------------------------------------------------------------------------------- docs
