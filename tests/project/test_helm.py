@@ -1216,6 +1216,9 @@ def test_deploy_doc_commands_match_the_chart_and_the_cli(chart: helm.Chart) -> N
 
     commands = _doc_commands()
     rendered = {(d["kind"].lower(), d["metadata"]["name"]) for d in manifests(render(chart, FULL_VALUES))}
+    # and the objects KServe makes for the doc's InferenceService: "<name>-predictor"
+    for isvc in _inference_services():
+        rendered |= {(kind, f"{isvc['metadata']['name']}-predictor") for kind in ("deployment", "service")}
     learner_cli = 0
     for command in commands:
         words = command.split()
@@ -1235,3 +1238,96 @@ def test_deploy_doc_commands_match_the_chart_and_the_cli(chart: helm.Chart) -> N
                     # paths in the pod: the mounted settings file, or a file the image copies from the repo
                     assert path == CONFIG_PATH or (ROOT / path.removeprefix("/app/")).is_file(), path
     assert learner_cli >= 4
+
+
+def _doc_yaml_documents() -> list[dict[str, Any]]:
+    return [d for block in _doc_blocks("yaml") for d in yaml.safe_load_all(block) if isinstance(d, dict)]
+
+
+def _inference_services() -> list[dict[str, Any]]:
+    """The doc's KServe InferenceServices."""
+    return [d for d in _doc_yaml_documents() if d.get("kind") == "InferenceService"]
+
+
+def test_deploy_doc_serving_values_render_the_server(
+    chart: helm.Chart, clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Step 10's addition to the values file deploys the inference server on the doc's settings."""
+    learner_values = _doc_yaml_documents()[0]
+    (addition,) = [d for d in _doc_yaml_documents() if "serving" in d and "kind" not in d]
+    docs = manifests(render(chart, merge(learner_values, addition)))
+    for doc in docs:
+        if doc["kind"] not in CRD_KINDS:
+            kv.validate(doc, KUBE_VERSIONS[0], strict=True)
+    assert only(docs, "Deployment", SERVING)["spec"]["replicas"] == addition["serving"]["replicas"]
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(rendered_settings_file(docs))
+    settings = load_settings(config_file)
+    assert (
+        settings.serving.model_name == "sentiment" and settings.publish.storage_url == "s3://models/sentiment"
+    )
+    assert "/v2/models/sentiment/infer" in DEPLOY_DOC.read_text()
+
+
+# KServe's InferenceService CRD, its openAPIV3Schema trimmed to the predictor (tests/data/kserve/README.md)
+KSERVE_SCHEMA = ROOT / "tests" / "data" / "kserve" / "inferenceservice-v1beta1.schema.json"
+
+
+def _strict(node: Any) -> Any:
+    """A CRD's structural schema as a JSON Schema that refuses unknown fields, as the API server does
+    with strict field validation (kubectl's default since 1.27): every object with ``properties``
+    gets ``additionalProperties: false`` unless it keeps unknown fields on purpose."""
+    if isinstance(node, list):
+        return [_strict(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _strict(value) for key, value in node.items()}
+    keeps_unknown = node.get("x-kubernetes-preserve-unknown-fields")
+    if "properties" in node and "additionalProperties" not in node and not keeps_unknown:
+        out["additionalProperties"] = False
+    return out
+
+
+def test_deploy_doc_kserve_example_passes_the_crd_schema(clean_env: pytest.MonkeyPatch) -> None:
+    """The doc's InferenceService: valid for KServe's CRD (strict), a custom predictor as KServe names
+    one, speaking the V2 protocol on the server's port, with settings the server loads."""
+    validator = jsonschema.Draft7Validator(_strict(json.loads(KSERVE_SCHEMA.read_text())))
+    (isvc,) = _inference_services()
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+    errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(isvc)]
+    assert errors == []
+    # the schema is strict: a misspelt field, or a field in the wrong place, fails
+    for path, key in ((("spec", "predictor", "containers", 0), "argz"), (("spec", "predictor"), "image")):
+        bad = copy.deepcopy(isvc)
+        target = bad
+        for part in path:
+            target = target[part]
+        target[key] = "x"
+        assert not validator.is_valid(bad), (path, key)
+    # metadata is an ObjectMeta (the CRD leaves it to the API server)
+    kv.validate(
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": isvc["metadata"]}, KUBE_VERSIONS[0], strict=True
+    )
+    # KServe's conventions for a custom predictor (pkg/constants/constants.go, predictor_custom.go):
+    # the container "kserve-container", env PROTOCOL v1 or v2, HTTP on 8080
+    (server,) = isvc["spec"]["predictor"]["containers"]
+    assert server["name"] == "kserve-container" and server["args"] == ["serve"]
+    env = {e["name"]: e for e in server["env"]}
+    assert env["PROTOCOL"]["value"] == "v2"
+    port = Settings.model_fields["serving"].default.port
+    assert port == 8080 and [p["containerPort"] for p in server["ports"]] == [port]
+    assert server["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": port}
+    assert server["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": port}
+    # every STREAM_LEARNER_ variable sets a setting, and they load: the Secret's as a value naming it
+    for name, entry in env.items():
+        if name.startswith("STREAM_LEARNER_"):
+            ref = entry.get("valueFrom", {}).get("secretKeyRef")
+            clean_env.setenv(name, f"{ref['name']}/{ref['key']}" if ref else entry["value"])
+    settings = load_settings()
+    assert settings.publish.storage_url == "s3://models/sentiment"
+    assert settings.publish.s3_secret_access_key is not None
+    assert settings.publish.s3_secret_access_key.get_secret_value() == "learner-s3/secret-access-key"
+    assert settings.serving.model_name == isvc["metadata"]["name"] == "sentiment"
+    # texts cut where the learner cuts them: the doc's values file keeps the chart's max_length
+    assert "max_length" not in _doc_yaml_documents()[0]["config"]["model"]
+    assert settings.model.max_length == chart_values()["config"]["model"]["max_length"]
