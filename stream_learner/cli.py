@@ -537,6 +537,10 @@ def bench(
     scaling_ranks: Annotated[
         int | None, typer.Option(help="ranks of the data-parallel scaling run (0 = skip it)")
     ] = None,
+    serving: Annotated[
+        bool, typer.Option(help="also measure the inference server, its swaps and the freshness chain")
+    ] = True,
+    serving_only: Annotated[bool, typer.Option(help="measure the serving part alone")] = False,
     out: Annotated[Path, typer.Option(help="the results JSON")] = Path("stream-learner-bench.json"),
     markdown: Annotated[
         Path | None,
@@ -544,12 +548,17 @@ def bench(
     ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Throughput side by side: roofline, trainer alone, pipeline from Kafka, hand-written, tutorial loop."""
+    """Throughput side by side: roofline, trainer alone, pipeline from Kafka, hand-written, tutorial loop;
+    then serving: the inference server against a hand-written loop, swaps, the freshness chain."""
     _require_tools("bench")
     from stream_learner.tools import bench as b
     from stream_learner.tools import bench_report as report
 
-    changes: dict = {"ablation": ablation}
+    if serving_only and not serving:
+        raise _fail("bench", ValueError("--serving-only and --no-serving leave nothing to measure"))
+    changes: dict = {"ablation": ablation, "only_serving": serving_only}
+    if not serving:
+        changes["serving"] = None
     for key, value in {
         "threads": threads,
         "layers": layers,

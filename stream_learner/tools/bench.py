@@ -82,7 +82,8 @@ from stream_learner.core.intake import Tokenize
 from stream_learner.core.model import load_model, load_tokenizer
 from stream_learner.core.replay import ReservoirBuffer
 from stream_learner.service.limits import MiB
-from stream_learner.tools.bench_report import ratios, targets
+from stream_learner.tools.bench_report import percentiles, ratios, targets
+from stream_learner.tools.bench_serving import ServingBenchConfig, run_serving
 from stream_learner.tools.ceilings import (
     measure_forward_backward,
     measure_roofline,
@@ -135,6 +136,10 @@ class BenchConfig:
     # On CUDA with several GPUs, one rank per GPU.
     scaling_ranks: int = 2
     scaling_events: int = 512  # shared by the ranks; the first quarter is the warm-up
+    # the inference server, swaps and the freshness chain (bench_serving.py); None = skip them, and
+    # only_serving: skip everything else
+    serving: ServingBenchConfig | None = field(default_factory=ServingBenchConfig)
+    only_serving: bool = False
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # overrides on the defaults
 
     @classmethod
@@ -161,6 +166,7 @@ class BenchConfig:
             "model_alone_events": 64,
             "publish_every_seconds": 3.0,
             "scaling_events": 48,
+            "serving": ServingBenchConfig.quick(),
             "settings": {"training": {"fresh_per_step": 8, "replay_per_step": 8}},
         }
         return cls(**{**base, **changes})
@@ -186,19 +192,6 @@ def release_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def percentiles(values: Sequence[float]) -> dict[str, float | None]:
-    """p50 / p99 / max of ``values`` (None when empty)."""
-    if not len(values):
-        return {"p50": None, "p99": None, "max": None, "n": 0}
-    v = np.asarray(values, dtype=np.float64)
-    return {
-        "p50": float(np.percentile(v, 50)),
-        "p99": float(np.percentile(v, 99)),
-        "max": float(v.max()),
-        "n": len(v),
-    }
 
 
 def rate_inside(
@@ -562,6 +555,23 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
         "mean_tokens_per_event": mean_tokens,
     }
 
+    def serving(rate: float | None) -> None:
+        assert cfg.serving is not None
+        results["serving"] = run_serving(
+            cfg.serving,
+            cfg.run_settings,
+            [row["text"] for row in data.rows],
+            data.values,
+            cfg.paced_share,
+            rate,
+            console,
+        )
+        release_memory()
+
+    if cfg.only_serving and cfg.serving is not None:
+        serving(None)
+        return finish(results, started, out)
+
     model = load_model(settings.model).model
     per_example = training_flops_per_example(model, mean_tokens)
     t = settings.training
@@ -667,6 +677,9 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
             results["scaling"]["plan"] = why
         release_memory()
 
+    if cfg.serving is not None:  # at the pipeline's pace, as its freshness
+        serving(results["pipeline"]["freshness"]["paced_events_per_second"])
+
     with step_of(console, f"hand-written loop: {cfg.hand_written_events} events, one per step"):
         results["hand_written"] = computing(
             lambda: run_user_loop(settings, tokenizer, data.rows[: cfg.hand_written_events + 2], pad_to=None)
@@ -715,6 +728,11 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
     }
     results["ratios"] = ratios(results)
     results["targets"] = targets(results)
+    return finish(results, started, out)
+
+
+def finish(results: dict[str, Any], started: float, out: Path | None) -> dict[str, Any]:
+    """The run's duration recorded; the results written to ``out`` (if any) and returned."""
     results["seconds"] = time.time() - started
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,14 +5,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.table import Table
 
 from stream_learner.service.limits import MiB
 
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+# the serving part's tables (issue 19) have markers of their own: `bench --serving-only` rewrites them alone
+SERVING_START, SERVING_END = "<!-- bench-serving:start -->", "<!-- bench-serving:end -->"
+# the links of the freshness chain (bench_serving.freshness_chain), in the order of the chain
+CHAIN_LINKS = {
+    "to_learned_s": "event → learned",
+    "learned_to_published_s": "learned → published",
+    "published_to_served_s": "published → served",
+    "to_published_s": "event → published",
+    "to_served_s": "event → served",
+}
 
 # The acceptance targets of issue 9, each with the figure it is checked against (see :func:`targets`).
 TARGETS = {
@@ -29,6 +41,22 @@ TARGETS = {
     "bf16_over_fp32_trainer": 1.8,
     "trainer_over_micro_batch_loop": 1.2,
 }
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float | None]:
+    """min / p50 / p99 / max of ``values`` and their count (None when empty); the 99th percentile
+    interpolates linearly between the two nearest values (numpy's default), so with fewer than 100
+    values it lies between the largest two."""
+    if not len(values):
+        return {"min": None, "p50": None, "p99": None, "max": None, "n": 0}
+    v = np.asarray(values, dtype=np.float64)
+    return {
+        "min": float(v.min()),
+        "p50": float(np.percentile(v, 50)),
+        "p99": float(np.percentile(v, 99)),
+        "max": float(v.max()),
+        "n": len(v),
+    }
 
 
 def ratios(results: dict[str, Any]) -> dict[str, float]:
@@ -367,40 +395,142 @@ def _scaling_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     ]
 
 
-def table(results: dict[str, Any]) -> list[Table]:
-    """The figures and the targets, as rich tables."""
-    m = results["machine"]
-    figures = Table(
-        title=f"stream-learner bench — {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
-        f"({m['torch_threads']} threads), {results['device']} {results['precision']}"
+def _measured_line(results: dict[str, Any], serving: bool = False) -> str:
+    """When, on what, with which threads, precision and load, and the bench's size."""
+    m, c = results["machine"], results["config"]
+    precision = f"{results['device']} {results['precision']}"
+    if serving:  # the server and the hand-written loop load the published fp32 weights as they are
+        precision = f"inference in fp32 on {results['device']}, the chain's trainer in {results['precision']}"
+    line = (
+        f"Measured {results['started_at']} on {m['cpu']} ({m['cores']} cores, {m['memory_gib']} GiB), torch "
+        f"{m['torch']} with {m['torch_threads']} threads, {precision}; "
+        f"load average at start {', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}; "
+        f"config {'quick' if c['layers'] == 1 else 'full'}: {c['layers'] or 6} layers, max_length "
+        f"{c['max_length']}"
     )
-    for col in ("", "events/s", "examples/s", ""):
-        figures.add_column(col)
-    for row in figure_rows(results):
-        figures.add_row(*row)
-    checks = Table(title="acceptance targets (issue 9)")
-    for col in ("target", "measured", "wanted", "met"):
-        checks.add_column(col)
-    for t in results["targets"]:
-        checks.add_row(t["target"], _fmt(t["measured"]), f"{t['op']} {_fmt(t['wanted'])}", _fmt(t["met"]))
-    return [figures, checks]
+    if serving or "trainer_alone" not in results:
+        return line + "."
+    tr = results["training"]
+    return (
+        f"{line}, {tr['fresh_per_step']} fresh + {tr['replay_per_step']} replayed per micro-batch, "
+        f"bucket_window {tr['bucket_window']}."
+    )
+
+
+def _ms(v: float | None) -> str:
+    return _fmt(v, 1)
+
+
+def serving_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """(what, requests/s, p50 ms, p99 ms, notes): the server and the hand-written loop at each client
+    count, their ratio, and the latency across swaps."""
+    sv = results["serving"]
+    rows = []
+    for clients, at in sv["requests"].items():
+        server, loop, ratio = at["server"], at["hand_written"], at["server_over_hand_written"]
+        runs = ", ".join(f"{x:.0f}" for x in server["runs"])
+        loop_runs = ", ".join(f"{x:.0f}" for x in loop["runs"])
+        rows += [
+            (
+                f"server, {clients} client(s)",
+                _fmt(server["requests_per_second"], 1),
+                _ms(server["latency_ms"]["p50"]),
+                _ms(server["latency_ms"]["p99"]),
+                f"InferenceServer over HTTP, one text per request; fastest of {runs} req/s; "
+                f"{server['errors']} errors",
+            ),
+            (
+                f"hand-written loop, {clients} client(s)",
+                _fmt(loop["requests_per_second"], 1),
+                _ms(loop["latency_ms"]["p50"]),
+                _ms(loop["latency_ms"]["p99"]),
+                "plain transformers, one forward pass per request in arrival order, called in process "
+                f"(no HTTP); fastest of {loop_runs} req/s",
+            ),
+            (
+                f"server / hand-written, {clients} client(s)",
+                _fmt(ratio["requests_per_second"]),
+                _fmt(ratio["p50_latency"]),
+                _fmt(ratio["p99_latency"]),
+                "requests/s and latencies, server ÷ loop",
+            ),
+        ]
+    sw = sv["swaps"]
+    across, others, swap_s = sw["across_ms"], sw["others_ms"], sw["swap_seconds"]
+    rows += [
+        (
+            f"across {sw['swaps']} swaps, {sw['clients']} clients",
+            "",
+            _ms(across["p50"]),
+            _ms(across["p99"]),
+            f"max {_ms(across['max'])} ms over the {across['n']} requests in flight while a version was "
+            f"fetched, loaded and swapped in (LATEST moved → swapped in: p50 {_fmt(swap_s['p50'])} s, "
+            f"max {_fmt(swap_s['max'])} s, polling every {sw['poll_interval_s']:g} s)",
+        ),
+        (
+            "the same run, the other requests",
+            _fmt(sw["requests_per_second"], 1),
+            _ms(others["p50"]),
+            _ms(others["p99"]),
+            f"max {_ms(others['max'])} ms; {sw['errors']} errors; versions answered "
+            f"{', '.join(map(str, sw['versions_answered']))}",
+        ),
+    ]
+    return rows
+
+
+def chain_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    """(cadence, each link's p50 / p99 in seconds …, notes): one row per cadence of the chain."""
+    rows = []
+    for name, ch in results["serving"]["freshness_chain"].items():
+        cells = [f"{_fmt(ch[k]['p50'])} / {_fmt(ch[k]['p99'])}" for k in CHAIN_LINKS]
+        notes = (
+            f"a version every {ch['every_steps']:g} steps or {ch['every_seconds']:g} s, LATEST polled every "
+            f"{ch['poll_interval_s']:g} s; {ch['events'] - ch['missing']} events at "
+            f"{ch['paced_events_per_second']:.1f}/s; versions published {ch['versions_published']}, "
+            f"served {ch['versions_served']}"
+        )
+        rows.append((name, *cells, notes))
+    return rows
+
+
+def table(results: dict[str, Any]) -> list[Table]:
+    """The figures and the targets, then the serving part's, as rich tables (the parts that ran)."""
+    m = results["machine"]
+    tables = []
+    if "trainer_alone" in results:
+        figures = Table(
+            title=f"stream-learner bench — {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+            f"({m['torch_threads']} threads), {results['device']} {results['precision']}"
+        )
+        for col in ("", "events/s", "examples/s", ""):
+            figures.add_column(col)
+        for row in figure_rows(results):
+            figures.add_row(*row)
+        checks = Table(title="acceptance targets (issue 9)")
+        for col in ("target", "measured", "wanted", "met"):
+            checks.add_column(col)
+        for t in results["targets"]:
+            checks.add_row(t["target"], _fmt(t["measured"]), f"{t['op']} {_fmt(t['wanted'])}", _fmt(t["met"]))
+        tables += [figures, checks]
+    if "serving" in results:
+        serving = Table(title=f"serving — {m['cpu']}, {m['cores']} cores, clients on the same cores")
+        for col in ("", "requests/s", "p50 ms", "p99 ms", ""):
+            serving.add_column(col)
+        for row in serving_rows(results):
+            serving.add_row(*row)
+        chain = Table(title="freshness chain: p50 / p99 seconds per event")
+        for col in ("cadence", *CHAIN_LINKS.values(), ""):
+            chain.add_column(col)
+        for row in chain_rows(results):
+            chain.add_row(*row)
+        tables += [serving, chain]
+    return tables
 
 
 def markdown(results: dict[str, Any]) -> str:
     """The figures and the targets as markdown tables (what ``docs/performance.md`` quotes)."""
-    m, tr = results["machine"], results["training"]
-    lines = [
-        f"Measured {results['started_at']} on {m['cpu']} ({m['cores']} cores, {m['memory_gib']} GiB), torch "
-        f"{m['torch']} with {m['torch_threads']} threads, {results['device']} {results['precision']}; "
-        f"load average at start {', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}; "
-        f"config {'quick' if results['config']['layers'] == 1 else 'full'}: "
-        f"{results['config']['layers'] or 6} layers, max_length {results['config']['max_length']}, "
-        f"{tr['fresh_per_step']} fresh + {tr['replay_per_step']} replayed per micro-batch, "
-        f"bucket_window {tr['bucket_window']}.",
-        "",
-        "| | events/s | examples/s | |",
-        "|---|---:|---:|---|",
-    ]
+    lines = [_measured_line(results), "", "| | events/s | examples/s | |", "|---|---:|---:|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in figure_rows(results)]
     lines += ["", "| target | measured | wanted | met |", "|---|---:|---|---|"]
     for t in results["targets"]:
@@ -410,14 +540,50 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def serving_markdown(results: dict[str, Any]) -> str:
+    """The serving part's tables in markdown (``docs/performance.md``, "Serving")."""
+    lines = [
+        _measured_line(results, serving=True),
+        "",
+        "| | requests/s | p50 ms | p99 ms | |",
+        "|---|---:|---:|---:|---|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in serving_rows(results)]
+    lines += [
+        "",
+        "| cadence | " + " | ".join(CHAIN_LINKS.values()) + " | |",
+        "|---|" + "---:|" * len(CHAIN_LINKS) + "---|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in chain_rows(results)]
+    return "\n".join(lines) + "\n"
+
+
+def _splice(doc: str, start: str, end: str, text: str) -> str | None:
+    """``doc`` with ``text`` between its markers ``start`` and ``end``; None if it lacks them."""
+    if start not in doc or end not in doc:
+        return None
+    head, rest = doc.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{text}{end}{tail}"
+
+
 def write_markdown(results: dict[str, Any], path: Path) -> None:
-    """Write :func:`markdown` to ``path``, or between its bench markers when it has them."""
-    text = markdown(results)
-    if path.is_file():
-        doc = path.read_text()
-        if MARK_START in doc and MARK_END in doc:
-            head, rest = doc.split(MARK_START, 1)
-            _, tail = rest.split(MARK_END, 1)
-            path.write_text(f"{head}{MARK_START}\n{text}{MARK_END}{tail}")
-            return
-    path.write_text(text)
+    """Write :func:`markdown` and :func:`serving_markdown` (the parts that ran) to ``path``: each
+    between its markers when the file has them. Without the serving markers the serving tables follow
+    the main ones, or, when only they ran, are appended to the file between new markers; a file
+    without the bench markers is replaced by the tables."""
+    main = markdown(results) if "trainer_alone" in results else None
+    serving = serving_markdown(results) if "serving" in results else None
+    doc = path.read_text() if path.is_file() else None
+    if doc is not None and serving is not None and SERVING_START not in doc:
+        if main is not None:
+            main, serving = f"{main}\n{serving}", None
+        else:
+            doc = f"{doc.rstrip()}\n\n{SERVING_START}\n{SERVING_END}\n"
+    if doc is None or (main is not None and MARK_START not in doc):
+        path.write_text("\n".join(text for text in (main, serving) if text is not None))
+        return
+    for text, (start, end) in ((main, (MARK_START, MARK_END)), (serving, (SERVING_START, SERVING_END))):
+        if text is not None:
+            doc = _splice(doc, start, end, text) or doc
+    path.write_text(doc)

@@ -2,7 +2,8 @@
 
 Speed itself is never asserted here (the bench measures it; CI machines vary): only what must hold on
 any machine — rates positive, fractions in (0, 1], ratios equal to the rates they come from, each event
-published no sooner than it was learned, the replay buffer within its bound.
+published no sooner than it was learned and served no sooner than it was published, the replay buffer
+within its bound.
 """
 
 from __future__ import annotations
@@ -17,12 +18,17 @@ from stream_learner.tools.bench import BenchConfig, fastest, rate_inside, run_be
 from stream_learner.tools.bench_report import (
     MARK_END,
     MARK_START,
+    SERVING_END,
+    SERVING_START,
     figure_rows,
     markdown,
+    percentiles,
     pipeline_over_trainer,
+    serving_markdown,
     write_markdown,
 )
 from stream_learner.tools.bench_report import targets as bench_targets
+from stream_learner.tools.bench_serving import across_swaps, freshness_chain, summarize_requests
 from stream_learner.tools.harness import summarize_steps
 from tests.support.factories import small_settings, step_record, tiny_rows, tokenized
 from tests.support.tiny_model import tiny_model_dir
@@ -52,6 +58,9 @@ def test_quick_run_is_complete_and_consistent(tmp_path: Path) -> None:
     check_data_parallel_scaling(results)
     check_replay_and_consumer(results)
     check_targets_and_markdown(results, tmp_path)
+    check_serving_requests_and_swaps(results)
+    check_freshness_chain(results)
+    check_serving_markdown(results, tmp_path)
 
 
 def _positive(x: float) -> bool:
@@ -211,6 +220,94 @@ def check_targets_and_markdown(results: dict, tmp_path: Path) -> None:
     assert updated.startswith("# Performance\n") and updated.endswith("The end.\n")
 
 
+def check_serving_requests_and_swaps(results: dict) -> None:
+    serving, cfg = results["serving"], results["config"]["serving"]
+    assert list(serving["requests"]) == [str(n) for n in cfg["clients"]]
+    for clients, at in serving["requests"].items():
+        for side in ("server", "hand_written"):
+            run, latency = at[side], at[side]["latency_ms"]
+            assert run["requests"] > 0 and run["requests_per_second"] == pytest.approx(
+                run["requests"] / run["seconds"]
+            )
+            assert run["requests_per_second"] == max(run["runs"]) and len(run["runs"]) == cfg["repeats"]
+            assert 0 < latency["min"] <= latency["p50"] <= latency["p99"] <= latency["max"]
+            # closed-loop clients: each has one request in flight, so no more answers than each client's
+            # span holds requests of the shortest latency (+1: the request the span's start cut)
+            assert run["requests"] <= int(clients) * (run["seconds"] * 1000 / latency["min"] + 1)
+        assert at["server"]["errors"] == 0
+        ratio, server, loop = at["server_over_hand_written"], at["server"], at["hand_written"]
+        assert ratio["requests_per_second"] == pytest.approx(
+            server["requests_per_second"] / loop["requests_per_second"]
+        )
+        for q in ("p50", "p99"):
+            assert ratio[f"{q}_latency"] == pytest.approx(server["latency_ms"][q] / loop["latency_ms"][q])
+    swaps = serving["swaps"]
+    # every version published for the run answered, in turn, and no request failed across the swaps
+    assert swaps["swaps"] == cfg["swaps"] == swaps["swap_seconds"]["n"]
+    assert swaps["versions_answered"] == list(range(1, cfg["swaps"] + 2))
+    assert swaps["errors"] == 0 and swaps["clients"] == cfg["swap_clients"]
+    assert swaps["across_ms"]["n"] > 0 and swaps["others_ms"]["n"] > 0
+    assert swaps["swap_seconds"]["min"] > 0
+
+
+def check_freshness_chain(results: dict) -> None:
+    chains, cfg = results["serving"]["freshness_chain"], results["config"]["serving"]
+    assert list(chains) == list(cfg["cadences"])
+    for name, chain in chains.items():
+        assert chain["events"] == cfg["chain_events"] and chain["missing"] == 0, name
+        assert chain["produce_failures"] == 0 and chain["produced"] >= cfg["chain_events"]
+        assert chain["every_steps"] == cfg["cadences"][name]["every_steps"]
+        assert chain["versions_published"] >= chain["versions_served"] >= 1
+        links = {k: chain[k] for k in CHAIN_KEYS}
+        assert all(link["n"] == cfg["chain_events"] for link in links.values()), name
+        # per event: learned after it was produced, published no sooner than learned, served no sooner
+        # than published
+        assert links["to_learned_s"]["min"] > 0
+        assert links["learned_to_published_s"]["min"] >= 0 and links["published_to_served_s"]["min"] >= 0
+        assert links["to_learned_s"]["p50"] <= links["to_published_s"]["p50"] <= links["to_served_s"]["p50"]
+        # event → served is the sum of its three links, event by event
+        parts = ("to_learned_s", "learned_to_published_s", "published_to_served_s")
+        assert links["to_served_s"]["max"] <= sum(links[k]["max"] for k in parts) + 1e-9
+        assert links["to_served_s"]["min"] >= sum(links[k]["min"] for k in parts) - 1e-9
+
+
+CHAIN_KEYS = (
+    "to_learned_s",
+    "to_published_s",
+    "to_served_s",
+    "learned_to_published_s",
+    "published_to_served_s",
+)
+
+
+def check_serving_markdown(results: dict, tmp_path: Path) -> None:
+    text = serving_markdown(results)
+    assert "| server, 1 client(s) |" in text and "| hand-written loop, 1 client(s) |" in text
+    assert "| demo |" in text and "| fast |" in text and "inference in fp32" in text
+    assert "| server, 1 client(s) |" not in markdown(results)
+    # a doc with both markers: each part between its own
+    doc = tmp_path / "both.md"
+    doc.write_text(
+        f"# P\n\n{MARK_START}\nold\n{MARK_END}\n\n## S\n\n{SERVING_START}\nold\n{SERVING_END}\nend\n"
+    )
+    write_markdown(results, doc)
+    updated = doc.read_text()
+    assert "old" not in updated and updated.endswith("end\n")
+    assert updated.index(markdown(results)) < updated.index("## S") < updated.index(text)
+    # the serving part alone (--serving-only) leaves the main tables as they were, and without serving
+    # markers appends its own
+    alone = {
+        k: v for k, v in results.items() if k in ("started_at", "config", "machine", "device", "precision")
+    }
+    alone["serving"] = results["serving"]
+    doc = tmp_path / "main-only.md"
+    doc.write_text(f"# P\n\n{MARK_START}\nthe main tables\n{MARK_END}\n")
+    write_markdown(alone, doc)
+    updated = doc.read_text()
+    assert f"{MARK_START}\nthe main tables\n{MARK_END}" in updated
+    assert updated.rstrip().endswith(f"{SERVING_START}\n{serving_markdown(alone)}{SERVING_END}")
+
+
 # ------------------------------------------------------------------------- the measuring functions
 def _record(started: float, ended: float, fresh: int, replayed: int, real: int = 10, padded: int = 10):
     events = tokenized(tiny_rows(fresh), small_settings()) if fresh else []
@@ -278,3 +375,43 @@ def test_pipeline_runs_are_compared_with_the_trainer_runs_around_them() -> None:
     # without the closing trainer run (A P A P) the last pipeline run has one neighbour
     results["trainer_alone"]["runs"]["events_per_second"] = [19.0, 17.8]
     assert pipeline_over_trainer(results) == pytest.approx((17.5 / 18.4 + 17.2 / 17.8) / 2)
+
+
+def test_percentiles_of_nothing_and_of_three() -> None:
+    assert percentiles([]) == {"min": None, "p50": None, "p99": None, "max": None, "n": 0}
+    three = percentiles([3.0, 1.0, 2.0])
+    assert (three["min"], three["p50"], three["max"], three["n"]) == (1.0, 2.0, 3.0, 3)
+    assert three["p99"] == pytest.approx(2.98)  # linear between the largest two
+
+
+def test_requests_are_counted_in_their_window() -> None:
+    """A closed loop of one client, one request a second: the window's rate counts the answers inside
+    it, its latencies only the requests wholly inside it."""
+    started, ended = [0.0, 1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]
+    out = summarize_requests(started, ended, (0.5, 3.5))
+    assert out["requests"] == 3 and out["requests_per_second"] == pytest.approx(1.0)
+    assert out["latency_ms"]["n"] == 2 and out["latency_ms"]["p50"] == pytest.approx(1000.0)
+
+
+def test_requests_across_a_swap_are_those_in_flight_during_it() -> None:
+    started = [1.0, 2.0, 2.6, 3.0, 3.2, 4.0]
+    ended = [2.0, 2.6, 3.0, 3.2, 3.5, 4.5]
+    out = across_swaps(started, ended, swaps=[(2.5, 3.1)], window=(0.0, 5.0))
+    # in flight at some moment of (2.5, 3.1): the requests of 2.0–2.6, 2.6–3.0 and 3.0–3.2
+    assert out["across_ms"]["n"] == 3 and out["across_ms"]["max"] == pytest.approx(600.0)
+    assert out["others_ms"]["n"] == 3 and out["others_ms"]["max"] == pytest.approx(1000.0)
+
+
+def test_freshness_chain_follows_each_event_to_the_first_version_holding_it() -> None:
+    # (offset, produced, learned); versions (seen at, covered offset: every offset below it is held)
+    events = [(10, 100.0, 101.0), (11, 100.5, 101.0), (12, 101.0, 102.5), (25, 101.5, 103.0)]
+    published = [(99.0, 10), (102.0, 12), (104.0, 20)]
+    served = [(103.0, 12), (106.0, 20)]
+    out = freshness_chain(events, published, served)
+    assert out["events"] == 4 and out["missing"] == 1  # offset 25: in no version yet
+    assert out["to_learned_s"]["n"] == 3 and out["to_learned_s"]["max"] == pytest.approx(1.5)
+    # 10 and 11 are in the version seen at 102 (served at 103); 12 in the one seen at 104 (served at 106)
+    assert [out["to_published_s"][q] for q in ("min", "max")] == pytest.approx([1.5, 3.0])
+    assert [out["to_served_s"][q] for q in ("min", "max")] == pytest.approx([2.5, 5.0])
+    assert [out["learned_to_published_s"][q] for q in ("min", "max")] == pytest.approx([1.0, 1.5])
+    assert [out["published_to_served_s"][q] for q in ("min", "max")] == pytest.approx([1.0, 2.0])
