@@ -371,6 +371,9 @@ class ServingMetrics:
         )
         for status in (REJECTED, FENCED, INCOMPLETE, CORRUPT):
             self.versions_refused.labels(status)
+        # an inference's answers exist at 0 from the start, so that rate() sees the first error of a code
+        for code in ("200", "400", "413", "500", "503"):
+            self.requests.labels("infer", code)
 
     def now_serving(
         self,
