@@ -116,28 +116,34 @@ class StreamProducer(threading.Thread):
 
 @dataclass
 class VersionTimeline:
-    """What :class:`VersionWatcher` saw, in ``time.monotonic()`` seconds: when LATEST was first seen
-    naming each version, when the server was first seen serving each, and every version its follower
-    had read from LATEST (its ``stream_learner_serving_latest_version``)."""
+    """What :class:`VersionWatcher` saw, in ``time.monotonic()`` seconds: for each version, when LATEST
+    came to name it and when the server began to serve it, each as an interval ``(after, by)`` — after
+    the start of the last read that did not see it, by the end of the first that did —, and every
+    version the server's follower had read from LATEST (its ``stream_learner_serving_latest_version``)."""
 
-    named_at: dict[int, float] = field(default_factory=dict)
-    served_at: dict[int, float] = field(default_factory=dict)
+    named: dict[int, tuple[float, float]] = field(default_factory=dict)
+    served: dict[int, tuple[float, float]] = field(default_factory=dict)
     follower_read: set[int] = field(default_factory=set)
+    named_before_watching: int | None = None  # LATEST at the first read: when it was named is not known
     ticks: int = 0
     slowest_tick_s: float = 0.0
 
     def named_between(self, start: float, end: float) -> list[int]:
-        return sorted(v for v, t in self.named_at.items() if start <= t <= end)
+        """The versions LATEST was seen naming first between ``start`` and ``end``."""
+        return sorted(v for v, (_, by) in self.named.items() if start <= by <= end)
+
+    def delay(self, version: int) -> tuple[float, float]:
+        """(midpoint, half-width) of the interval the delay from LATEST naming ``version`` to the server
+        serving it lies in (never below 0: a version is served after it is named)."""
+        (named_after, named_by), (served_after, served_by) = self.named[version], self.served[version]
+        low, high = max(0.0, served_after - named_by), served_by - named_after
+        return (low + high) / 2, (high - low) / 2
 
 
 class VersionWatcher(threading.Thread):
     """Every ``interval_s``: the server's model metadata (the version serving), its metrics (what its
-    follower last read from LATEST), then LATEST itself, read from the store.
-
-    In that order, so that a version seen serving was already named by LATEST when LATEST is read in
-    the same tick: its delay is never negative by more than a tick. Each time is taken when its
-    answer arrived, so each is late by at most one tick plus the read itself.
-    """
+    follower last read from LATEST), then LATEST itself, read from the store; each version's first
+    sighting recorded with the interval it happened in (:class:`VersionTimeline`)."""
 
     def __init__(self, store: ObjectStore, server: ServeProcess, interval_s: float = 0.05) -> None:
         super().__init__(name="version-watcher", daemon=True)
@@ -145,6 +151,7 @@ class VersionWatcher(threading.Thread):
         self.timeline = VersionTimeline()
         self.error: BaseException | None = None
         self._stopping = threading.Event()
+        self._last_read_started: dict[str, float] = {}
 
     def run(self) -> None:
         try:
@@ -160,15 +167,28 @@ class VersionWatcher(threading.Thread):
 
     def _tick(self) -> None:
         t = self.timeline
+        started = time.monotonic()
         status, meta = self.server.client.get(f"/v2/models/{self.server.client.model}")
         if status == 200:
-            t.served_at.setdefault(int(meta["parameters"]["version"]), time.monotonic())
+            self._sighted(t.served, "served", int(meta["parameters"]["version"]), started)
+        else:
+            self._last_read_started["served"] = started
         read = int(self.server.metrics().get("stream_learner_serving_latest_version", 0))
         if read:
             t.follower_read.add(read)
+        started = time.monotonic()
         latest, _ = read_latest(self.store)
+        if latest is not None and t.ticks == 0:
+            t.named_before_watching = latest
         if latest is not None:
-            t.named_at.setdefault(latest, time.monotonic())
+            self._sighted(t.named, "named", latest, started)
+        else:
+            self._last_read_started["named"] = started
+
+    def _sighted(self, seen: dict[int, tuple[float, float]], what: str, version: int, started: float) -> None:
+        after = self._last_read_started.get(what, started)
+        seen.setdefault(version, (after, time.monotonic()))
+        self._last_read_started[what] = started
 
     def stop(self) -> VersionTimeline:
         self._stopping.set()
