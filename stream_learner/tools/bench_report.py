@@ -488,7 +488,8 @@ def chain_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
             f"a version every {ch['every_steps']:g} steps or {ch['every_seconds']:g} s, LATEST polled every "
             f"{ch['poll_interval_s']:g} s; {ch['events'] - ch['missing']} events at "
             f"{ch['paced_events_per_second']:.1f}/s; versions published {ch['versions_published']}, "
-            f"served {ch['versions_served']}"
+            f"served {ch['versions_served']}; a publish took {_fmt(ch['publish_seconds_mean'], 1)} s, a "
+            f"load {_fmt(ch['load_seconds_mean'], 1)} s (means)"
         )
         rows.append((name, *cells, notes))
     return rows

@@ -10,7 +10,11 @@ prediction.
    loop**, the anchor a good engineer writes: the same version's directory loaded with plain
    ``AutoTokenizer`` and ``AutoModelForSequenceClassification``, one forward pass per request, no
    batching, the requests taken one at a time in their order of arrival (a FIFO queue to one thread
-   that has the cores), its clients threads of this process calling it directly: no HTTP, no JSON.
+   that has the cores), its clients threads calling it directly: no HTTP, no JSON. The loop and its
+   clients run in a process of their own: torch's threads are an OpenMP team per computing thread,
+   and a second team in the server's process (the loop's, idle or not) makes libgomp throttle both
+   (``training/threads.py``) — measured here, the server fell from 139 to 79 requests/s at 1 client
+   once the loop had computed beside it.
    Both are timed the same way: a request's latency runs from the client's call to its answer,
    requests/s counts the answers over the measured span, which starts after a warm-up. Each is run
    ``repeats`` times, alternately; the fastest run (requests/s) counts, every run is kept.
@@ -46,6 +50,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +70,7 @@ from stream_learner.tools.bench_report import percentiles
 from stream_learner.tools.harness import summarize_steps
 from stream_learner.training.factory import build_trainer
 from stream_learner.training.observers import StepLog
-from stream_learner.training.threads import process_threads, take_threads
+from stream_learner.training.threads import hand_over_threads, process_threads, take_threads
 
 # the demo's cadence: `stream-learner demo` publishes every 20 steps (its --every-steps), else after
 # publish.every_seconds' default; a server polls LATEST at serving.poll_interval_s' default
@@ -92,7 +97,7 @@ class ServingBenchConfig:
         default_factory=lambda: {"demo": dict(DEMO_CADENCE), "fast": dict(FAST_CADENCE)}
     )
     chain_backlog_events: int = 128  # produced before the learner starts: its warm-up
-    chain_events: int = 160  # paced events measured after the backlog
+    chain_events: int = 900  # paced events measured after the backlog: ≈ 30 s, a few of the demo's versions
     chain_timeout_s: float = 900.0
 
     @classmethod
@@ -221,6 +226,12 @@ def point_latest(store: ObjectStore, version: int) -> None:
     store.put(LATEST, f"{version_dir(version)}\n".encode())
 
 
+def histogram_mean(histogram: Any) -> float | None:
+    """The mean of a Prometheus histogram's observations (None before any)."""
+    samples = {s.name.rsplit("_", 1)[-1]: s.value for s in histogram.collect()[0].samples}
+    return samples["sum"] / samples["count"] if samples.get("count") else None
+
+
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, poll_s: float = 0.005) -> None:
     """Return once ``condition()`` holds; TimeoutError naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -228,6 +239,9 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, poll_s: f
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {timeout:.0f} s")
         time.sleep(poll_s)
+
+
+Rows = dict[str, list[Any]]
 
 
 class HandWrittenLoop:
@@ -265,7 +279,33 @@ class HandWrittenLoop:
         self._thread.join()
 
 
-Rows = dict[str, list[Any]]
+# the hand-written loop of this process, when it is the loop's process (start_loop_process)
+_loop: HandWrittenLoop | None = None
+
+
+def start_loop_process(directory: Path, max_length: int, threads: int) -> None:
+    """Initializer of the loop's process: this thread computes nothing, the loop's takes the cores."""
+    global _loop
+    hand_over_threads()
+    _loop = HandWrittenLoop(directory, max_length, threads)
+
+
+def drive_loop_process(
+    texts: Sequence[str], clients: int, seconds: float
+) -> tuple[Rows, tuple[float, float]]:
+    """In the loop's process: :func:`drive_loop` on its loop for ``seconds``."""
+    assert _loop is not None, "start_loop_process first"
+    return drive_loop(_loop, texts, clients, lambda: time.sleep(seconds))
+
+
+@contextlib.contextmanager
+def loop_process(directory: Path, max_length: int, threads: int) -> Iterator[ProcessPoolExecutor]:
+    """A spawned process holding the hand-written loop of ``directory`` (:func:`start_loop_process`)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        1, mp_context=context, initializer=start_loop_process, initargs=(directory, max_length, threads)
+    ) as pool:
+        yield pool
 
 
 def drive_server(
@@ -342,7 +382,7 @@ def drive_loop(
 def measure_requests(
     cfg: ServingBenchConfig,
     server: InferenceServer,
-    loop: HandWrittenLoop,
+    loop: ProcessPoolExecutor,
     texts: Sequence[str],
     console: Console,
 ) -> dict[str, Any]:
@@ -365,7 +405,7 @@ def measure_requests(
                     )
                     run["errors"] = sum(status != 200 for status in rows["status"])
                 else:
-                    rows, (began, stopped) = drive_loop(loop, texts, clients, lambda: time.sleep(span))
+                    rows, (began, stopped) = loop.submit(drive_loop_process, texts, clients, span).result()
                     run = summarize_requests(
                         rows["started"], rows["ended"], (began + cfg.warmup_seconds, stopped)
                     )
@@ -611,6 +651,10 @@ def run_chain(
     ]
     return {
         **cadence,
+        # what a version costs on each side: the learner's publish, the server's load (download and
+        # sha256 of each file, load, warm-up)
+        "publish_seconds_mean": histogram_mean(learner.metrics.publish_seconds),
+        "load_seconds_mean": histogram_mean(server.metrics.load_seconds),
         "paced_events_per_second": rate,
         "backlog_events_per_second": backlog_rate,
         "produced": producer.produced,
@@ -659,21 +703,16 @@ def run_serving(
     with serving_store(settings_for, cfg) as (settings, store, root):
         point_latest(store, 1)
         server = InferenceServer(settings, ServingMetrics()).start()
-        loop: HandWrittenLoop | None = None
         try:
             wait_for(lambda: server.ready, timeout=300, what="the server ready")
-            loop = HandWrittenLoop(root / version_dir(1), settings.model.max_length, process_threads())
             console.print(
                 "[bold]serving: requests/s and latency[/], the server against the hand-written loop"
             )
-            results["requests"] = measure_requests(cfg, server, loop, texts, console)
-            loop.close()
-            loop = None
+            with loop_process(root / version_dir(1), settings.model.max_length, process_threads()) as loop:
+                results["requests"] = measure_requests(cfg, server, loop, texts, console)
             console.print("[bold]serving: latency across swaps[/]")
             results["swaps"] = measure_swaps(cfg, server, store, texts, console)
         finally:
-            if loop is not None:
-                loop.close()
             server.stop()
         if server.error is not None:
             raise RuntimeError(f"the server failed: {server.error}") from server.error
