@@ -161,32 +161,40 @@ def test_each_swap_observes_the_events_learned_since_the_served_version_once(tmp
     once, as their ages at the swap; the first version of a process observes none."""
     store = LocalStore(tmp_path)
     source = VersionSource(store)
-    now_ms = int(time.time() * 1000)
-    source.publish(produced_ms=now_ms - 60_000)
+    # ages chosen inside the histogram's buckets (30, 60] and (60, 120] with room for the test's own
+    # time (loads on a busy worker): an age is counted from the middle of its produce second
+    began = time.time()
+    now_ms = int(began * 1000)
+    source.publish(produced_ms=now_ms - 200_000)
     inbox: queue.Queue = queue.Queue()
     metrics = ServingMetrics()
     follower = VersionFollower(store, loader(tmp_path, metrics), inbox, metrics, threading.Event(), 3600)
     follower.poll()
     first = inbox.get_nowait()
     assert first.classifier.version == 1 and first.learned is None
-    source.publish_rejected(produced_ms=now_ms - 30_000)
-    source.publish(produced_ms=now_ms - 10_000)
+    source.publish_rejected(produced_ms=now_ms - 65_000)
+    source.publish(produced_ms=now_ms - 32_000)
     follower.poll()
     swap = inbox.get_nowait()
     assert swap.classifier.version == 3
     assert swap.learned.to_manifest()["counts"] == [
-        [(now_ms - 30_000) // 1000, 8],
-        [(now_ms - 10_000) // 1000, 8],
+        [(now_ms - 65_000) // 1000, 8],
+        [(now_ms - 32_000) // 1000, 8],
     ]
-    assert swap.classifier.manifest["newest_event_ms"] == now_ms - 10_000
+    assert swap.classifier.manifest["newest_event_ms"] == now_ms - 32_000
 
     for message in (first, swap, Stop()):
         inbox.put(message)
     batcher = MicroBatcher(inbox, max_batch=4, max_wait_s=0.0, metrics=metrics)
     batcher.run()
+    elapsed = time.time() - began
+    assert elapsed < 25, "the test took too long for its ages to stay in their buckets"
     name = "stream_learner_serving_freshness_seconds"
     assert metrics.value(f"{name}_count") == 16  # versions 2 and 3's events; version 1's none
-    assert metrics.value(f"{name}_bucket", {"le": "20.0"}) == 8  # ≈ 10 s old at the swap
-    assert metrics.value(f"{name}_bucket", {"le": "30.0"}) == 8  # the rejected version's ≈ 30 s: just above
-    assert 8 * 39 < metrics.value(f"{name}_sum") < 8 * 42 + 16 * 30  # 8 × ~10 s + 8 × ~30 s, plus test time
-    assert metrics.value("stream_learner_serving_newest_event_timestamp_seconds") == (now_ms - 10_000) / 1000
+    assert metrics.value(f"{name}_bucket", {"le": "30.0"}) == 0
+    assert metrics.value(f"{name}_bucket", {"le": "60.0"}) == 8  # version 3's, ≈ 32 s old at the swap
+    assert metrics.value(f"{name}_bucket", {"le": "120.0"}) == 16  # the rejected version 2's, ≈ 65 s
+    # each age within its produce second's half-width of (offset + the test's time so far)
+    assert 8 * (32 - 0.5) + 8 * (65 - 0.5) <= metrics.value(f"{name}_sum")
+    assert metrics.value(f"{name}_sum") <= 8 * (32 + 0.5 + elapsed) + 8 * (65 + 0.5 + elapsed)
+    assert metrics.value("stream_learner_serving_newest_event_timestamp_seconds") == (now_ms - 32_000) / 1000
