@@ -283,7 +283,8 @@ CHAIN_KEYS = (
 def check_serving_markdown(results: dict, tmp_path: Path) -> None:
     text = serving_markdown(results)
     assert "| server, 1 client(s) |" in text and "| hand-written loop, 1 client(s) |" in text
-    assert "| demo |" in text and "| fast |" in text and "inference in fp32" in text
+    assert all(f"| {name} |" in text for name in results["config"]["serving"]["cadences"])
+    assert "inference in fp32" in text
     assert "| server, 1 client(s) |" not in markdown(results)
     # a doc with both markers: each part between its own
     doc = tmp_path / "both.md"
