@@ -356,6 +356,29 @@ class Publisher:
             reraise=True,
         )
 
+    @classmethod
+    def standalone(
+        cls,
+        settings: Settings,
+        store: ObjectStore,
+        static_files: dict[str, bytes],
+        parent: int | None = None,
+        latest: tuple[int | None, str | None] | None = None,
+    ) -> Publisher:
+        """A publisher outside a running learner (tools, tests): its own queues, metrics and stop
+        event, on the store's ``LATEST`` unless ``latest`` is given. Call :meth:`publish_version`."""
+        return cls(
+            settings,
+            store,
+            static_files,
+            publish_queue=queue.Queue(maxsize=1),
+            commit_queue=queue.Queue(),
+            metrics=Metrics(),
+            stop=threading.Event(),
+            parent=parent,
+            latest=read_latest(store) if latest is None else latest,
+        )
+
     def run(self) -> None:
         """Thread target: publish every snapshot handed over; after ``stop``, drain the queue and exit."""
         while True:

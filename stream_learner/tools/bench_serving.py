@@ -61,10 +61,10 @@ from rich.console import Console
 
 from stream_learner.core.config import Settings
 from stream_learner.core.model import load_tokenizer
-from stream_learner.service.metrics import Metrics, ServingMetrics
+from stream_learner.service.metrics import ServingMetrics
 from stream_learner.service.serving.server import InferenceServer
 from stream_learner.service.storage import ObjectStore, open_settings_store
-from stream_learner.service.versions import LATEST, read_latest, read_manifest, version_dir
+from stream_learner.service.versions import LATEST, read_manifest, version_dir
 from stream_learner.tools.bench_clients import infer_body, run_clients
 from stream_learner.tools.bench_report import percentiles
 from stream_learner.tools.harness import summarize_steps
@@ -206,17 +206,7 @@ def publish_versions(settings: Settings, count: int) -> ObjectStore:
     tokenizer = load_tokenizer(settings.model)
     trainer = build_trainer(settings, tokenizer)
     snapshot = trainer.snapshot()
-    publisher = Publisher(
-        settings,
-        store,
-        static_files(trainer.engine.model, tokenizer),
-        publish_queue=queue.Queue(maxsize=1),
-        commit_queue=queue.Queue(),
-        metrics=Metrics(),
-        stop=threading.Event(),
-        parent=None,
-        latest=read_latest(store),
-    )
+    publisher = Publisher.standalone(settings, store, static_files(trainer.engine.model, tokenizer))
     for _ in range(count):
         publisher.publish_version(snapshot)
     return store

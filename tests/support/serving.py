@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import queue
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,11 +21,10 @@ import torch
 
 from stream_learner.core.config import Settings
 from stream_learner.service.app import static_files
-from stream_learner.service.metrics import Metrics, ServingMetrics
+from stream_learner.service.metrics import ServingMetrics
 from stream_learner.service.publisher import Publisher
 from stream_learner.service.serving.server import InferenceServer
 from stream_learner.service.storage import ObjectStore
-from stream_learner.service.versions import read_latest
 from stream_learner.training.state import Snapshot
 from tests.support.factories import batch, make_trainer, small_settings, tiny_rows, tokenized, tokenizer
 
@@ -42,16 +39,8 @@ class VersionSource:
         self.settings = settings or small_settings()
         self.trainer = make_trainer(self.settings)
         self.store = store
-        self.publisher = Publisher(
-            self.settings,
-            store,
-            static_files(self.trainer.engine.model, tokenizer()),
-            publish_queue=queue.Queue(maxsize=1),
-            commit_queue=queue.Queue(),
-            metrics=Metrics(),
-            stop=threading.Event(),
-            parent=None,
-            latest=read_latest(store),
+        self.publisher = Publisher.standalone(
+            self.settings, store, static_files(self.trainer.engine.model, tokenizer())
         )
         self._rows = tiny_rows()
         self._offset = 0

@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import json
 import logging
-import queue
 import threading
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from typer.testing import CliRunner
 
 from stream_learner.cli import app as cli
 from stream_learner.service.app import static_files
-from stream_learner.service.metrics import Metrics
 from stream_learner.service.publisher import Publisher, load_newest_intact, load_version, rollback
 from stream_learner.service.storage import LocalStore, ObjectStore
 from stream_learner.service.versions import (
@@ -68,17 +66,7 @@ def snap() -> Snapshot:
 def make_publisher(store: ObjectStore, keep: int = 0) -> Publisher:
     s, trainer = _trained()
     s = s.model_copy(update={"publish": s.publish.model_copy(update={"keep_versions": keep})})
-    return Publisher(
-        s,
-        store,
-        static_files(trainer.engine.model, tokenizer()),
-        publish_queue=queue.Queue(maxsize=1),
-        commit_queue=queue.Queue(),
-        metrics=Metrics(),
-        stop=threading.Event(),
-        parent=None,
-        latest=read_latest(store),
-    )
+    return Publisher.standalone(s, store, static_files(trainer.engine.model, tokenizer()))
 
 
 def test_publish_writes_the_layout_then_latest_then_hands_offsets_to_commit(tmp_path: Path, snap) -> None:
@@ -351,17 +339,7 @@ def tiny_publisher(
     store: ObjectStore, keep: int = 0, parent: int | None = None, latest: tuple | None = None
 ) -> Publisher:
     s = small_settings(publish={"keep_versions": keep})
-    return Publisher(
-        s,
-        store,
-        {"config.json": model_config_json(1)},
-        publish_queue=queue.Queue(maxsize=1),
-        commit_queue=queue.Queue(),
-        metrics=Metrics(),
-        stop=threading.Event(),
-        parent=parent,
-        latest=read_latest(store) if latest is None else latest,
-    )
+    return Publisher.standalone(s, store, {"config.json": model_config_json(1)}, parent, latest)
 
 
 def resumed_publisher(store: ObjectStore, keep: int = 0, workdir: Path | None = None) -> Publisher:

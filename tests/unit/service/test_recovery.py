@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import subprocess
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,6 @@ from typer.testing import CliRunner
 
 from stream_learner.cli import app as cli
 from stream_learner.service.app import Learner
-from stream_learner.service.metrics import Metrics
 from stream_learner.service.publisher import Publisher, load_newest_intact, rollback
 from stream_learner.service.storage import LocalStore, open_store
 from stream_learner.service.versions import (
@@ -90,14 +87,10 @@ def restarted_learner(url: str) -> Learner:
 
 def its_publisher(learner: Learner) -> Publisher:
     """The publisher ``Learner.start`` builds after the restore."""
-    return Publisher(
+    return Publisher.standalone(
         learner.settings,
         learner.store,
         {"config.json": model_config_json(1)},
-        queue.Queue(maxsize=1),
-        queue.Queue(),
-        Metrics(),
-        threading.Event(),
         parent=learner.restored_version,
         latest=(learner._latest_version, learner._latest_etag),
     )
