@@ -59,7 +59,6 @@ import os
 import platform
 import resource
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -93,7 +92,14 @@ from stream_learner.tools.ceilings import (
     synchronize,
     training_flops_per_example,
 )
-from stream_learner.tools.harness import BenchData, PeakRSS, load_data, run_trainer_alone, summarize_steps
+from stream_learner.tools.harness import (
+    BenchData,
+    PeakRSS,
+    Sampler,
+    load_data,
+    run_trainer_alone,
+    summarize_steps,
+)
 from stream_learner.training.engine import pick_device
 from stream_learner.training.observers import StepLog, StepRecord
 from stream_learner.training.precision import native_bf16_cpu, resolve_precision
@@ -343,20 +349,13 @@ def measure_replay(
 # =========================================================================================== pipeline
 
 
-class VersionWatch:
+class VersionWatch(Sampler):
     """Polls the publisher for new versions every 20 ms: (time it was seen, version, its manifest)."""
 
     def __init__(self, published: Callable[[], list[int]], manifest: Callable[[int], dict]) -> None:
         self.published = published
         self.manifest = manifest
         self.seen: list[tuple[float, int, dict]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.check()
-            self._stop.wait(0.02)
 
     def check(self) -> None:
         known = {v for _, v, _ in self.seen}
@@ -366,15 +365,6 @@ class VersionWatch:
     def covers(self, topic: str, offset: int) -> bool:
         """Whether a version seen so far covers partition 0 up to ``offset`` (exclusive)."""
         return any(m["offsets"][topic].get("0", 0) >= offset for _, _, m in list(self.seen))
-
-    def __enter__(self) -> VersionWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.check()
 
 
 def run_pipeline(cfg: BenchConfig, data: BenchData, console: Console) -> dict[str, Any]:

@@ -67,7 +67,7 @@ from stream_learner.service.storage import ObjectStore, open_settings_store
 from stream_learner.service.versions import LATEST, read_manifest, version_dir
 from stream_learner.tools.bench_clients import infer_body, run_clients
 from stream_learner.tools.bench_report import percentiles
-from stream_learner.tools.harness import summarize_steps
+from stream_learner.tools.harness import Sampler, summarize_steps
 from stream_learner.training.factory import build_trainer
 from stream_learner.training.observers import StepLog
 from stream_learner.training.threads import hand_over_threads, process_threads, take_threads
@@ -78,7 +78,6 @@ DEMO_CADENCE = {"every_steps": 20, "every_seconds": 300.0, "poll_interval_s": 5.
 # as fresh as these 2 cores sustain: a version every 8 steps or 2 s (a publish takes about 1 s here), a
 # poll every 0.2 s (one small read of LATEST)
 FAST_CADENCE = {"every_steps": 8, "every_seconds": 2.0, "poll_interval_s": 0.2}
-WATCH_EVERY_S = 0.02
 
 
 @dataclass
@@ -467,7 +466,7 @@ def measure_swaps(
     }
 
 
-class ChainWatch:
+class ChainWatch(Sampler):
     """Every 20 ms, on one thread: the versions the publisher has published and the version the server
     answers with, each with the moment it was first seen and the offset of partition 0 it covers."""
 
@@ -483,8 +482,6 @@ class ChainWatch:
         self.served: list[tuple[float, int]] = []
         self._seen: set[int] = set()
         self._serving: int | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, name="chain-watch", daemon=True)
 
     def _covered(self, manifest: dict) -> int:
         return int(manifest["offsets"][self.topic].get("0", 0))
@@ -503,18 +500,6 @@ class ChainWatch:
     def served_covers(self, offset: int) -> bool:
         """Whether a version seen serving holds every event below ``offset``."""
         return any(covered >= offset for _, covered in list(self.served))
-
-    def _poll(self) -> None:
-        while not self._stop.wait(WATCH_EVERY_S):
-            self.check()
-
-    def __enter__(self) -> ChainWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 class PacedProducer:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import psutil
@@ -74,28 +74,42 @@ def load_data(settings: Settings, n: int, tokenizer: Any, whole_stream: bool = T
 # ===================================================================================== measurements
 
 
-class PeakRSS:
-    """Peak resident memory of this process while the block runs (psutil, sampled every 20 ms)."""
+class Sampler:
+    """Calls :meth:`check` on a thread of its own every ``every_s`` seconds while a ``with`` block runs,
+    once as it starts and once more as it ends, so that the first and the last state are seen."""
 
-    def __init__(self) -> None:
-        self.peak = 0
+    every_s = 0.02
+
+    def check(self) -> None:
+        raise NotImplementedError
+
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.every_s):
+            self.check()
+
+    def __enter__(self) -> Self:
         self._stop = threading.Event()
-        self._proc = psutil.Process()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            self._stop.wait(0.02)
-
-    def __enter__(self) -> PeakRSS:
-        self.peak = self._proc.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.check()
+        self._thread = threading.Thread(
+            target=self._run, args=(self._stop,), name=type(self).__name__, daemon=True
+        )
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self.check()
+
+
+class PeakRSS(Sampler):
+    """Peak resident memory of this process while the block runs (psutil, sampled every 20 ms)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._proc = psutil.Process()
+
+    def check(self) -> None:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
     @property

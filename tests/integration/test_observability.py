@@ -46,11 +46,11 @@ from tests.support.factories import small_settings, tiny_rows
 from tests.support.prometheus import (
     ALERTS_FILE,
     PrometheusError,
-    PrometheusServer,
     alert_rules,
     dashboard_exprs,
     is_number,
     load_dashboard,
+    returns_data,
     top_level_operands,
     vector_selectors,
 )
@@ -71,15 +71,6 @@ def learner_rules() -> list[dict[str, Any]]:
     """The alerting rules of the group ``stream-learner`` (the other group reads a server's metrics)."""
     (group,) = [g for g in yaml.safe_load(ALERTS_FILE.read_text())["groups"] if g["name"] == JOB]
     return [rule for rule in group["rules"] if "alert" in rule]
-
-
-def returns_data(prom: PrometheusServer, expr: str) -> str | None:
-    """None if ``expr`` is accepted and returns at least one sample; else what went wrong."""
-    try:
-        result = prom.query(expr)
-    except PrometheusError as err:
-        return f"rejected: {err}"
-    return None if result else "accepted, but no data"
 
 
 def test_dashboard_and_alert_queries_on_a_real_learner(

@@ -30,10 +30,10 @@ from stream_learner.service.storage import LocalStore
 from tests.support.prometheus import (
     ALERTS_FILE,
     PrometheusError,
-    PrometheusServer,
     dashboard_exprs,
     is_number,
     load_dashboard,
+    returns_data,
     top_level_operands,
     vector_selectors,
 )
@@ -55,15 +55,6 @@ def serving_row_exprs(variables: dict[str, str]) -> list[tuple[str, str]]:
     dashboard = load_dashboard()
     raw, substituted = dashboard_exprs(dashboard), dashboard_exprs(dashboard, variables)
     return [sub for (_, expr), sub in zip(raw, substituted, strict=True) if "$serving_" in expr]
-
-
-def returns_data(prom: PrometheusServer, expr: str) -> str | None:
-    """None if ``expr`` is accepted and returns at least one sample; else what went wrong."""
-    try:
-        result = prom.query(expr)
-    except PrometheusError as err:
-        return f"rejected: {err}"
-    return None if result else "accepted, but no data"
 
 
 def test_serving_row_and_alert_queries_on_a_real_server(tmp_path, prometheus_server) -> None:

@@ -174,6 +174,15 @@ _SET_OPERATORS = frozenset(("and", "or", "unless"))
 _NUMBER = re.compile(r"^[\d.]+(?:e[+-]?\d+)?$")
 
 
+def returns_data(prom: PrometheusServer, expr: str) -> str | None:
+    """None if ``expr`` is accepted and returns at least one sample; else what went wrong."""
+    try:
+        result = prom.query(expr)
+    except PrometheusError as err:
+        return f"rejected: {err}"
+    return None if result else "accepted, but no data"
+
+
 def _tokens(expr: str) -> list[re.Match[str]]:
     return list(_TOKEN.finditer(expr))
 
