@@ -380,12 +380,7 @@ def run_pipeline(cfg: BenchConfig, data: BenchData, console: Console) -> dict[st
     with tempfile.TemporaryDirectory(prefix="stream-learner-bench-") as tmp, LocalBroker() as broker:
         topic = f"bench-{uuid.uuid4().hex[:8]}"
         settings = cfg.run_settings(
-            kafka={
-                "bootstrap_servers": broker.bootstrap_servers,
-                "topic": topic,
-                "group_id": topic,
-                "session_timeout_ms": 6000,  # Tansu's first group join takes about half of it
-            },
+            kafka=broker.kafka_settings(topic),
             publish={
                 "storage_url": Path(tmp, "versions").as_uri(),
                 "every_steps": cfg.publish_every_steps,

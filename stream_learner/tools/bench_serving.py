@@ -566,12 +566,7 @@ def run_chain(
         store_dir = Path(tmp, "versions")
         store_dir.mkdir()
         settings = settings_for(
-            kafka={
-                "bootstrap_servers": broker.bootstrap_servers,
-                "topic": topic,
-                "group_id": topic,
-                "session_timeout_ms": 6000,  # Tansu's first group join takes about half of it
-            },
+            kafka=broker.kafka_settings(topic),
             publish={
                 "storage_url": store_dir.as_uri(),
                 "every_steps": int(cadence["every_steps"]),

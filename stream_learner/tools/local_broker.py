@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from confluent_kafka import KafkaException
@@ -139,6 +140,15 @@ class LocalBroker(ServerProcess):
     def bootstrap_servers(self) -> str:
         """``127.0.0.1:PORT``, for librdkafka's ``bootstrap.servers``."""
         return f"127.0.0.1:{self.port}"
+
+    def kafka_settings(self, topic: str) -> dict[str, Any]:
+        """The ``kafka`` settings of a learner reading ``topic`` here, in a consumer group of that name."""
+        return {
+            "bootstrap_servers": self.bootstrap_servers,
+            "topic": topic,
+            "group_id": topic,
+            "session_timeout_ms": 6000,  # Tansu's first group join takes about half of it
+        }
 
     # ------------------------------------------------------------------------------- lifecycle
     def start(self, timeout_s: float = 30.0) -> LocalBroker:
