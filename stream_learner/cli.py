@@ -537,6 +537,9 @@ def bench(
     scaling_ranks: Annotated[
         int | None, typer.Option(help="ranks of the data-parallel scaling run (0 = skip it)")
     ] = None,
+    long_texts: Annotated[
+        bool, typer.Option(help="also measure the trainer on long documents (max_length 256 and 512)")
+    ] = True,
     serving: Annotated[
         bool, typer.Option(help="also measure the inference server, its swaps and the freshness chain")
     ] = True,
@@ -549,7 +552,8 @@ def bench(
     config: ConfigOpt = None,
 ) -> None:
     """Throughput side by side: roofline, trainer alone, pipeline from Kafka, hand-written, tutorial loop;
-    then serving: the inference server against a hand-written loop, swaps, the freshness chain."""
+    long texts (max_length 256 and 512, attention's share); then serving: the inference server against
+    a hand-written loop, swaps, the freshness chain."""
     _require_tools("bench")
     from stream_learner.tools import bench as b
     from stream_learner.tools import bench_report as report
@@ -559,6 +563,8 @@ def bench(
     changes: dict = {"ablation": ablation, "only_serving": serving_only}
     if not serving:
         changes["serving"] = None
+    if not long_texts:
+        changes["long_texts"] = None
     for key, value in {
         "threads": threads,
         "layers": layers,

@@ -24,7 +24,9 @@ VADER stream, all four domains) and the same model (the bundled all-MiniLM-L6-v2
 plus the consumer's own rate (parse + validate + tokenize on one core), the replay buffer's bytes per
 stored event and the measured memory of a buffer of 1M events drawn from the stream, peak RSS, the
 trainer's busy fraction and padding efficiency, an ablation (each speed change of issue 9 turned
-off in turn), and data-parallel scaling (``scaling.py``: N ranks against one).
+off in turn), long texts (``bench_long.py``: documents of hundreds of tokens at ``max_length`` 256
+and 512, attention's measured share of a step), and data-parallel scaling (``scaling.py``: N ranks
+against one).
 
 The trainer alone and the pipeline run alternately, ``repeats`` times each (then the trainer once
 more): other load on the machine (a shared VM's neighbours) drifts over minutes and only ever slows a
@@ -81,6 +83,7 @@ from stream_learner.core.intake import Tokenize
 from stream_learner.core.model import load_model, load_tokenizer
 from stream_learner.core.replay import ReservoirBuffer
 from stream_learner.service.limits import MiB
+from stream_learner.tools.bench_long import LongTextConfig, run_long_texts
 from stream_learner.tools.bench_report import percentiles, ratios, targets
 from stream_learner.tools.bench_serving import ServingBenchConfig, run_serving
 from stream_learner.tools.ceilings import (
@@ -144,6 +147,7 @@ class BenchConfig:
     scaling_events: int = 512  # shared by the ranks; the first quarter is the warm-up
     # the inference server, swaps and the freshness chain (bench_serving.py); None = skip them, and
     # only_serving: skip everything else
+    long_texts: LongTextConfig | None = field(default_factory=LongTextConfig)  # bench_long.py
     serving: ServingBenchConfig | None = field(default_factory=ServingBenchConfig)
     only_serving: bool = False
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # overrides on the defaults
@@ -172,6 +176,7 @@ class BenchConfig:
             "model_alone_events": 64,
             "publish_every_seconds": 3.0,
             "scaling_events": 48,
+            "long_texts": LongTextConfig.quick(),
             "serving": ServingBenchConfig.quick(),
             "settings": {"training": {"fresh_per_step": 8, "replay_per_step": 8}},
         }
@@ -647,6 +652,17 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, console: Console | None
                 run = run_trainer_alone(s, tokenizer, events, cfg.warmup_events, fused=fused, threads=threads)
                 results["ablation"].append({"name": name, **run})
             release_memory()
+
+    if cfg.long_texts is not None:
+        long = cfg.long_texts
+        lengths = ", ".join(str(n) for n in long.lengths)
+        with step_of(
+            console, f"long texts: {long.documents} documents of the stream at max_length {lengths}"
+        ):
+            results["long_texts"] = run_long_texts(
+                long, cfg.run_settings, tokenizer, bf16, threads, computing, console
+            )
+        release_memory()
 
     if cfg.scaling_ranks:
         from stream_learner.tools.scaling import measure_scaling, scaling_plan

@@ -495,6 +495,29 @@ def chain_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+LONG_COLUMNS = ("max_length, precision", "examples/s", "real tokens/s", "")
+
+
+def long_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(max_length and precision, examples/s, real tokens/s, notes) of each long-text run
+    (``bench_long.py``)."""
+    rows = []
+    for run in results["long_texts"]["runs"]:
+        share = run["attention_share"]
+        rows.append(
+            (
+                f"{run['max_length']}, {run['precision']}",
+                _fmt(run["examples_per_second"], 1),
+                _fmt(run["real_tokens_per_second"], 0),
+                f"documents of {run['tokens_mean']:.0f} tokens on average (p95 {run['tokens_p95']:.0f}), "
+                f"{run['cut_share']:.0%} cut at {run['max_length']}; padding efficiency "
+                f"{_fmt(run['padding_efficiency'])}; attention {share['measured']:.0%} of a step's "
+                f"operator time (the FLOPs say {share['by_flops']:.0%})",
+            )
+        )
+    return rows
+
+
 def table(results: dict[str, Any]) -> list[Table]:
     """The figures and the targets, then the serving part's, as rich tables (the parts that ran)."""
     m = results["machine"]
@@ -514,6 +537,13 @@ def table(results: dict[str, Any]) -> list[Table]:
         for t in results["targets"]:
             checks.add_row(t["target"], _fmt(t["measured"]), f"{t['op']} {_fmt(t['wanted'])}", _fmt(t["met"]))
         tables += [figures, checks]
+    if "long_texts" in results:
+        long = Table(title=f"long texts: the trainer alone on documents of the stream ({results['device']})")
+        for col in LONG_COLUMNS:
+            long.add_column(col)
+        for row in long_rows(results):
+            long.add_row(*row)
+        tables.append(long)
     if "serving" in results:
         serving = Table(title=f"serving — {m['cpu']}, {m['cores']} cores, clients on the same cores")
         for col in ("", "requests/s", "p50 ms", "p99 ms", ""):
@@ -538,6 +568,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {t['target']} | {_fmt(t['measured'])} | {t['op']} {_fmt(t['wanted'])} | {_fmt(t['met'])} |"
         )
+    if "long_texts" in results:
+        lines += ["", "| " + " | ".join(LONG_COLUMNS) + " |", "|---|---:|---:|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in long_rows(results)]
     return "\n".join(lines) + "\n"
 
 

@@ -146,6 +146,7 @@ def summarize_steps(records: Sequence[StepRecord], warmup_events: int) -> dict[s
         "trainer_cpu_share": sum(r.cpu_seconds for r in measured)
         / sum(r.ended - r.started for r in measured),
         "padding_efficiency": sum(r.real_tokens for r in measured) / sum(r.padded_tokens for r in measured),
+        "real_tokens_per_second": sum(r.real_tokens for r in measured) / span,
         # the warm-up's steps, first step's start to the first measured one's (compiling, if any)
         "warmup_seconds": measured[0].started - records[0].started,
         "first_measured": measured[0].started,

@@ -57,6 +57,7 @@ def test_quick_run_is_complete_and_consistent(tmp_path: Path) -> None:
     check_publishing_and_freshness(results)
     check_data_parallel_scaling(results)
     check_replay_and_consumer(results)
+    check_long_texts(results)
     check_targets_and_markdown(results, tmp_path)
     check_serving_requests_and_swaps(results)
     check_freshness_chain(results)
@@ -269,6 +270,25 @@ def check_freshness_chain(results: dict) -> None:
         parts = ("to_learned_s", "learned_to_published_s", "published_to_served_s")
         assert links["to_served_s"]["max"] <= sum(links[k]["max"] for k in parts) + 1e-9
         assert links["to_served_s"]["min"] >= sum(links[k]["min"] for k in parts) - 1e-9
+
+
+def check_long_texts(results: dict) -> None:
+    long, cfg = results["long_texts"], results["config"]["long_texts"]
+    # each length in the trainer's precision, and fp32 beside a bf16 trainer (the test forces bf16)
+    assert [(r["max_length"], r["precision"]) for r in long["runs"]] == [
+        (n, p) for n in cfg["lengths"] for p in ("bf16", "fp32")
+    ]
+    assert long["documents"] == cfg["documents"]
+    for run in long["runs"]:
+        assert run["tokens_trained_mean"] <= run["max_length"] <= 512
+        assert run["tokens_mean"] >= run["tokens_trained_mean"] and 0 <= run["cut_share"] <= 1
+        # documents of 120–480 words: most are longer than 256 tokens
+        assert run["cut_share"] > 0.5 and run["tokens_p50"] > run["max_length"]
+        assert run["examples_per_second"] > 0 and 0 < run["padding_efficiency"] <= 1
+        assert run["real_tokens_per_second"] <= run["examples_per_second"] * run["max_length"] * 1.0001
+        share = run["attention_share"]
+        assert 0 < share["measured"] < 1 and 0 < share["by_flops"] < 1
+    assert "| 256, bf16 |" in markdown(results)
 
 
 CHAIN_KEYS = (
