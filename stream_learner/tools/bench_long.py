@@ -63,8 +63,10 @@ class LongTextConfig:
     """What the long-text part measures (recorded in the bench's JSON)."""
 
     lengths: tuple[int, ...] = (256, 512)  # model.max_length of each run
-    documents: int = 160  # fresh events of each run
-    warmup: int = 32  # of them, before the rate is taken
+    documents: int = 384  # fresh events of each run
+    # of them, before the rate is taken: the first window (bucket_window × fresh_per_step = 128 events
+    # at the defaults) is assembled before anything is in the replay buffer, so it trains no replay
+    warmup: int = 128
     words: tuple[int, int] = (120, 480)  # a document's word count, drawn uniformly
     profiled_steps: int = 3  # engine steps under the profiler (after one unprofiled)
     seed: int = 0
