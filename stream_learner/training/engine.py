@@ -101,6 +101,7 @@ class StepEngine:
             torch.set_float32_matmul_precision("high")
         self.model = loaded.model.to(self.device)
         self.model.eval()  # no dropout: prequential scores are those of the published weights
+        self.precision.prepare(self.model)
         params = dict(self.model.named_parameters())
         self.pretrained = [params[n] for n in loaded.pretrained]
         head = [params[n] for n in loaded.head]

@@ -16,11 +16,13 @@
 In every case the master weights, AdamW's moments, the L2-SP anchor θ0 and the published weights stay
 fp32. Autocast only changes the arithmetic of the forward's matmuls; the loss is computed in fp32.
 
-On the CPU, bf16 autocast also sends attention through SDPA's *math* backend
-(:meth:`Precision.autocast`). torch 2.13's fused CPU flash-attention kernel has a bf16 backward 11 ×
-slower than its fp32 one. Measured on the bundled 6-layer MiniLM (32 × 48 tokens, 2-core Xeon with AMX):
-that backward took 37.6 against 3.4 ms a layer, so a bf16 step was no faster than fp32 (415 against
-503 ms forward and backward). The math backend is plain matmuls and a softmax: 262 ms.
+On the CPU, bf16 autocast computes attention in fp32 (:meth:`Precision.prepare`,
+:func:`fp32_attention`): the matmuls around it run in bf16, Q, K and V are cast up and SDPA's fused
+fp32 kernel computes attention. torch 2.13's fused CPU flash-attention kernel has a bf16 backward
+11 × slower than its fp32 one (measured on the bundled 6-layer MiniLM, 32 × 48 tokens, 2-core Xeon
+with AMX: 37.6 against 3.4 ms a layer), and SDPA's math backend, the other bf16 path, materialises the
+L × L scores: at 512 tokens a bf16 trainer on it ran at 0.57 × fp32 (docs/performance.md, "Long
+texts"). Models whose attention cannot be set still get the math backend (:meth:`Precision.autocast`).
 
 Examples
 --------
@@ -45,6 +47,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 #: bf16 is chosen on a CPU only if its matmul is at least this much faster than fp32's.
 MIN_SPEEDUP = 1.5
@@ -54,6 +58,35 @@ NO_NATIVE_BF16 = "this CPU has no native bf16 (AVX512-BF16 or AMX): autocast wou
 NO_NATIVE_BF16_CUDA = "this GPU has no native bf16 (compute capability < 8.0): autocast would emulate it"
 #: The measured matmul: a step's tokens × hidden @ hidden × 4·hidden (MiniLM's feed-forward).
 MEASURE_SHAPE = (2048, 384, 1536)
+
+
+#: The name :func:`fp32_attention` is registered under with transformers' ``AttentionInterface``.
+FP32_ATTENTION = "stream_learner_fp32_sdpa"
+
+
+def fp32_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers' SDPA attention computed in fp32 whatever autocast says, by the fused kernel where
+    it applies; the output cast back to the dtype of ``query`` (bf16 under autocast)."""
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with (
+        torch.autocast(query.device.type, enabled=False),
+        sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]),
+    ):
+        out, weights = sdpa_attention_forward(
+            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
+        )
+    return out.to(query.dtype), weights
+
+
+AttentionInterface.register(FP32_ATTENTION, fp32_attention)
 
 
 @dataclass(frozen=True)
@@ -77,6 +110,15 @@ class Precision:
             figures = " (matmul " + ", ".join(f"{k} {v:.0f}" for k, v in self.gflops.items()) + " GFLOP/s)"
         name = "bf16 autocast" if self.bf16 else "fp32 (TF32 matmuls)" if self.tf32 else "fp32"
         return f"{name}: {self.reason}{figures}"
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Set ``model`` up for this precision: with bf16 on a CPU, attention in fp32
+        (:func:`fp32_attention`) where the model lets its attention be set (transformers' models with
+        SDPA); the config it saves is unchanged."""
+        if not (self.bf16 and self.device_type == "cpu"):
+            return
+        if getattr(model.config, "_attn_implementation", None) == "sdpa":
+            model.set_attn_implementation(FP32_ATTENTION)
 
     def autocast(self) -> AbstractContextManager:
         """The context a forward runs in: bf16 autocast (on the CPU, with SDPA's math backend), or none."""

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from stream_learner.training.precision import (
+    FP32_ATTENTION,
     MIN_SPEEDUP,
     NO_NATIVE_BF16,
     NO_NATIVE_BF16_CUDA,
     Precision,
+    fp32_attention,
     matmul_gflops,
     native_bf16_cpu,
     resolve_precision,
@@ -112,3 +114,28 @@ def test_a_bf16_step_keeps_fp32_master_weights_and_state_and_learns_like_fp32() 
         assert all(t.dtype == torch.float32 for t in engine.l2sp.theta0)
         assert losses[setting][-1] < losses[setting][0]  # three steps on the same batch: it learns
     np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=0.05)
+
+
+def test_cpu_bf16_computes_attention_in_fp32_and_publishes_an_unchanged_config() -> None:
+    """bf16 on a CPU: the engine's model attends through ``fp32_attention`` (Q, K, V in fp32 under bf16
+    autocast, the output back in bf16), whose scores equal plain fp32 SDPA's; fp32 keeps transformers'
+    SDPA; the config a version carries names no attention of ours."""
+    bf16 = make_trainer(small_settings(training={"precision": "bf16"})).engine
+    fp32 = make_trainer(small_settings(training={"precision": "fp32"})).engine
+    assert bf16.model.config._attn_implementation == FP32_ATTENTION
+    assert fp32.model.config._attn_implementation == "sdpa"
+    assert FP32_ATTENTION not in bf16.model.config.to_json_string()
+    # the function itself: bf16 inputs under autocast, fp32 arithmetic, bf16 out
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 8, generator=g) for _ in range(3))
+    mask = torch.zeros(2, 1, 9, 9)
+    mask[1, ..., 6:] = float("-inf")  # the second sequence is 6 tokens and 3 of padding
+    module = bf16.model.base_model.encoder.layer[0].attention.self
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = fp32_attention(module, q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, scaling=8**-0.5)
+    assert out.dtype == torch.bfloat16
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), attn_mask=mask
+    ).transpose(1, 2)
+    torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
+    assert not torch.equal(out[1, 5], out[0, 5])  # the mask took effect
