@@ -69,12 +69,15 @@ class VersionFollower:
         self._said_empty = False
 
     def run(self) -> None:
-        """Thread target: poll now, then every ``poll_interval_s`` until ``stop``."""
+        """Thread target: poll now, then a poll starting every ``poll_interval_s`` until ``stop``."""
         # loading and the warm-up on one thread: the batcher's threads keep the cores (training/threads.py)
         take_threads(1)
         while True:
+            started = time.monotonic()
             self.poll()
-            if self.stop.wait(self.poll_interval_s):
+            # from the poll's start, not its end: a poll that loaded a version does not push the next
+            # one back, so a new LATEST is read within poll_interval_s (or right after a longer load)
+            if self.stop.wait(max(0.0, started + self.poll_interval_s - time.monotonic())):
                 return
 
     def poll(self) -> None:
