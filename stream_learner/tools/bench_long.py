@@ -193,13 +193,14 @@ def run_long_texts(
     precisions = ["bf16", "fp32"] if bf16 else ["fp32"]
     out: dict[str, Any] = {"documents": len(documents), "words": list(cfg.words), "runs": []}
     for length in cfg.lengths:
+        # tokenized once per length: the cut depends on max_length only, not on the precision
+        events, stats = tokenized_documents(documents, settings_for(model={"max_length": length}), tokenizer)
+        console.print(
+            f"  max_length {length}: {len(events)} documents, {stats['tokens_mean']:.0f} tokens on "
+            f"average, {stats['cut_share']:.0%} cut; {' and '.join(precisions)}"
+        )
         for precision in precisions:
             settings = settings_for(model={"max_length": length}, training={"precision": precision})
-            events, stats = tokenized_documents(documents, settings, tokenizer)
-            console.print(
-                f"  max_length {length}, {precision}: {len(events)} documents, {stats['tokens_mean']:.0f} "
-                f"tokens on average, {stats['cut_share']:.0%} cut"
-            )
             run = run_trainer_alone(settings, tokenizer, events, cfg.warmup, threads=threads)
             share = computing(partial(attention_share, settings, tokenizer, events, cfg.profiled_steps))
             out["runs"].append(
