@@ -418,8 +418,9 @@ class Publisher:
             )
             info = {}
             for name in files:
-                info[name] = {"sha256": _sha256(root / name), "bytes": (root / name).stat().st_size}
-                self._storage(self.store.put_file, f"{prefix}/{name}", root / name)
+                digest = _sha256(root / name)
+                info[name] = {"sha256": digest, "bytes": (root / name).stat().st_size}
+                self._storage(self.store.put_file, f"{prefix}/{name}", root / name, sha256=digest)
         # 3. manifest; a candidate the poisoning gate holds back says so in it, and stops here
         manifest = self._manifest(snap, version, info)
         rejection = self._gate(snap.metrics.get("probe_accuracy"))

@@ -168,9 +168,9 @@ class FlakyStore(LocalStore):
         self._maybe_fail()
         return super().put(key, data, **kwargs)
 
-    def put_file(self, key: str, path: Path) -> str:
+    def put_file(self, key: str, path: Path, **kwargs) -> str:
         self._maybe_fail()
-        return super().put_file(key, path)
+        return super().put_file(key, path, **kwargs)
 
 
 def test_storage_errors_are_retried_counted_and_flagged(tmp_path: Path, snap) -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
+import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stream_learner.service.storage import LocalStore, ObjectStore, PreconditionFailed, S3Store, open_store
 
@@ -203,10 +207,42 @@ def test_local_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_local_etag_is_the_sha256_of_the_content(tmp_path: Path) -> None:
-    import hashlib
-
     store = open_store(str(tmp_path))
     assert store.put("a", b"hello") == hashlib.sha256(b"hello").hexdigest()
+
+
+SHM = Path("/dev/shm")  # tmpfs: another filesystem than the store's
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.binary(max_size=3 * 1024 * 1024 // 2), digest_given=st.booleans(), elsewhere=st.booleans())
+def test_local_put_file_stores_exactly_the_file_linked_or_copied(
+    data: bytes, digest_given: bool, elsewhere: bool
+) -> None:
+    """Whatever the bytes: a file from the store's filesystem is linked, from another one (or where links
+    fail) copied; either way the key holds exactly those bytes and its ETag is their sha256 — the one the
+    caller gave or one computed — and no temporary is left beside it."""
+    if elsewhere and not SHM.is_dir():
+        pytest.skip("no /dev/shm")
+    with (
+        tempfile.TemporaryDirectory() as where,
+        tempfile.TemporaryDirectory(dir=SHM if elsewhere else None) as src_dir,
+    ):
+        store = LocalStore(Path(where) / "store")
+        src = Path(src_dir) / "weights.safetensors"
+        src.write_bytes(data)
+        digest = hashlib.sha256(data).hexdigest()
+        etag = store.put_file(
+            "versions/000001/weights.safetensors", src, sha256=digest if digest_given else None
+        )
+        stored = store.root / "versions/000001/weights.safetensors"
+        same_fs = os.stat(src).st_dev == os.stat(store.root).st_dev
+        assert os.path.samefile(src, stored) == same_fs  # linked exactly when it can be
+        assert etag == digest == store.get_with_etag("versions/000001/weights.safetensors")[1]
+        assert stored.read_bytes() == data
+        assert sorted(p.name for p in stored.parent.iterdir()) == ["weights.safetensors"]
+        src.unlink()  # the staging directory goes; the stored object stays
+        assert stored.read_bytes() == data
 
 
 def test_bad_urls() -> None:
