@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from stream_learner.tools.local_broker import LocalBroker
-from tests.support import tiny_model
+from tests.support import tiny_model, zygote
 from tests.support.ordering import long_first
 from tests.support.services import SeaweedS3
 
@@ -47,6 +47,8 @@ def pytest_configure(config: pytest.Config) -> None:
     before xdist starts its workers (they inherit ``$SL_TESTS_TINY_MODEL``); built on first use."""
     if not os.environ.get(tiny_model.ENV):
         _tiny_model_owned.append(tiny_model.choose_dir().parent)
+    if zygote.ENV not in os.environ:
+        _tiny_model_owned.append(Path(zygote.choose_path()).parent)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

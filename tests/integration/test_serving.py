@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -31,7 +31,7 @@ from stream_learner.service.publisher import rollback
 from stream_learner.service.serving.server import InferenceServer
 from stream_learner.service.storage import LocalStore, open_store
 from stream_learner.service.versions import WEIGHTS, read_latest, version_dir
-from stream_learner.tools.child_process import parent_death_preexec
+from tests.support import zygote
 from tests.support.services import SeaweedS3, free_port
 from tests.support.serving import (
     TEXTS,
@@ -267,8 +267,8 @@ class DamagingStore(LocalStore):
     """A local store whose disk damages every weights file uploaded (one byte flipped after the write):
     the version's manifest records the sha256 of what was meant, storage holds something else."""
 
-    def put_file(self, key: str, path: Path) -> str:
-        etag = super().put_file(key, path)
+    def put_file(self, key: str, path: Path, **kwargs) -> str:
+        etag = super().put_file(key, path, **kwargs)
         if key.endswith(WEIGHTS):
             stored = self._path(key)
             data = bytearray(stored.read_bytes())
@@ -402,11 +402,11 @@ def test_a_pinned_version_is_the_only_one_served(tmp_path: Path) -> None:
     )
     exe = Path(sys.executable).parent / "stream-learner"
     log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
+    proc = zygote.spawn(
         [str(exe), "serve", "-c", str(config), "--version", "1"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        preexec_fn=parent_death_preexec(),
+        stdout=log.fileno(),
+        stderr=log.fileno(),
+        env=dict(os.environ),
     )
     try:
         client = Client(port)

@@ -23,6 +23,7 @@ from stream_learner.core.config import ENV_PREFIX, ConfigError
 from stream_learner.service.logs import KAFKA_CLIENT_LOGGERS, RepeatFilter, install
 from stream_learner.service.storage import StoreUnreachable, check_reachable, open_store
 from stream_learner.service.topics import CONNECT_TIMEOUT_S, BrokerUnreachable, ensure_topics, require_topics
+from tests.support import zygote
 from tests.support.services import SeaweedS3, free_port
 from tests.support.tiny_model import tiny_model_dir
 
@@ -49,7 +50,10 @@ class Run:
 def run_cli(tmp_path: Path) -> Callable[..., Run]:
     """``stream-learner run`` with these STREAM_LEARNER_ variables (and none of the caller's)."""
 
-    def run(**env: str) -> Run:
+    def run(*, preloaded: bool = False, **env: str) -> Run:
+        """``preloaded``: forked from the session's zygote (tests/support/zygote.py), for mistakes found
+        after the learner has imported torch; a setting's mistake is found before, and the bound on
+        how soon is only measured in a fresh interpreter."""
         clean = {k: v for k, v in os.environ.items() if not k.upper().startswith(ENV_PREFIX)}
         # the test suite's own variables stay: a learner started by a test inherits them, and must not mind
         clean.update({k: v for k, v in os.environ.items() if k.upper().startswith("STREAM_LEARNER_TEST_")})
@@ -64,9 +68,13 @@ def run_cli(tmp_path: Path) -> Callable[..., Run]:
         )
         exe = Path(sys.executable).parent / "stream-learner"
         start = time.monotonic()
-        proc = subprocess.run(
-            [str(exe), "run"], env=clean, capture_output=True, text=True, timeout=OUTAGE_BOUND_S + 60
-        )
+        timeout = OUTAGE_BOUND_S + 60
+        if preloaded:
+            proc = zygote.run([str(exe), "run"], env=clean, timeout=timeout)
+        else:
+            proc = subprocess.run(
+                [str(exe), "run"], env=clean, capture_output=True, text=True, timeout=timeout
+            )
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         return Run(proc.returncode, lines, time.monotonic() - start)
 
@@ -117,6 +125,7 @@ def test_missing_topics_without_create_topics_are_refused(run_cli, kafka_bootstr
     if missing == "dead-letter":
         ensure_topics({"bootstrap.servers": kafka_bootstrap}, {topic: 1})
     run = run_cli(
+        preloaded=True,
         STREAM_LEARNER_KAFKA__BOOTSTRAP_SERVERS=kafka_bootstrap,
         STREAM_LEARNER_KAFKA__TOPIC=topic,
         STREAM_LEARNER_KAFKA__CREATE_TOPICS="false",
@@ -139,7 +148,7 @@ def test_existing_topics_pass_the_check(kafka_bootstrap, unique_topic):
 # ----------------------------------------------------------------------------------------- outages
 def test_unreachable_broker_is_named_in_plain_words(run_cli):
     bootstrap = f"127.0.0.1:{free_port()}"  # nothing listens there
-    run = run_cli(STREAM_LEARNER_KAFKA__BOOTSTRAP_SERVERS=bootstrap)
+    run = run_cli(preloaded=True, STREAM_LEARNER_KAFKA__BOOTSTRAP_SERVERS=bootstrap)
     # was: 34 s, then "Failed while waiting for controller: Local: Timed out"
     assert run.returncode == 1 and CONNECT_TIMEOUT_S <= run.seconds < OUTAGE_BOUND_S, run.seconds
     assert f"cannot reach the Kafka broker at {bootstrap} within {CONNECT_TIMEOUT_S:g} s" in run.line
@@ -158,6 +167,7 @@ def test_unreachable_broker_without_create_topics_is_named_too():
 def test_unreachable_store_is_named_in_plain_words(run_cli):
     endpoint = f"http://127.0.0.1:{free_port()}"
     run = run_cli(
+        preloaded=True,
         STREAM_LEARNER_PUBLISH__STORAGE_URL="s3://models/sentiment",
         STREAM_LEARNER_PUBLISH__S3_ENDPOINT_URL=endpoint,
         STREAM_LEARNER_PUBLISH__S3_ACCESS_KEY_ID="key",
@@ -281,6 +291,7 @@ def test_a_model_architecture_other_than_latests_is_refused(run_cli, kafka_boots
 
     tiny_publisher(LocalStore(tmp_path / "models")).publish_version(tiny_snapshot())
     run = run_cli(
+        preloaded=True,
         STREAM_LEARNER_KAFKA__BOOTSTRAP_SERVERS=kafka_bootstrap,
         STREAM_LEARNER_KAFKA__TOPIC=unique_topic("arch"),
         STREAM_LEARNER_MODEL__NAME_OR_PATH=tiny_model_dir(),
@@ -298,6 +309,7 @@ def test_a_max_length_over_the_models_positions_is_refused(run_cli, kafka_bootst
     """model.max_length 1024 on a model of 512 positions (MiniLM's and the tiny model's): the first long
     event stopped the trainer, and every restart stopped again."""
     run = run_cli(
+        preloaded=True,
         STREAM_LEARNER_KAFKA__BOOTSTRAP_SERVERS=kafka_bootstrap,
         STREAM_LEARNER_KAFKA__TOPIC=unique_topic("positions"),
         STREAM_LEARNER_MODEL__NAME_OR_PATH=tiny_model_dir(),

@@ -21,6 +21,7 @@ from confluent_kafka import Consumer, TopicPartition
 from stream_learner.service.storage import ObjectStore
 from stream_learner.service.versions import read_latest, read_manifest
 from stream_learner.tools.child_process import log_tail, parent_death_preexec, terminate_process
+from tests.support import zygote
 from tests.support.services import free_ports
 from tests.support.tiny_model import tiny_model_dir
 
@@ -58,20 +59,21 @@ class LearnerProcess:
         self.log_path = workdir / f"{name}.log"
         self.tmpdir = workdir / f"{name}.tmp"
         self.tmpdir.mkdir(exist_ok=True)
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | zygote.ForkedProcess | None = None
 
     def start(self) -> LearnerProcess:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         exe = Path(sys.executable).parent / "stream-learner"
+        command = [*self.launcher, str(exe), "run", "--config", str(self.config_path)]
+        # its staging directories here: a SIGKILLed learner's stay with the test, not in /tmp
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(self.tmpdir)}
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [*self.launcher, str(exe), "run", "--config", str(self.config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # its staging directories here: a SIGKILLed learner's stay with the test, not in /tmp
-                env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(self.tmpdir)},
-                preexec_fn=parent_death_preexec(),
-            )
+            if self.launcher:  # torchrun starts the ranks itself
+                self.proc = subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=parent_death_preexec()
+                )
+            else:
+                self.proc = zygote.spawn(command, stdout=log.fileno(), stderr=log.fileno(), env=env)
         return self
 
     @property

@@ -6,10 +6,12 @@ when LATEST named each version and when the server started serving it.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from stream_learner.core.events import encode_event
 from stream_learner.service.storage import ObjectStore
 from stream_learner.service.versions import read_latest
-from stream_learner.tools.child_process import ServerProcess
+from stream_learner.tools.child_process import ServerProcess, terminate_process
+from tests.support import zygote
 from tests.support.factories import tiny_rows
 from tests.support.services import free_port
 from tests.support.serving import Client
@@ -57,6 +60,14 @@ class ServeProcess(ServerProcess):
         self._spawn([str(exe), "serve", "-c", str(self.config_path)])
         self._wait_ready(timeout_s, self._live, interval_s=0.1)
         return self
+
+    def _spawn(self, args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+        """Forked from the session's zygote (tests/support/zygote.py), not a fresh interpreter."""
+        with self.log_path.open("ab") as log:
+            self._proc = zygote.spawn(
+                args, stdout=log.fileno(), stderr=log.fileno(), env=env or dict(os.environ)
+            )
+        self._finalizer = weakref.finalize(self, terminate_process, self._proc, self.stop_grace_s)
 
     def _live(self) -> str | None:
         try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from stream_learner.training.distributed import Group, merge_counters, merge_offsets, restored_for_rank
 from stream_learner.training.state import Counters, Snapshot
+from tests.support import zygote
 from tests.support.services import free_port
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -44,16 +44,16 @@ def run_group(
             "OMP_NUM_THREADS": "1",
             "SL_TESTS_DEVICE": device,
         }
-        log = (out / f"rank{rank}.log").open("wb")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "tests.support.distributed_worker", scenario, str(out)],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
+        with (out / f"rank{rank}.log").open("wb") as log:
+            procs.append(
+                zygote.spawn(
+                    [sys.executable, "-m", "tests.support.distributed_worker", scenario, str(out)],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log.fileno(),
+                    stderr=log.fileno(),
+                )
             )
-        )
     try:
         codes = [p.wait(timeout=timeout) for p in procs]
     finally:
