@@ -131,13 +131,15 @@ def spawn(
     return ForkedProcess(args, stdout=stdout, stderr=stderr, env=env, cwd=cwd)
 
 
-def run(args: list[str], *, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+def run(
+    args: list[str], *, env: dict[str, str], timeout: float, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """``subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)``, the child
     forked from the zygote (:func:`spawn`)."""
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
-        proc = spawn(args, stdout=out_w, stderr=err_w, env=env)
+        proc = spawn(args, stdout=out_w, stderr=err_w, env=env, cwd=cwd)
     finally:
         os.close(out_w)
         os.close(err_w)
