@@ -106,9 +106,6 @@ class StepEngine:
         self.pretrained = [params[n] for n in loaded.pretrained]
         head = [params[n] for n in loaded.head]
         self.l2sp = L2SP(self.pretrained, t.l2sp_lambda)  # θ0 = the weights as loaded, before any restore
-        for p in params.values():
-            # grads stay allocated (zero_grad(set_to_none=False)) so the L2-SP gradient always has a target
-            p.grad = torch.zeros_like(p)
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": self.pretrained, "weight_decay": 0.0},  # L2-SP, not decay towards 0
@@ -183,7 +180,11 @@ class StepEngine:
         skip = bad | ~torch.isfinite(norm)
         # 5. the update, unless skipped
         self._optimizer_step(skip)
-        self.optimizer.zero_grad(set_to_none=False)
+        # gradients dropped, not zeroed: backward then hands each parameter its new gradient instead of
+        # adding it to zeros, and nothing fills 91 MB with zeros — a bf16 step 17 % faster (autocast's
+        # gradients come back through a cast; MiniLM, 2-core Xeon with AMX: 117 → 138 examples/s),
+        # fp32 unchanged (docs/performance.md)
+        self.optimizer.zero_grad(set_to_none=True)
         # 6. the step's one host sync
         n = n_fresh
         scored = logits.detach()[:n]
