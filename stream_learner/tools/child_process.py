@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 STOP_GRACE_S = 5.0
 _PR_SET_PDEATHSIG = 1
@@ -88,6 +88,25 @@ def spawn_server(
             preexec_fn=parent_death_preexec(),
         )
     return proc, weakref.finalize(owner, terminate_process, proc, grace_s)
+
+
+#: What the tools' worker processes import before their work: imported once, in the forkserver.
+FORKSERVER_PRELOAD = ("torch", "transformers.modeling_utils", "stream_learner.tools.harness")
+
+
+def forkserver_context() -> Any:
+    """multiprocessing's forkserver context, :data:`FORKSERVER_PRELOAD` imported in it.
+
+    Each worker is forked from the forkserver — a process that imported torch and transformers once
+    and never computed — instead of a fresh interpreter spending ≈ 4 s of CPU on those imports. Like
+    ``spawn`` (and unlike ``fork``), a worker gets fresh OpenMP and CUDA state: the forkserver never
+    started either.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(FORKSERVER_PRELOAD))
+    return context
 
 
 def log_tail(path: Path, lines: int = 30) -> str:

@@ -72,6 +72,7 @@ from stream_learner.core.model import load_tokenizer
 from stream_learner.core.prequential import accuracy, macro_f1
 from stream_learner.service.metrics import Metrics
 from stream_learner.tools import stream_source as source
+from stream_learner.tools.child_process import forkserver_context
 from stream_learner.tools.datasets import DOMAINS, HELDOUT, STREAM, bundled_path, read_jsonl
 from stream_learner.tools.evaluation_report import write_plots, write_reports
 from stream_learner.training.factory import build_trainer
@@ -946,17 +947,17 @@ def run_in_processes(
     """The runs of ``plan`` on ``cfg.jobs`` worker processes; the results in ``plan``'s order.
 
     Runs are independent, so on a machine with several cores whole runs in parallel use them better
-    than torch's intra-op threads do on a small model. Workers are spawned (not forked: the parent
-    holds torch's thread pools) and each gets the tokenized streams once; runs are handed out one per
+    than torch's intra-op threads do on a small model. Workers are forked from multiprocessing's
+    forkserver (``child_process.forkserver_context``), not from this process, which holds torch's
+    thread pools, and each gets the tokenized streams once; runs are handed out one per
     free worker in the :class:`Budget`'s order, and a run the budget has no time for is not started
     (its result is ``None``). Each worker reports its steps through a queue, which feeds the progress
     bar. A run's result does not depend on the process it ran in.
     """
-    import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     threads = cfg.threads or max(1, (torch.get_num_threads() or 1) // cfg.jobs)
-    context = mp.get_context("spawn")
+    context = forkserver_context()
     results: list[dict[str, Any] | None] = [None] * len(plan)
     with context.Manager() as manager:
         steps = manager.Queue()

@@ -2,7 +2,7 @@
 
 :func:`measure_scaling` runs the bench's trainer alone (``harness.run_trainer_alone``: the service's
 trainer thread fed from memory) in processes of their own, forked from multiprocessing's forkserver
-(:func:`_rank_context`), with the environment ``torchrun`` would give them — ``RANK``,
+(``child_process.forkserver_context``), with the environment ``torchrun`` would give them — ``RANK``,
 ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` — and the same per-rank settings (so the group's
 micro-batch is N times a rank's):
 
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from stream_learner.core.config import Settings, load_settings
+from stream_learner.tools.child_process import forkserver_context
 from stream_learner.training.distributed import Group
 
 
@@ -79,7 +80,7 @@ def run_ranks(
             )
         )
         port = str(_free_port())
-        context = _rank_context()
+        context = forkserver_context()
         procs = []
         for rank in range(ranks):
             env = {"OMP_NUM_THREADS": str(threads), "RANK": str(rank), "LOCAL_RANK": str(rank)}
@@ -130,17 +131,6 @@ def measure_scaling(
         "efficiency": group["examples_per_second"] / (ranks * one["examples_per_second"]),
         "over_threads": group["examples_per_second"] / wide["examples_per_second"],
     }
-
-
-def _rank_context() -> Any:
-    """Where the ranks come from: multiprocessing's forkserver, which imports torch and the trainer once
-    and forks each rank from there (a rank started in ≈ 0.1 s instead of ≈ 4 s of imports; the
-    forkserver itself never computed, so each rank gets fresh OpenMP and CUDA state)."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "stream_learner.tools.harness", "stream_learner.tools.scaling"])
-    return context
 
 
 def _rank_process(spec_path: str, env: dict[str, str], log_path: str) -> None:
