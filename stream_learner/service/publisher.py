@@ -298,6 +298,10 @@ def load_newest_intact(
 class Publisher:
     """Publishes snapshots from ``publish_queue``; run :meth:`run` in its own thread.
 
+    Why this class is ≈ 300 lines: the checkpoint sequence of the module docstring is written once,
+    here, with the failure of each step (retries, the fence, the poisoning gate, claims); the layout
+    and the statuses of versions are in ``versions.py``, storage in ``storage.py``.
+
     Parameters
     ----------
     static_files
