@@ -86,9 +86,8 @@ class EventConsumer:
 
     Why this class is ≈ 300 lines: it is the only owner of the Kafka client, so everything that
     touches the client lives here — polling, backpressure (pause/resume), routing dead letters
-    (``dead_letters.py`` writes them), the commits
-    the publisher hands over, and the rebalance callbacks; parsing and tokenizing are in
-    ``core/intake.py``.
+    (``dead_letters.py`` writes them), the commits the publisher hands over, and the rebalance
+    callbacks; parsing and tokenizing are in ``core/intake.py``.
 
     Parameters
     ----------
