@@ -20,7 +20,7 @@ import pytest
 
 from stream_learner.tools.local_broker import LocalBroker
 from tests.support import tiny_model, zygote
-from tests.support.ordering import long_first
+from tests.support.ordering import Kind, suite_order
 from tests.support.services import SeaweedS3
 
 BOOTSTRAP_ENV = "STREAM_LEARNER_TEST_BOOTSTRAP"
@@ -57,7 +57,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The long end-to-end cases (marked ``slow``) first, one at the head of each xdist worker's share.
+    """The long end-to-end cases (marked ``slow``) first, at the heads of the xdist workers' shares;
+    the cases that wait before those that compute (``tests/support/ordering.py``).
 
     ``--dist worksteal`` hands each worker a contiguous share of the collection and lets idle workers
     steal from the *end* of the others' shares. Collected in file order, a 60–90 s case could start
@@ -66,7 +67,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for scheduling jobs on parallel machines). Only the order changes, never what runs.
     """
     workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
-    items[:] = long_first(items, lambda item: item.get_closest_marker("slow") is not None, workers)
+    items[:] = suite_order(items, _kind, workers)
+
+
+def _kind(item: pytest.Item) -> Kind:
+    """Long: marked ``slow`` (``slow(waits=True)``: mostly waits on a broker, a timer or a paced
+    learner process). Short and waiting: the end-to-end cases of ``tests/integration/``."""
+    marker = item.get_closest_marker("slow")
+    if marker is not None:
+        return Kind.LONG_WAITS if marker.kwargs.get("waits") else Kind.LONG_BUSY
+    return Kind.WAITS if "integration" in item.path.parts else Kind.BUSY
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

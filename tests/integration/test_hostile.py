@@ -112,7 +112,7 @@ def test_ten_thousand_hostile_events_no_crash_every_one_accounted_for(
     assert last["offsets"][topic] == {str(p): len(items[p::PARTITIONS]) for p in range(PARTITIONS)}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(waits=True)
 def test_dead_letter_topic_unavailable_nothing_is_skipped(
     kafka_bootstrap, unique_topic, tmp_path, monkeypatch
 ):

@@ -1,29 +1,62 @@
-"""The suite's order (tests/support/ordering.py): a permutation, long cases at the heads of the shares."""
+"""The suite's order (tests/support/ordering.py): a permutation; long cases at the heads of the shares,
+each lane's on its own workers; in each share the waiting short cases before the computing ones."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.support.ordering import long_first, worksteal_shares
+from tests.support.ordering import Kind, lane_workers, suite_order, worksteal_shares
+
+LONG = (Kind.LONG_BUSY, Kind.LONG_WAITS)
 
 
-@given(st.lists(st.booleans(), max_size=60), st.integers(1, 6))
-def test_long_first_only_reorders_and_puts_long_cases_at_the_heads(longs: list[bool], workers: int) -> None:
-    items = list(enumerate(longs))  # (position, long?)
-    ordered = long_first(items, lambda item: item[1], workers)
-    assert sorted(ordered) == items  # a permutation
-    # the others keep their order
-    assert [i for i in ordered if not i[1]] == [i for i in items if not i[1]]
-    # in each share, its long cases come first; they are spread evenly unless a share is all long
-    start, counts = 0, []
-    for size in worksteal_shares(len(items), workers):
-        flags = [long for _, long in ordered[start : start + size]]
-        assert flags == sorted(flags, reverse=True), flags
-        counts.append((sum(flags), size))
+def _shares(ordered: list, workers: int) -> list[list]:
+    out, start = [], 0
+    for size in worksteal_shares(len(ordered), workers):
+        out.append(ordered[start : start + size])
         start += size
-    unfilled = [n for n, size in counts if n < size]
-    assert not unfilled or max(unfilled) - min(unfilled) <= 1, counts
+    return out
+
+
+@given(st.lists(st.sampled_from(list(Kind)), max_size=80), st.integers(1, 6))
+def test_the_order_is_a_permutation_with_long_cases_first_then_waiting_then_computing(
+    kinds: list[Kind], workers: int
+) -> None:
+    items = list(enumerate(kinds))  # (position, kind)
+    ordered = suite_order(items, lambda item: item[1], workers)
+    assert sorted(ordered) == items  # a permutation
+    for kind in (Kind.WAITS, Kind.BUSY):  # the short ones of each kind keep their order
+        assert [i for i in ordered if i[1] is kind] == [i for i in items if i[1] is kind]
+    shares = _shares(ordered, workers)
+    rank = {Kind.LONG_BUSY: 0, Kind.LONG_WAITS: 0, Kind.WAITS: 1, Kind.BUSY: 2}
+    for share in shares:  # in each share: long, then waiting, then computing
+        ranks = [rank[k] for _, k in share]
+        assert ranks == sorted(ranks), ranks
+    # the waiting short cases in proportion to each share's room (to one case)
+    waiting = kinds.count(Kind.WAITS)
+    rooms = [sum(1 for _, k in share if k not in LONG) for share in shares]
+    for share, room in zip(shares, rooms, strict=True):
+        expected = waiting * room / max(1, sum(rooms))
+        assert abs(sum(1 for _, k in share if k is Kind.WAITS) - expected) < 1 + 1e-9
+    for lane in LONG:  # each lane's long cases on its workers, spread evenly
+        own = lane_workers(lane, workers)
+        count = [sum(1 for _, k in share if k is lane) for share in shares]
+        longs = [sum(1 for _, k in share if k in LONG) for share in shares]
+        if all(longs[w] < len(shares[w]) for w in own):  # no share of the lane is full: none overflowed
+            assert sum(count[w] for w in own) == kinds.count(lane)
+            assert max(count[w] for w in own) - min(count[w] for w in own) <= 1, count
+
+
+def test_busy_and_waiting_long_cases_alternate_over_the_workers() -> None:
+    assert lane_workers(Kind.LONG_BUSY, 4) == [0, 2] and lane_workers(Kind.LONG_WAITS, 4) == [1, 3]
+    assert lane_workers(Kind.LONG_BUSY, 3) == [0, 2] and lane_workers(Kind.LONG_WAITS, 3) == [1]
+    assert lane_workers(Kind.LONG_BUSY, 1) == lane_workers(Kind.LONG_WAITS, 1) == [0]
+    # four workers: two busy and two waiting long cases start side by side
+    kind = {"b1": Kind.LONG_BUSY, "b2": Kind.LONG_BUSY, "w1": Kind.LONG_WAITS, "w2": Kind.LONG_WAITS}
+    items = ["b1", "w1", "b2", "w2", *"abcdefgh"]
+    heads = [share[0] for share in _shares(suite_order(items, lambda x: kind.get(x, Kind.BUSY), 4), 4)]
+    assert heads == ["b1", "w1", "b2", "w2"]
 
 
 def test_shares_are_worksteals_even_split() -> None:
