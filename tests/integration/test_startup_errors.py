@@ -20,6 +20,7 @@ import pytest
 from confluent_kafka import Consumer
 
 from stream_learner.core.config import ENV_PREFIX, ConfigError
+from stream_learner.service import logs
 from stream_learner.service.logs import KAFKA_CLIENT_LOGGERS, RepeatFilter, install
 from stream_learner.service.storage import StoreUnreachable, check_reachable, open_store
 from stream_learner.service.topics import CONNECT_TIMEOUT_S, BrokerUnreachable, ensure_topics, require_topics
@@ -261,11 +262,18 @@ def test_broker_outage_log_lines_are_rate_limited():
     assert "[repeated" in refused[1] and "times in the last" in refused[1]
 
 
-def test_run_installs_the_limit_on_every_kafka_client_logger():
+def test_run_installs_the_limit_on_every_kafka_client_logger(monkeypatch):
+    # installed for this test only: left on the loggers, the filters went on rate-limiting the consumer's
+    # warnings in later tests of the same worker (a "said once" warning seen as a repeat)
+    monkeypatch.setattr(logs, "_installed", {})
     filters = install()
-    assert filters == install()  # once
-    for name, limiter in zip(KAFKA_CLIENT_LOGGERS, filters, strict=True):
-        assert limiter in logging.getLogger(name).filters
+    try:
+        assert filters == install()  # once
+        for name, limiter in zip(KAFKA_CLIENT_LOGGERS, filters, strict=True):
+            assert limiter in logging.getLogger(name).filters
+    finally:
+        for name, limiter in zip(KAFKA_CLIENT_LOGGERS, filters, strict=True):
+            logging.getLogger(name).removeFilter(limiter)
     import stream_learner.service.consumer
     import stream_learner.service.topics
 
