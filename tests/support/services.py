@@ -9,6 +9,7 @@ started once per test session (``tests/conftest.py``). It checks request signatu
 from __future__ import annotations
 
 import json
+import os
 import random
 import secrets
 import shutil
@@ -39,16 +40,20 @@ def free_ports(n: int, consecutive: bool = False) -> list[int]:
     They are drawn below the kernel's ephemeral range, where no outgoing connection can take one between
     the pick and a server's bind — minutes later for a data-parallel group's restarted ranks (which
     listen on ``port + local_rank``: rank 1's port was once held by a client socket and the group never
-    came back).
+    came back). Each xdist worker draws from its own slice of that range (:func:`port_range`), and a
+    process never hands out a port twice: two tests that each picked a port free at the time, and
+    bound it later, once drew the same one (a rank's "Address already in use", 2026-12-07).
     """
-    low = _first_ephemeral_port()
+    ports = port_range()
     draw = random.Random()  # not the global generator, which tests seed
     for _ in range(1000):
         if consecutive:
-            first = draw.randrange(10_000, low - n)
+            first = draw.randrange(ports.start, ports.stop - n)
             candidates = list(range(first, first + n))
         else:
-            candidates = draw.sample(range(10_000, low), n)
+            candidates = draw.sample(ports, n)
+        if _handed_out.intersection(candidates):
+            continue
         with ExitStack() as stack:  # all stay bound until every one is known free
             try:
                 for port in candidates:
@@ -57,8 +62,35 @@ def free_ports(n: int, consecutive: bool = False) -> list[int]:
                     )
             except OSError:
                 continue
+        _handed_out.update(candidates)
         return candidates
-    raise RuntimeError(f"no {n} free ports below {low} on 127.0.0.1")
+    raise RuntimeError(f"no {n} free ports in {ports.start}–{ports.stop - 1} on 127.0.0.1")
+
+
+#: Ports this process has handed out (the tests of one process pick ports one at a time, no threads).
+_handed_out: set[int] = set()
+
+
+def port_range(worker: str | None = None, workers: int | None = None) -> range:
+    """The ports :func:`free_ports` draws from: those from 10000 to the ephemeral range, or the
+    ``worker``-th of ``workers`` equal slices of them under xdist (``$PYTEST_XDIST_WORKER`` = gwN,
+    ``$PYTEST_XDIST_WORKER_COUNT``), so that no two workers can draw the same port.
+
+    >>> r = port_range("gw1", 4)
+    >>> r.start > 10_000 and r.stop <= _first_ephemeral_port() and len(r) > 1000
+    True
+    >>> set(port_range("gw0", 4)) & set(r)
+    set()
+    """
+    low, high = 10_000, _first_ephemeral_port()
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "") if worker is None else worker
+    if workers is None:
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if not worker.startswith("gw") or workers < 1:
+        return range(low, high)
+    width = (high - low) // workers
+    start = low + int(worker[2:]) * width
+    return range(start, start + width)
 
 
 def _first_ephemeral_port() -> int:
