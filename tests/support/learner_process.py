@@ -32,6 +32,9 @@ def small_model() -> dict:
     return {"name_or_path": tiny_model_dir(), "max_length": 32}
 
 
+#: What a launcher starts for each worker instead of the command, so that the zygote forks it.
+ZYGOTE_EXEC = Path(zygote.__file__).with_name("zygote_exec.py")
+
 SMALL_TRAINING = {"fresh_per_step": 8, "replay_per_step": 8, "max_wait_s": 0.2, "learning_rate": 1e-4}
 
 
@@ -68,7 +71,15 @@ class LearnerProcess:
         # its staging directories here: a SIGKILLed learner's stay with the test, not in /tmp
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(self.tmpdir)}
         with self.log_path.open("ab") as log:
-            if self.launcher:  # torchrun starts the ranks itself
+            if self.launcher:  # torchrun starts the ranks itself: each forked by the zygote too
+                if zygote.enabled():
+                    zygote.ensure_started()
+                    command = [
+                        *self.launcher,
+                        sys.executable,
+                        str(ZYGOTE_EXEC),
+                        *command[len(self.launcher) :],
+                    ]
                 self.proc = subprocess.Popen(
                     command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=parent_death_preexec()
                 )

@@ -11,14 +11,20 @@ and SIGTERM reach it as they reach any process.
 
 Protocol, on a Unix socket (``$SL_TESTS_ZYGOTE``), one connection per child:
 
-1. the client sends one JSON line ``{"argv", "env", "cwd"}`` with its stdin, stdout and stderr as
-   ``SCM_RIGHTS`` file descriptors;
+1. the client sends one JSON line ``{"argv", "env", "cwd"}`` (and ``"watch_pid"``, below) with its
+   stdin, stdout and stderr as ``SCM_RIGHTS`` file descriptors;
 2. the zygote forks; the child sets those up and runs the CLI; the zygote answers ``{"pid"}``;
 3. when the child exits, the zygote (which reaps it) sends ``{"returncode"}`` — Popen's convention,
    −N for a signal — and closes the connection.
 
 :class:`ForkedProcess` is the client's end: the part of ``subprocess.Popen`` the tests use (``pid``,
 ``poll``, ``wait``, ``send_signal``, ``terminate``, ``kill``, ``returncode``).
+
+A launcher that starts its workers itself — torchrun's ranks — starts :mod:`tests.support.zygote_exec`
+as each one instead: a small interpreter without torch that has the zygote fork the real command,
+passes it the signals it gets, and exits as the child does. Its request carries ``watch_pid``, its
+own pid: the child SIGKILLs itself when that process dies, so a rank the test SIGKILLs (the small
+process, torchrun's child) dies at once, as a fresh one would.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -57,13 +64,21 @@ class ForkedProcess:
     """A child of the zygote, used like the ``subprocess.Popen`` of the same command."""
 
     def __init__(
-        self, args: list[str], *, stdout: int, stderr: int, env: dict[str, str], cwd: str | None = None
+        self,
+        args: list[str],
+        *,
+        stdout: int,
+        stderr: int,
+        env: dict[str, str],
+        cwd: str | None = None,
+        watch_pid: int | None = None,
     ):
         self.args = args
         self.returncode: int | None = None
         self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._conn.connect(os.environ[ENV])
-        request = json.dumps({"argv": args, "env": env, "cwd": str(cwd or os.getcwd())}).encode() + b"\n"
+        request = {"argv": args, "env": env, "cwd": str(cwd or os.getcwd()), "watch_pid": watch_pid}
+        request = json.dumps(request).encode() + b"\n"
         with open(os.devnull, "rb") as stdin:
             socket.send_fds(self._conn, [request], [stdin.fileno(), stdout, stderr])
         self._reader = self._conn.makefile("rb")
@@ -115,12 +130,25 @@ def spawn(
     """``args`` — ``[…/stream-learner, …]`` or ``[python, "-m", module, …]`` — as a child of the
     session's zygote, started on first use (once per session, by whichever process comes first); a
     plain ``Popen`` outside a test session or with ``$SL_TESTS_ZYGOTE=off``."""
-    if os.environ.get(ENV, OFF) == OFF:
+    if not enabled():
         from stream_learner.tools.child_process import parent_death_preexec
 
         return subprocess.Popen(
             args, stdout=stdout, stderr=stderr, env=env, cwd=cwd, preexec_fn=parent_death_preexec()
         )
+    ensure_started()
+    return ForkedProcess(args, stdout=stdout, stderr=stderr, env=env, cwd=cwd)
+
+
+def enabled() -> bool:
+    """Whether this test session forks its children from a zygote (not ``$SL_TESTS_ZYGOTE=off``)."""
+    return os.environ.get(ENV, OFF) != OFF
+
+
+def ensure_started() -> None:
+    """Start the session's zygote unless it serves already (once per session, whichever process comes
+    first). Before a launcher's :mod:`tests.support.zygote_exec` workers: a zygote they started would
+    die with the first of them."""
     path = Path(os.environ[ENV])
     if not path.exists():
         from filelock import FileLock
@@ -128,7 +156,6 @@ def spawn(
         with FileLock(str(path) + ".lock"):
             if not path.exists():
                 _start(path)
-    return ForkedProcess(args, stdout=stdout, stderr=stderr, env=env, cwd=cwd)
 
 
 def run(
@@ -183,6 +210,8 @@ def _become_child(listener: socket.socket, conns: dict, request: dict, fds: list
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
+    if request.get("watch_pid"):
+        threading.Thread(target=_die_with, args=(request["watch_pid"],), daemon=True).start()
     tempfile.tempdir = None  # TMPDIR as the child's environment says, not as the zygote found it
     sys.argv = list(request["argv"])
     import torch
@@ -191,6 +220,13 @@ def _become_child(listener: socket.socket, conns: dict, request: dict, fds: list
     # when torch was imported); nothing has computed yet, so it still takes effect
     threads = os.environ.get("OMP_NUM_THREADS", "")
     torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else _default_threads)
+
+
+def _die_with(pid: int) -> None:
+    """SIGKILL this process when process ``pid`` has ended (at once if it has already)."""
+    with contextlib.suppress(ProcessLookupError):
+        select.select([os.pidfd_open(pid)], [], [])
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 _default_threads = 1
