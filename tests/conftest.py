@@ -67,7 +67,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for scheduling jobs on parallel machines). Only the order changes, never what runs.
     """
     workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
-    items[:] = suite_order(items, _kind, workers)
+    items[:] = suite_order(items, _kind, workers, _seconds)
+
+
+def _seconds(item: pytest.Item) -> float | None:
+    """What a long case takes, as its ``slow(seconds=…)`` says: measured in a run of the whole suite
+    (2-core Xeon, four workers, 2026-12-07), so with the others beside it; None if it does not say."""
+    marker = item.get_closest_marker("slow")
+    return None if marker is None else marker.kwargs.get("seconds")
 
 
 def _kind(item: pytest.Item) -> Kind:

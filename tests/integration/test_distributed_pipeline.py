@@ -112,7 +112,7 @@ def new_topic(bootstrap: str, topic: str, tmp_path: Path) -> tuple[str, dict[int
     return (tmp_path / "store").as_uri(), {p: [] for p in range(PARTITIONS)}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=14)
 def test_two_ranks_learn_one_model_from_disjoint_partitions(kafka_bootstrap, unique_topic, tmp_path):
     topic = unique_topic("ddp")
     url, valid = new_topic(kafka_bootstrap, topic, tmp_path)
@@ -140,7 +140,7 @@ def test_two_ranks_learn_one_model_from_disjoint_partitions(kafka_bootstrap, uni
     assert all("trainer_state/replay-rank1.safetensors" in m["files"] for m in chain)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=16)
 def test_a_rank_killed_mid_run_restarts_the_group_from_latest(kafka_bootstrap, unique_topic, tmp_path):
     topic = unique_topic("ddp-kill")
     url, valid = new_topic(kafka_bootstrap, topic, tmp_path)

@@ -29,7 +29,7 @@ def s3_publish(s3_server, bucket: str, prefix: str) -> dict:
     }
 
 
-@pytest.mark.slow(waits=True)
+@pytest.mark.slow(waits=True, seconds=19)
 def test_broker_killed_and_restarted_mid_run(s3_server, s3_bucket, unique_topic, tmp_path):
     """Tansu on s3:// storage (its data survives) is SIGKILLed and restarted while the learner runs."""
     broker_bucket = s3_server.make_bucket(f"tansu-{uuid.uuid4().hex[:12]}")
@@ -59,7 +59,7 @@ def test_broker_killed_and_restarted_mid_run(s3_server, s3_bucket, unique_topic,
     assert committed == {int(p): o for p, o in latest["offsets"][topic].items()}
 
 
-@pytest.mark.slow(waits=True)
+@pytest.mark.slow(waits=True, seconds=14)
 def test_object_store_outage_degrades_then_recovers(kafka_bootstrap, s3_server, s3_bucket, unique_topic):
     """S3 stops mid-run: training goes on, /readyz degraded, commits never pass the last durable version."""
     topic = unique_topic("s3-outage")

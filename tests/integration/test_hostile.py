@@ -66,7 +66,7 @@ def dead_lettered(learner: Learner, reason: Reason | None = None) -> float:
     return sum(learner.metrics.value(name, {"reason": r.value}) for r in reasons)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=29)
 def test_ten_thousand_hostile_events_no_crash_every_one_accounted_for(
     kafka_bootstrap, unique_topic, tmp_path
 ):
@@ -112,7 +112,7 @@ def test_ten_thousand_hostile_events_no_crash_every_one_accounted_for(
     assert last["offsets"][topic] == {str(p): len(items[p::PARTITIONS]) for p in range(PARTITIONS)}
 
 
-@pytest.mark.slow(waits=True)
+@pytest.mark.slow(waits=True, seconds=24)
 def test_dead_letter_topic_unavailable_nothing_is_skipped(
     kafka_bootstrap, unique_topic, tmp_path, monkeypatch
 ):

@@ -38,7 +38,7 @@ def valid_values(n: int, start: int = 0) -> list[bytes]:
     ]
 
 
-@pytest.mark.slow(waits=True)
+@pytest.mark.slow(waits=True, seconds=14)
 def test_poison_records_are_dead_lettered_the_learner_stays_up_and_restarts_clean(
     kafka_bootstrap, unique_topic, tmp_path
 ):
@@ -84,7 +84,7 @@ def test_poison_records_are_dead_lettered_the_learner_stays_up_and_restarts_clea
 FAIRNESS_BOUND_POLLS = 2
 
 
-@pytest.mark.slow(waits=True)
+@pytest.mark.slow(waits=True, seconds=18)
 def test_a_backlog_on_three_partitions_advances_every_partition(kafka_bootstrap, unique_topic, tmp_path):
     """20,400 events waiting on 3 partitions, a trainer slower than the fetch: the consumer's positions
     never spread further apart than FAIRNESS_BOUND_POLLS polls (before: one partition ran the whole
@@ -131,7 +131,7 @@ def test_a_backlog_on_three_partitions_advances_every_partition(kafka_bootstrap,
     assert max(spreads) <= FAIRNESS_BOUND_POLLS * s.kafka.poll_max_messages, max(spreads)
 
 
-@pytest.mark.slow(waits=True)
+@pytest.mark.slow(waits=True, seconds=15)
 def test_a_stop_during_a_dead_letter_outage_is_prompt_and_loses_nothing(
     kafka_bootstrap, unique_topic, tmp_path, monkeypatch
 ):

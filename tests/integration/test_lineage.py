@@ -80,7 +80,7 @@ def produce(bootstrap: str, topic: str, batch: list[tuple[bytes, bool]], valid: 
         valid.setdefault(p, []).extend(ok for _, ok in mine)
 
 
-@pytest.mark.slow(waits=True)
+@pytest.mark.slow(waits=True, seconds=8)
 def test_sigterm_publishes_a_final_version_and_commits_before_exit(kafka_bootstrap, unique_topic, tmp_path):
     topic = unique_topic("sigterm")
     url = (tmp_path / "store").as_uri()
@@ -138,7 +138,7 @@ def test_sigterm_taken_by_another_thread_still_stops_the_learner(kafka_bootstrap
     assert "SIGTERM: stopping gracefully" in learner.log
 
 
-@pytest.mark.slow(waits=True)
+@pytest.mark.slow(waits=True, seconds=13)
 def test_a_second_learner_on_the_same_prefix_is_fenced_out(kafka_bootstrap, unique_topic, tmp_path):
     url = (tmp_path / "store").as_uri()
     topics = [unique_topic("fence-a"), unique_topic("fence-b")]
@@ -172,7 +172,7 @@ def test_a_second_learner_on_the_same_prefix_is_fenced_out(kafka_bootstrap, uniq
     assert len(chain) >= 2 and {t for m in chain for t in m["offsets"]} == {winner_topic}
 
 
-@pytest.mark.slow(waits=True)
+@pytest.mark.slow(waits=True, seconds=78)
 def test_chaos_sigkill_at_random_moments_keeps_the_lineage_exact(
     kafka_bootstrap, unique_topic, s3_server, s3_bucket, tmp_path
 ):

@@ -37,7 +37,7 @@ def flood(bootstrap: str, topic: str, n: int) -> None:
     assert p.flush(300) == 0
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=24)
 def test_two_hundred_thousand_events_memory_bounded_consumer_pauses(kafka_bootstrap, unique_topic, tmp_path):
     topic = unique_topic("overload")
     cfg = config(kafka_bootstrap, topic, {"storage_url": (tmp_path / "store").as_uri()}, every_steps=25)

@@ -19,7 +19,7 @@ from tests.support.factories import pretrained_settings, tiny_rows
 MAX_DROP = 0.05
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=57)
 def test_label_flipped_burst_is_held_back_by_the_gate(kafka_bootstrap, unique_topic, tmp_path):
     probe = tmp_path / "probe.jsonl"
     rows = list(read_jsonl(bundled_path(HELDOUT)))[::20][:200]  # all four domains

@@ -54,7 +54,7 @@ def learner_model() -> dict:
     return small_model() if which == "tiny" else {"name_or_path": "bundled", "max_length": MAX_LENGTH}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=35)
 def test_under_wrk_load_each_new_version_is_served_and_every_answer_is_that_versions(
     kafka_bootstrap: str, unique_topic, s3_server: SeaweedS3, s3_bucket: str, tmp_path: Path
 ) -> None:

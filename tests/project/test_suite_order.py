@@ -1,12 +1,13 @@
 """The suite's order (tests/support/ordering.py): a permutation; long cases at the heads of the shares,
-each lane's on its own workers; in each share the waiting short cases before the computing ones."""
+each lane's on its own workers; the waiting short cases on the waiting lane's shares, before the
+computing ones."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.support.ordering import Kind, lane_workers, suite_order, worksteal_shares
+from tests.support.ordering import TYPICAL_SECONDS, Kind, lane_workers, suite_order, worksteal_shares
 
 LONG = (Kind.LONG_BUSY, Kind.LONG_WAITS)
 
@@ -33,12 +34,19 @@ def test_the_order_is_a_permutation_with_long_cases_first_then_waiting_then_comp
     for share in shares:  # in each share: long, then waiting, then computing
         ranks = [rank[k] for _, k in share]
         assert ranks == sorted(ranks), ranks
-    # the waiting short cases in proportion to each share's room (to one case)
-    waiting = kinds.count(Kind.WAITS)
-    rooms = [sum(1 for _, k in share if k not in LONG) for share in shares]
-    for share, room in zip(shares, rooms, strict=True):
-        expected = waiting * room / max(1, sum(rooms))
-        assert abs(sum(1 for _, k in share if k is Kind.WAITS) - expected) < 1 + 1e-9
+    # the waiting short cases on the waiting lane's shares, evening out their loads (each long case
+    # TYPICAL_SECONDS, none given here); on the others only what does not fit there
+    first = lane_workers(Kind.LONG_WAITS, workers)
+    cost = TYPICAL_SECONDS
+    loads = [sum(cost[k] for _, k in share if k is not Kind.BUSY) for share in shares]
+    waiting = [sum(1 for _, k in share if k is Kind.WAITS) for share in shares]
+    full = [all(k is not Kind.BUSY for _, k in share) for share in shares]
+    if kinds.count(Kind.WAITS) <= sum(len(shares[w]) - sum(k in LONG for _, k in shares[w]) for w in first):
+        assert all(waiting[w] == 0 for w in range(workers) if w not in first), waiting
+    for w in first:  # a share took its last waiting case only while no other share of the lane was lighter
+        if waiting[w]:
+            lighter = [v for v in first if not full[v] and loads[v] < loads[w] - cost[Kind.WAITS] - 1e-9]
+            assert not lighter, (loads, waiting)
     for lane in LONG:  # each lane's long cases on its workers, spread evenly
         own = lane_workers(lane, workers)
         count = [sum(1 for _, k in share if k is lane) for share in shares]

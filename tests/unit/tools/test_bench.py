@@ -36,7 +36,7 @@ from tests.support.tiny_model import tiny_model_dir
 LOOPS = ("roofline", "trainer_alone", "pipeline", "hand_written", "tutorial")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=76)
 def test_quick_run_is_complete_and_consistent(tmp_path: Path) -> None:
     """One ``--quick`` run, every check below on it: in one test, so that the two xdist workers do not
     each run the bench (≈ 2 min of CPU apiece, competing) as a module-scoped fixture did."""

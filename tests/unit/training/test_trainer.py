@@ -129,7 +129,7 @@ def test_snapshot_restore_is_exact():
         torch.testing.assert_close(tr2.engine.model.state_dict()[k], v)
 
 
-@pytest.mark.slow  # compiling even a one-layer model's forward and backward takes ≈ 45 s
+@pytest.mark.slow(seconds=38)  # compiling even a one-layer model's forward and backward
 def test_compiled_forward_trains_like_eager(tmp_path, monkeypatch):
     """``training.compile``: the same steps give the same losses, predictions and weights as eager, up to
     the rounding of inductor's fused kernels (its cache in a fresh directory: a cold compile, as at start).
