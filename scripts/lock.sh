@@ -2,7 +2,9 @@
 # Regenerate constraints.txt, the lock (`make lock`): in a fresh throwaway venv, torch first as
 # scripts/setup.sh installs it (its TORCH_SPEC), then the package with every extra of pyproject.toml at
 # the newest versions its ranges allow; the lock is that venv's `pip freeze`, the project itself left
-# out. Run `make test` on it (setup.sh installs the new lock into .venv) before committing it.
+# out; and scripts/learner-modules.txt, the files a learner imports at those versions (set-up
+# byte-compiles them). Run `make test` on it (setup.sh installs the new lock into .venv) before
+# committing both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,3 +42,5 @@ if [ -f constraints.txt ]; then
 fi
 mv "$work/constraints.txt" constraints.txt
 echo "lock: constraints.txt has $(grep -c '==' constraints.txt) pins"
+# the files a learner imports at these versions: what scripts/setup.sh byte-compiles on every core
+HF_HUB_OFFLINE=1 "$work/venv/bin/python" scripts/bytecode.py record scripts/learner-modules.txt
