@@ -175,3 +175,21 @@ def test_a_vendored_copy_on_sys_path_does_not_shadow_the_venv(tmp_path, monkeypa
     assert "0.0.1" in {d.version for d in md.distributions() if d.metadata["Name"] == "packaging"}
     # ... the venv's own packages do not
     assert installed_versions()["packaging"] == md.version("packaging") != "0.0.1"
+
+
+LEARNER_MODULES = ROOT / "scripts" / "learner-modules.txt"
+
+
+def test_the_learner_modules_list_names_files_of_this_venv() -> None:
+    """scripts/learner-modules.txt, what set-up byte-compiles (scripts/bytecode.py): made with the lock,
+    so in a venv at the lock's versions every file it names exists. A new lock without a new list fails
+    here (`make lock` makes both); a stale list would only cost set-up time, never correctness."""
+    lines = [line for line in LEARNER_MODULES.read_text().splitlines() if not line.startswith("#")]
+    assert lines == sorted(set(lines)) and len(lines) > 1000  # sorted, no repeats, torch and the rest
+    site = Path(sysconfig.get_paths()["purelib"])
+    assert all(not Path(line).is_absolute() and line.endswith(".py") for line in lines)
+    missing = [line for line in lines if not (site / line).is_file()]
+    assert not missing, f"{len(missing)} listed files are not in this venv (run `make lock`): {missing[:5]}"
+    assert any(line.startswith("torch/") for line in lines) and any(
+        line.startswith("transformers/") for line in lines
+    )
