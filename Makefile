@@ -34,7 +34,8 @@ lint: setup
 	.venv/bin/ruff format --check stream_learner tests
 	.venv/bin/lint-imports --no-logo
 
-# constraints.txt, the lock, anew: the newest versions pyproject.toml allows, resolved in a fresh venv;
+# constraints.txt, the lock, anew: the newest versions pyproject.toml allows, resolved in a fresh venv
+# (and scripts/learner-modules.txt, the files set-up byte-compiles, at those versions);
 # `make test` then installs it into .venv and checks it (commit it only if that passes)
 lock:
 	./scripts/lock.sh
