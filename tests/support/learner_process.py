@@ -67,24 +67,25 @@ class LearnerProcess:
     def start(self) -> LearnerProcess:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         exe = Path(sys.executable).parent / "stream-learner"
-        command = [*self.launcher, str(exe), "run", "--config", str(self.config_path)]
+        learner = [str(exe), "run", "--config", str(self.config_path)]
         # its staging directories here: a SIGKILLed learner's stay with the test, not in /tmp
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(self.tmpdir)}
         with self.log_path.open("ab") as log:
-            if self.launcher:  # torchrun starts the ranks itself: each forked by the zygote too
-                if zygote.enabled():
-                    zygote.ensure_started()
-                    command = [
-                        *self.launcher,
-                        sys.executable,
-                        str(ZYGOTE_EXEC),
-                        *command[len(self.launcher) :],
-                    ]
-                self.proc = subprocess.Popen(
-                    command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=parent_death_preexec()
-                )
-            else:
-                self.proc = zygote.spawn(command, stdout=log.fileno(), stderr=log.fileno(), env=env)
+            if not self.launcher:
+                self.proc = zygote.spawn(learner, stdout=log.fileno(), stderr=log.fileno(), env=env)
+                return self
+            # torchrun starts the ranks itself: each one forked by the zygote too, through zygote_exec
+            worker = learner
+            if zygote.enabled():
+                zygote.ensure_started()
+                worker = [sys.executable, str(ZYGOTE_EXEC), *learner]
+            self.proc = subprocess.Popen(
+                [*self.launcher, *worker],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=parent_death_preexec(),
+            )
         return self
 
     @property
