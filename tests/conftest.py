@@ -29,6 +29,10 @@ BOOTSTRAP_ENV = "STREAM_LEARNER_TEST_BOOTSTRAP"
 # precision=auto a CPU with AMX would train in bf16, one without in fp32). Learners the tests start
 # as child processes inherit it. tests/unit/training/test_precision.py tests auto itself.
 os.environ.setdefault("STREAM_LEARNER_TRAINING__PRECISION", "fp32")
+# A learner's publisher yields the CPU to its trainer (publish.nice 19). In the suite the other
+# workers' tests keep both cores busy, and would starve every publish the tests wait for: publishers
+# compete as equals here. test_publisher.py checks the setting itself.
+os.environ.setdefault("STREAM_LEARNER_PUBLISH__NICE", "0")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs four workers on a 2-core machine: one torch thread each (and in the learner

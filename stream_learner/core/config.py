@@ -305,6 +305,15 @@ class PublishSettings(_Section):
         description="longest a graceful stop may take (final publish and commit included)",
     )
     keep_versions: int = Field(20, ge=0, description="versions kept in storage (0 = keep all); LATEST always")
+    # measured (docs/performance.md): at 0 a publish took the trainer down to 0.41 × its rate while it
+    # ran; at 19 the trainer kept its rate and a publish took ≈ 2.5 × as long
+    nice: int = Field(
+        19,
+        ge=0,
+        le=19,
+        description="the publisher thread's nice value (Linux): 19 = a publish uses the CPU the trainer "
+        "leaves idle, 0 = it competes with the trainer as an equal",
+    )
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, SeaweedFS…); empty = AWS")
     s3_region: str | None = Field(None, description="S3 region; empty = the AWS default chain")
     s3_access_key_id: SecretStr | None = Field(None, description="S3 access key; empty = AWS default chain")

@@ -93,6 +93,7 @@ from stream_learner.service.versions import (
     written_status,
 )
 from stream_learner.training.state import Counters, Snapshot
+from stream_learner.training.threads import lower_thread_priority
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +385,13 @@ class Publisher:
         )
 
     def run(self) -> None:
-        """Thread target: publish every snapshot handed over; after ``stop``, drain the queue and exit."""
+        """Thread target: publish every snapshot handed over; after ``stop``, drain the queue and exit.
+
+        The thread first lowers its priority to ``publish.nice``: a publish then runs on the CPU the
+        trainer leaves idle instead of taking a core from it.
+        """
+        nice = lower_thread_priority(self.settings.publish.nice)
+        log.info("publisher thread at nice %d (publish.nice)", nice)
         while True:
             try:
                 snap = self.publish_queue.get(timeout=0.2)

@@ -6,6 +6,8 @@ import dataclasses
 import functools
 import json
 import logging
+import os
+import sys
 import threading
 from pathlib import Path
 
@@ -83,6 +85,30 @@ def test_publish_writes_the_layout_then_latest_then_hands_offsets_to_commit(tmp_
     assert restored.counters.events_trained == 16 and restored.offsets == {0: 16}
     # the second version names the first as its parent
     assert pub.publish_version(snap) == 2 and read_manifest(store, 2)["parent"] == 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="nice is per thread on Linux only")
+def test_the_publisher_thread_publishes_at_publish_nice_and_leaves_the_others_as_they_were(
+    tmp_path: Path, snap
+) -> None:
+    class Watched(Publisher):
+        def publish_version(self, snap: Snapshot) -> int:
+            self.nice_seen = os.getpriority(os.PRIO_PROCESS, 0)  # 0: the calling thread, on Linux
+            return super().publish_version(snap)
+
+    s, trainer = _trained()
+    nice = os.getpriority(os.PRIO_PROCESS, 0) + 3  # above this thread's, whatever the test runs at
+    s = s.model_copy(update={"publish": s.publish.model_copy(update={"nice": min(nice, 19)})})
+    pub = Watched.standalone(s, LocalStore(tmp_path), static_files(trainer.engine.model, tokenizer()))
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    thread = threading.Thread(target=pub.run)
+    thread.start()
+    pub.publish_queue.put(snap)
+    assert pub.commit_queue.get(timeout=60) == {0: 16}
+    pub.stop_event.set()
+    thread.join(10)
+    assert pub.nice_seen == min(nice, 19)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the trainer's threads keep theirs
 
 
 def test_the_drift_state_survives_a_restart_through_a_version(tmp_path: Path, snap) -> None:
