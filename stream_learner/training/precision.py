@@ -47,8 +47,9 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import AttentionInterface
+from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 #: bf16 is chosen on a CPU only if its matmul is at least this much faster than fp32's.
 MIN_SPEEDUP = 1.5
@@ -87,6 +88,9 @@ def fp32_attention(
 
 
 AttentionInterface.register(FP32_ATTENTION, fp32_attention)
+# transformers builds a model's attention mask by the name of its attention: a name without a mask
+# function gets no mask at all, and every token attended to the padding of its micro-batch
+AttentionMaskInterface.register(FP32_ATTENTION, sdpa_mask)
 
 
 @dataclass(frozen=True)

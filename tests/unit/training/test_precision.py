@@ -3,12 +3,16 @@ autocast emulates bf16 where the CPU lacks it, slower but correct)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from stream_learner.core.batching import collate
 from stream_learner.training.precision import (
     FP32_ATTENTION,
     MIN_SPEEDUP,
@@ -139,3 +143,30 @@ def test_cpu_bf16_computes_attention_in_fp32_and_publishes_an_unchanged_config()
     ).transpose(1, 2)
     torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
     assert not torch.equal(out[1, 5], out[0, 5])  # the mask took effect
+
+
+@functools.cache
+def _engine_and_events(setting: str) -> tuple:
+    s = small_settings(training={"precision": setting})
+    return make_trainer(s).engine, tokenized(tiny_rows(), s)
+
+
+@pytest.mark.parametrize("setting", ["fp32", "bf16"])
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_what_stands_in_the_padding_changes_no_real_token_in_any_precision(setting: str, data) -> None:
+    """In any padded micro-batch, any tokens in place of the padding leave every real token's
+    encoding as it was: the attention each precision computes masks the padding. (bf16's
+    fp32_attention once got no mask from transformers, and every token attended to the padding.)"""
+    engine, events = _engine_and_events(setting)
+    picks = data.draw(st.lists(st.sampled_from(range(len(events))), min_size=2, max_size=8, unique=True))
+    batch = collate([events[i] for i in picks], engine.pad_id, engine.with_token_types)
+    batch.pop("labels")
+    padding = batch["attention_mask"] == 0
+    filler = data.draw(st.integers(1000, engine.model.config.vocab_size - 1), label="filler token")
+    other = {**batch, "input_ids": batch["input_ids"].masked_fill(padding, filler)}
+    with torch.no_grad(), engine.autocast():
+        encode = engine.model.base_model
+        as_padded, as_filled = (encode(**b).last_hidden_state.float() for b in (batch, other))
+    real = ~padding
+    torch.testing.assert_close(as_filled[real], as_padded[real], rtol=1e-5, atol=1e-5)
