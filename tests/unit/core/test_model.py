@@ -1,10 +1,13 @@
 """L2-SP: equals λ‖θ_S − θ0_S‖² computed naively, is 0 at start, excludes the head (acceptance 4.6)."""
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stream_learner.core.config import ModelSettings
-from stream_learner.core.model import L2SP, load_model
+from stream_learner.core.model import DISTANCE_CHUNK, L2SP, load_model
 from tests.support.tiny_model import tiny_model_dir
 
 
@@ -102,3 +105,25 @@ def test_a_max_length_over_the_models_positions_is_refused_at_start():
     line = str(info.value)
     assert "\n" not in line and line.startswith("model.max_length") and "at most 512" in line
     check_max_length(load_settings(model={"max_length": 512, "name_or_path": tiny_model_dir()}).model, model)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 3 * DISTANCE_CHUNK), min_size=1, max_size=4),
+    scale=st.sampled_from([1e-6, 1e-3, 1.0, 1e3]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_the_squared_distance_is_float64_s_for_any_sizes_and_scales(sizes, scale, seed) -> None:
+    """‖θ − θ0‖² taken in chunks (float32 sums, a float64 total) is within 1e-6 of float64's, for
+    tensors shorter and longer than a chunk and changes from tiny to large."""
+    rng = np.random.default_rng(seed)
+    theta0 = [torch.from_numpy(rng.standard_normal(n).astype(np.float32)) for n in sizes]
+    params = [torch.nn.Parameter(t.clone()) for t in theta0]
+    reg = L2SP(params, lam=1.0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.from_numpy(rng.standard_normal(p.numel()).astype(np.float32)) * scale)
+    exact = sum(((p.detach().double() - t.double()) ** 2).sum() for p, t in zip(params, theta0))
+    got = reg.squared_distance()
+    assert got.dtype == torch.float64
+    assert float(got) == pytest.approx(float(exact), rel=1e-6)
