@@ -33,7 +33,7 @@ TARGETS = {
     "pipeline_over_hand_written": 3.0,
     "pipeline_over_tutorial": 30.0,
     "padding_efficiency": 0.9,
-    "publishing_over_between": 0.9,
+    "publishing_over_between": 0.95,  # issue 9 asked 0.9, issue 17 0.95
     "replay_memory_1m_mib": 200.0,
     "consumer_over_trainer": 10.0,
     # issue 17, on a CPU with native bf16: the trainer in bf16 against itself in fp32, and against the
@@ -74,6 +74,7 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         "pipeline_over_hand_written_fresh": ev["pipeline"] / ev["hand_written"],
         "pipeline_over_tutorial_fresh": ev["pipeline"] / ev["tutorial"],
         "consumer_over_trainer": ev["consumer"] / ev["trainer_alone"],
+        "publishing_over_between": publishing_over_between(results),
         "trainer_over_micro_batch_loop": ex["trainer_alone"] / ex["micro_batch_loop"]
         if "micro_batch_loop" in ex
         else None,
@@ -93,6 +94,29 @@ def pipeline_over_trainer(results: dict[str, Any]) -> float:
     pipeline = results["pipeline"]["runs"]["events_per_second"]
     paired = [p / (sum(alone[i : i + 2]) / len(alone[i : i + 2])) for i, p in enumerate(pipeline)]
     return sum(paired) / len(paired)
+
+
+#: Seconds without a publish the pipeline's measured span must hold for "between" to be a rate.
+MIN_BETWEEN_S = 5.0
+
+
+def publishing_over_between(results: dict[str, Any]) -> float | None:
+    """The trainer's rate while a version is being published, over its rate between publishes.
+
+    A publisher at ``publish.nice`` 19 takes only the CPU the trainer leaves idle, so a publish can
+    last most of the time between two snapshots: with under :data:`MIN_BETWEEN_S` seconds between
+    publishes in the measured span, "between" is a few steps (ratios of 0.9 to 2.4 in four runs), and
+    the reference is the trainer alone instead, the mean of its runs (no publisher, no consumer: the
+    stricter comparison).
+    """
+    pub = results["pipeline"]["publish"]
+    during = pub["examples_per_second_publishing"]
+    if during is None:
+        return None
+    if pub["between_seconds"] >= MIN_BETWEEN_S:
+        return pub["ratio"]
+    alone = results["trainer_alone"]["runs"]["examples_per_second"]
+    return during / (sum(alone) / len(alone))
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -133,8 +157,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             TARGETS["padding_efficiency"],
         ),
         (
-            "5. throughput publishing / between publishes",
-            p["publish"]["ratio"],
+            "5. throughput publishing / between publishes (or trainer alone)",
+            r["publishing_over_between"],
             "≥",
             TARGETS["publishing_over_between"],
         ),

@@ -123,7 +123,7 @@ def test_the_squared_distance_is_float64_s_for_any_sizes_and_scales(sizes, scale
     with torch.no_grad():
         for p in params:
             p.add_(torch.from_numpy(rng.standard_normal(p.numel()).astype(np.float32)) * scale)
-    exact = sum(((p.detach().double() - t.double()) ** 2).sum() for p, t in zip(params, theta0))
+    exact = sum(((p.detach().double() - t.double()) ** 2).sum() for p, t in zip(params, theta0, strict=True))
     got = reg.squared_distance()
     assert got.dtype == torch.float64
     assert float(got) == pytest.approx(float(exact), rel=1e-6)

@@ -18,12 +18,14 @@ from stream_learner.tools.bench import BenchConfig, fastest, rate_inside, run_be
 from stream_learner.tools.bench_report import (
     MARK_END,
     MARK_START,
+    MIN_BETWEEN_S,
     SERVING_END,
     SERVING_START,
     figure_rows,
     markdown,
     percentiles,
     pipeline_over_trainer,
+    publishing_over_between,
     serving_markdown,
     write_markdown,
 )
@@ -436,3 +438,27 @@ def test_freshness_chain_follows_each_event_to_the_first_version_holding_it() ->
     assert [out["to_served_s"][q] for q in ("min", "max")] == pytest.approx([2.5, 5.0])
     assert [out["learned_to_published_s"][q] for q in ("min", "max")] == pytest.approx([1.0, 1.5])
     assert [out["published_to_served_s"][q] for q in ("min", "max")] == pytest.approx([1.0, 2.0])
+
+
+@pytest.mark.parametrize(
+    ("between_seconds", "expected"),
+    [
+        (MIN_BETWEEN_S, 90 / 100),  # enough time between publishes: against the rate between them
+        (MIN_BETWEEN_S - 0.1, 90 / 120),  # too little: against the mean of the trainer-alone runs
+        (0.0, 90 / 120),  # publishes back to back: no "between" at all
+    ],
+)
+def test_publishing_is_compared_with_between_or_else_with_the_trainer_alone(between_seconds, expected):
+    publish = {
+        "examples_per_second_publishing": 90.0,
+        "examples_per_second_between": 100.0 if between_seconds else None,
+        "ratio": 0.9 if between_seconds else None,
+        "between_seconds": between_seconds,
+    }
+    results = {
+        "pipeline": {"publish": publish},
+        "trainer_alone": {"runs": {"examples_per_second": [110.0, 130.0]}},
+    }
+    assert publishing_over_between(results) == pytest.approx(expected)
+    results["pipeline"]["publish"]["examples_per_second_publishing"] = None  # no publish in the span
+    assert publishing_over_between(results) is None
