@@ -35,17 +35,23 @@ def names(specs: list[str]) -> set[str]:
 
 
 def blocking(modules: tuple[str, ...], code: str) -> list[str]:
-    """``python -c``: refuse ``modules`` (and their submodules) on import, then run ``code``."""
+    """``python -c``: ``modules`` (and their submodules) look not installed, then run ``code``.
+
+    As when they are absent: the path finder does not find them, so ``importlib.util.find_spec`` gives
+    None (transformers asks so whether psutil is there) and ``import`` raises ModuleNotFoundError.
+    """
     prelude = f"""
+    import importlib.machinery
     import sys
 
-    class _NotInstalled:
-        def find_spec(self, name, path=None, target=None):
-            if name.partition(".")[0] in {tuple(modules)!r}:
-                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-            return None
+    _find_spec = importlib.machinery.PathFinder.find_spec
 
-    sys.meta_path.insert(0, _NotInstalled())
+    def _not_installed(cls, name, path=None, target=None):
+        if name.partition(".")[0] in {tuple(modules)!r}:
+            return None
+        return _find_spec(name, path, target)
+
+    importlib.machinery.PathFinder.find_spec = classmethod(_not_installed)
     """
     return [sys.executable, "-c", textwrap.dedent(prelude) + textwrap.dedent(code)]
 
